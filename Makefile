@@ -1,0 +1,65 @@
+# Two commands from a fresh machine: `make demo` and `make test` (see README.md).
+# Both create .venv if it is missing and install the package into it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/constraints-cpu.txt
+STAMP := $(VENV)/.installed-stamp
+
+# On a machine with a working CUDA torch in the system Python (the GPU test machine, NGC
+# images) reuse it; elsewhere install the CPU build of torch first and pin it (and the rest of
+# the CI versions) in every pip call, so nothing pulls gigabytes of CUDA wheels.
+SYSTEM_CUDA_TORCH := $(shell $(PYTHON) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo 1 || echo 0)
+ifeq ($(SYSTEM_CUDA_TORCH),1)
+  VENV_FLAGS := --system-site-packages
+  PIN :=
+  TORCH_STEP := true
+else
+  VENV_FLAGS :=
+  PIN := -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
+  TORCH_STEP := $(PIP) install -q $(PIN) torch==2.13.0
+endif
+
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export PYTHONUNBUFFERED := 1
+
+# Floor on the number of tests that must pass: a run that skips or deselects everything fails.
+MIN_PASSED ?= 50
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-gpu test-all bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PIP) install -q --upgrade "pip>=26"
+	$(TORCH_STEP)
+	$(PIP) install -q $(PIN) -e ".[test,assets]"
+	$(PIP) install -q --no-deps -r requirements/assets-nodeps.txt
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m megatron_rpt.demo
+
+# Every test that needs no GPU: unit, distributed (gloo, 2-4 processes, each with a timeout),
+# doctests in the library, e2e on CPU.
+test: $(STAMP)
+	$(PY) -m pytest -m "not gpu" --min-passed=$(MIN_PASSED) $(PYTEST_ARGS) tests megatron_rpt
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu --min-passed=1 $(PYTEST_ARGS) tests/gpu
+
+bench: $(STAMP)
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: $(STAMP)
+	$(PIP) install -q ruff && $(VENV)/bin/ruff check megatron_rpt tools tests bench examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

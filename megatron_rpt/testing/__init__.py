@@ -1,0 +1,1 @@
+"""Test harness pieces shipped with the library (used by tests/ and bench/)."""

@@ -1,0 +1,79 @@
+"""Architecture rules enforced on the source tree (STYLE.md B.4.12).
+
+* sglang and transformer_engine are imported only in their leaf modules;
+* megatron.core.parallel_state only in megatron_rpt/distributed.py;
+* the library never calls print();
+* every module of the package imports on a CPU-only machine without sglang or TE.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "megatron_rpt"
+
+# module path (relative to the repo) -> the only places allowed to import it
+ALLOWED = {
+    "sglang": {"megatron_rpt/rollout/sglang_engine.py", "megatron_rpt/rollout/sglang_protocol.py"},
+    "sgl_kernel": set(),
+    "transformer_engine": {"megatron_rpt/model/specs.py", "megatron_rpt/model/fp8.py"},
+    "megatron.core.parallel_state": {"megatron_rpt/distributed.py"},
+}
+# capabilities.py probes everything, guarded by `except Exception`.
+EXEMPT = {"megatron_rpt/capabilities.py"}
+
+
+def _modules():
+    return sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _imports(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module
+            for alias in node.names:
+                yield f"{node.module}.{alias.name}"
+
+
+def test_restricted_imports_only_in_leaf_modules():
+    bad = []
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in EXEMPT:
+            continue
+        for name in set(_imports(ast.parse(path.read_text()))):
+            for prefix, allowed in ALLOWED.items():
+                if (name == prefix or name.startswith(prefix + ".")) and rel not in allowed:
+                    bad.append(f"{rel} imports {name}")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_print_in_library():
+    offenders = []
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in {"megatron_rpt/cli.py", "megatron_rpt/demo.py"}:
+            continue  # user-facing console output
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in _modules()
+    ],
+)
+def test_every_module_imports_without_gpu_extras(module):
+    importlib.import_module(module)
