@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -85,7 +86,9 @@ def _child(
         )
         fn = _load_function(*target)
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Pickle to bytes here: a tensor put on a multiprocessing queue travels as a shared
+        # file descriptor, and this process may exit before the parent reads it (EOFError).
+        results.put((rank, "ok", pickle.dumps(value)))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
@@ -184,7 +187,7 @@ def run_distributed(
                 )
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
-        return [outcome[r][1] for r in range(world_size)]
+        return [pickle.loads(outcome[r][1]) for r in range(world_size)]
     finally:
         for p in procs:
             if p.is_alive():
