@@ -10,7 +10,8 @@ the output layer itself, C tokens at a time, and keeps only ``[T]``-sized statis
 forward and backward; backward recomputes each chunk's logits from the saved hidden states.
 Peak extra memory is a few ``[C, V/tp]`` fp32 buffers, independent of T; saved memory is the
 ``[T, H]`` hidden input. The output GEMM runs in the weight's dtype (as Megatron's output
-layer does); log-softmax and entropy run in fp32.
+layer does); log-softmax and entropy run in fp32 (fp64 for fp64 inputs, which the tests use to
+check the algorithm to 1e-10 independently of rounding).
 
 **The vocab-parallel softmax.** Each TP rank holds rows ``[vocab_start, vocab_start + V/tp)``
 of the output weight. Per chunk, two all-reduces over ``tp_group`` give exact global values:
@@ -42,6 +43,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt.errors import DataError
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax math runs in fp32, or in fp64 for fp64 inputs (exact reference checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tp_size(group: dist.ProcessGroup | None) -> int:
@@ -130,12 +136,12 @@ class _HiddenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden_TH, weight_VH, labels_T, opts):  # noqa: ANN001, ANN205, D102
         w_vH = weight_VH[: opts.num_valid]
         T = hidden_TH.shape[0]
-        logprob_T = hidden_TH.new_empty(T, dtype=torch.float32)
+        logprob_T = hidden_TH.new_empty(T, dtype=_math_dtype(hidden_TH.dtype))
         lse_T = torch.empty_like(logprob_T)
         entropy_T = torch.empty_like(logprob_T) if opts.compute_entropy else logprob_T.new_empty(0)
         for s in range(0, T, opts.chunk_size):
             e = min(s + opts.chunk_size, T)
-            z_CV = (hidden_TH[s:e] @ w_vH.t()).float()
+            z_CV = (hidden_TH[s:e] @ w_vH.t()).to(logprob_T.dtype)
             if opts.temperature != 1.0:
                 z_CV.div_(opts.temperature)
             lp, lse, ent = _chunk_stats(
@@ -165,15 +171,16 @@ class _HiddenLogprobs(torch.autograd.Function):
         grad_w_VH = torch.zeros_like(weight_VH) if want_w else None
         # Accumulate the weight gradient over chunks in fp32: bf16 running sums would lose the
         # contributions of later chunks. For an fp32 weight the output buffer is used directly.
-        if want_w and weight_VH.dtype != torch.float32:
-            grad_w_vH = torch.zeros(w_vH.shape, dtype=torch.float32, device=w_vH.device)
+        md = _math_dtype(weight_VH.dtype)
+        if want_w and weight_VH.dtype != md:
+            grad_w_vH = torch.zeros(w_vH.shape, dtype=md, device=w_vH.device)
         elif want_w:
             grad_w_vH = grad_w_VH[: opts.num_valid]
         T = hidden_TH.shape[0]
         for s in range(0, T, opts.chunk_size):
             e = min(s + opts.chunk_size, T)
             h_CH = hidden_TH[s:e]
-            z_CV = (h_CH @ w_vH.t()).float()
+            z_CV = (h_CH @ w_vH.t()).to(md)
             if opts.temperature != 1.0:
                 z_CV.div_(opts.temperature)
             grad_CV = _chunk_grad_logits(
@@ -181,8 +188,8 @@ class _HiddenLogprobs(torch.autograd.Function):
                 labels_T[s:e],
                 opts.vocab_start,
                 lse_T[s:e],
-                None if grad_logprob_T is None else grad_logprob_T[s:e].float(),
-                None if grad_entropy_T is None else grad_entropy_T[s:e].float(),
+                None if grad_logprob_T is None else grad_logprob_T[s:e].to(md),
+                None if grad_entropy_T is None else grad_entropy_T[s:e].to(md),
                 entropy_T[s:e] if grad_entropy_T is not None else None,
             )
             if opts.temperature != 1.0:
@@ -197,7 +204,7 @@ class _HiddenLogprobs(torch.autograd.Function):
                     grad_w_vH.add_(grad_CV.t() @ h_CH)
         if want_h and opts.reduce_hidden_grad:
             grad_h_TH = _all_reduce(grad_h_TH, dist.ReduceOp.SUM, opts.tp_group)
-        if want_w and weight_VH.dtype != torch.float32:
+        if want_w and weight_VH.dtype != md:
             grad_w_VH[: opts.num_valid] = grad_w_vH
         return grad_h_TH, grad_w_VH, None, None
 
@@ -208,12 +215,12 @@ class _LogitsLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, labels_T, opts):  # noqa: ANN001, ANN205, D102
         T = logits_TV.shape[0]
-        logprob_T = logits_TV.new_empty(T, dtype=torch.float32)
+        logprob_T = logits_TV.new_empty(T, dtype=_math_dtype(logits_TV.dtype))
         lse_T = torch.empty_like(logprob_T)
         entropy_T = torch.empty_like(logprob_T) if opts.compute_entropy else logprob_T.new_empty(0)
         for s in range(0, T, opts.chunk_size):
             e = min(s + opts.chunk_size, T)
-            z_CV = logits_TV[s:e, : opts.num_valid].to(torch.float32, copy=True)
+            z_CV = logits_TV[s:e, : opts.num_valid].to(logprob_T.dtype, copy=True)
             if opts.temperature != 1.0:
                 z_CV.div_(opts.temperature)
             lp, lse, ent = _chunk_stats(
@@ -238,9 +245,10 @@ class _LogitsLogprobs(torch.autograd.Function):
         if grad_logprob_T is None and grad_entropy_T is None:
             return None, None, None
         grad_TV = torch.zeros_like(logits_TV)
+        md = lse_T.dtype
         for s in range(0, logits_TV.shape[0], opts.chunk_size):
             e = min(s + opts.chunk_size, logits_TV.shape[0])
-            z_CV = logits_TV[s:e, : opts.num_valid].to(torch.float32, copy=True)
+            z_CV = logits_TV[s:e, : opts.num_valid].to(md, copy=True)
             if opts.temperature != 1.0:
                 z_CV.div_(opts.temperature)
             grad_CV = _chunk_grad_logits(
@@ -248,8 +256,8 @@ class _LogitsLogprobs(torch.autograd.Function):
                 labels_T[s:e],
                 opts.vocab_start,
                 lse_T[s:e],
-                None if grad_logprob_T is None else grad_logprob_T[s:e].float(),
-                None if grad_entropy_T is None else grad_entropy_T[s:e].float(),
+                None if grad_logprob_T is None else grad_logprob_T[s:e].to(md),
+                None if grad_entropy_T is None else grad_entropy_T[s:e].to(md),
                 entropy_T[s:e] if grad_entropy_T is not None else None,
             )
             if opts.temperature != 1.0:
@@ -311,7 +319,9 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fused output layer + log-prob + entropy: ``(logprobs [T], entropy [T] or None)``, fp32.
+    """Fused output layer + log-prob + entropy: ``(logprobs [T], entropy [T] or None)``.
+
+    Outputs are fp32 (fp64 for fp64 inputs) whatever the input dtype.
 
     Args:
         hidden_TH: final hidden states of the positions that predict response tokens
@@ -413,7 +423,7 @@ def naive_logprobs_entropy(
     Used by the tests and the benchmark; it materialises everything the fused path avoids.
     """
     v = weight_VH.shape[0] if true_vocab_size is None else true_vocab_size
-    logits_TV = (hidden_TH @ weight_VH[:v].t()).float() / temperature
+    logits_TV = (hidden_TH @ weight_VH[:v].t()).to(_math_dtype(hidden_TH.dtype)) / temperature
     logp_TV = torch.log_softmax(logits_TV, dim=-1)
     logprob_T = logp_TV.gather(1, labels_T.long().unsqueeze(1)).squeeze(1)
     entropy_T = -(logp_TV.exp() * logp_TV).sum(dim=-1)

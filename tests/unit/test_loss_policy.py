@@ -36,7 +36,7 @@ def _ref_token_loss(lp, old, adv, rollout, ref, ent, cfg):
         pg = -adv * lo
     else:
         pg = -adv * r
-    if cfg.dual_clip is not None and adv < 0 and float(pg) > -cfg.dual_clip * adv:
+    if cfg.dual_clip is not None and adv < 0 and float(torch.as_tensor(pg).detach()) > -cfg.dual_clip * adv:
         pg = -cfg.dual_clip * adv
     if cfg.tis:
         pg = pg * min(math.exp(old - rollout), cfg.tis_cap)
@@ -135,7 +135,7 @@ def test_clip_regions_hand_cases():
     loss.backward()
     # per token: clipped high (-1.28), clipped low (+0.8), dual clip (+3), unclipped (-2.2),
     # ratio 1.5 with A<0 is unclipped (+1.5) below the dual bound 3.
-    assert float(loss) == pytest.approx(-1.28 + 0.8 + 3.0 - 2.2 + 1.5)
+    assert float(loss.detach()) == pytest.approx(-1.28 + 0.8 + 3.0 - 2.2 + 1.5)
     assert lp.grad.tolist() == pytest.approx([0.0, 0.0, 0.0, -2.2, 1.5])
     assert [float(m[k]) for k in ("clip_high_count", "clip_low_count", "dual_clip_count")] == [
         1.0, 1.0, 1.0]
