@@ -54,7 +54,9 @@ def _tp_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _all_reduce(x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _all_reduce(
+    x: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None
+) -> torch.Tensor:
     if _tp_size(group) > 1:
         x = x.contiguous()  # gloo silently corrupts non-contiguous tensors
         dist.all_reduce(x, op=op, group=group)
@@ -124,8 +126,9 @@ def _chunk_grad_logits(
     if grad_logprob_C is not None and z_CV.shape[1]:
         local_C = labels_C - vocab_start
         owned_C = (local_C >= 0) & (local_C < z_CV.shape[1])
-        rows_R = owned_C.nonzero().squeeze(1)
-        grad_CV[rows_R, local_C[rows_R]] += grad_logprob_C[rows_R]
+        # scatter (not boolean indexing): no host sync; rows this shard does not own add 0
+        index_C1 = local_C.clamp(0, z_CV.shape[1] - 1).unsqueeze(1)
+        grad_CV.scatter_add_(1, index_C1, (grad_logprob_C * owned_C).unsqueeze(1))
     return grad_CV
 
 

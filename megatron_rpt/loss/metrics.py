@@ -8,7 +8,8 @@ The loss functions return dicts of scalar tensors named by how they combine:
 
 ``accumulate_metrics`` folds micro-batches together on one rank, ``all_reduce_metrics`` does
 the same across a process group (DP, or the last pipeline stage's DP group) with two
-collectives, and ``finalize_metrics`` divides sums and counts by ``num_tokens``:
+collectives (in fp64: a few scalars, and sums over millions of tokens stay accurate), and
+``finalize_metrics`` divides sums and counts by ``num_tokens``:
 
 >>> m = {"num_tokens": torch.tensor(4.0), "ratio_sum": torch.tensor(4.5),
 ...      "pg_clipped_count": torch.tensor(1.0), "ratio_max": torch.tensor(1.5),
@@ -40,7 +41,7 @@ def accumulate_metrics(
     out: dict[str, torch.Tensor] = {}
     for metrics in per_micro_batch:
         for name, value in metrics.items():
-            value = value.detach().float()
+            value = value.detach().double()
             if name not in out:
                 out[name] = value.clone()
             elif _kind(name) == "max":
@@ -57,15 +58,17 @@ def all_reduce_metrics(
 ) -> dict[str, torch.Tensor]:
     """All-reduce a metric dict over ``group`` (None: no-op). Every rank must pass the same keys."""
     if group is None or dist.get_world_size(group) == 1:
-        return {k: v.detach().float() for k, v in metrics.items()}
+        return {k: v.detach().double() for k, v in metrics.items()}
     names = sorted(metrics)
     sum_names = [n for n in names if _kind(n) == "sum"]
     # max and min share one MAX all-reduce: min(x) = -max(-x).
     ext_names = [n for n in names if _kind(n) != "sum"]
-    sums = torch.stack([metrics[n].detach().float().reshape(()) for n in sum_names] or [torch.zeros(())])
+    sums = torch.stack(
+        [metrics[n].detach().double().reshape(()) for n in sum_names] or [torch.zeros(())]
+    )
     ext = torch.stack(
         [
-            metrics[n].detach().float().reshape(()) * (1.0 if _kind(n) == "max" else -1.0)
+            metrics[n].detach().double().reshape(()) * (1.0 if _kind(n) == "max" else -1.0)
             for n in ext_names
         ]
         or [torch.zeros(())]

@@ -49,7 +49,9 @@ from megatron_rpt.loss.config import LossConfig
 _MAX_LOG_RATIO = 20.0
 
 
-def kl_penalty(logprobs_T: torch.Tensor, ref_logprobs_T: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_penalty(
+    logprobs_T: torch.Tensor, ref_logprobs_T: torch.Tensor, estimator: str
+) -> torch.Tensor:
     """Per-token estimate ``[T]`` of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
 
     >>> kl_penalty(torch.tensor([-1.0]), torch.tensor([-1.5]), "k1")

@@ -36,7 +36,8 @@ def _ref_token_loss(lp, old, adv, rollout, ref, ent, cfg):
         pg = -adv * lo
     else:
         pg = -adv * r
-    if cfg.dual_clip is not None and adv < 0 and float(torch.as_tensor(pg).detach()) > -cfg.dual_clip * adv:
+    pg_value = float(torch.as_tensor(pg).detach())
+    if cfg.dual_clip is not None and adv < 0 and pg_value > -cfg.dual_clip * adv:
         pg = -cfg.dual_clip * adv
     if cfg.tis:
         pg = pg * min(math.exp(old - rollout), cfg.tis_cap)
@@ -147,7 +148,7 @@ def test_on_policy_ratio_is_one_with_policy_gradient():
     adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
     loss, m = policy_loss(lp, adv, torch.ones(3), cfg=LossConfig(), global_num_tokens=3)
     loss.backward()
-    assert float(loss) == pytest.approx(-(1.0 - 0.5 + 2.0) / 3)
+    assert float(loss.detach()) == pytest.approx(-(1.0 - 0.5 + 2.0) / 3)
     assert lp.grad.tolist() == pytest.approx([-1 / 3, 0.5 / 3, -2 / 3])
     assert float(m["ratio_max"]) == float(m["ratio_min"]) == 1.0
     assert float(m["ppo_kl_sum"]) == 0.0
