@@ -68,12 +68,12 @@ def grpo_advantages_flat(
     rewards_N = rewards_N.float()
     _, inverse_N = torch.unique(group_ids_N, return_inverse=True)
     num_groups = int(inverse_N.max()) + 1 if inverse_N.numel() else 0
-    count_K = torch.zeros(num_groups).index_add_(0, inverse_N, torch.ones_like(rewards_N))
-    mean_K = torch.zeros(num_groups).index_add_(0, inverse_N, rewards_N) / count_K
+    count_K = rewards_N.new_zeros(num_groups).index_add_(0, inverse_N, torch.ones_like(rewards_N))
+    mean_K = rewards_N.new_zeros(num_groups).index_add_(0, inverse_N, rewards_N) / count_K
     centred_N = rewards_N - mean_K[inverse_N]
     if not std_normalize:
         return centred_N
-    sq_K = torch.zeros(num_groups).index_add_(0, inverse_N, centred_N.square())
+    sq_K = rewards_N.new_zeros(num_groups).index_add_(0, inverse_N, centred_N.square())
     std_K = (sq_K / (count_K - 1).clamp(min=1)).sqrt()
     return centred_N / (std_K[inverse_N] + eps)
 

@@ -40,6 +40,8 @@ micro-batch's valid tokens, ready to be all-reduced and turned into means by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megatron_rpt.loss.config import LossConfig
@@ -292,6 +294,6 @@ def mismatch_metrics(
         "train_rollout_prob_ratio_max": _masked_extreme(ratio_T, valid_T, largest=True),
         "train_rollout_prob_ratio_min": _masked_extreme(ratio_T, valid_T, largest=False),
         "train_rollout_ratio_outlier_count": (
-            (abs_T > torch.log(torch.tensor(ratio_threshold))) * mask_T
+            (abs_T > math.log(ratio_threshold)) * mask_T
         ).sum(),
     }
