@@ -25,6 +25,7 @@ from pathlib import Path
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.loss.config import LossConfig, validate_loss_config
 from megatron_rpt.reward.config import RewardConfig
 
 
@@ -48,6 +49,7 @@ class RPTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -77,6 +79,11 @@ def _check_lengths(cfg: RPTConfig) -> None:
         raise ConfigError("data.continuation_tokens must be >= 1")
     if cfg.data.context_tokens < cfg.data.min_context_tokens:
         raise ConfigError("data.context_tokens must be >= data.min_context_tokens")
+
+
+@rule
+def _check_loss(cfg: RPTConfig) -> None:
+    validate_loss_config(cfg.loss, prefix="loss")
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:
