@@ -25,6 +25,12 @@ from pathlib import Path
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.model.config import (
+    ModelConfig,
+    ParallelConfig,
+    check_model_config,
+    check_parallel_config,
+)
 from megatron_rpt.reward.config import RewardConfig
 
 
@@ -48,6 +54,8 @@ class RPTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -77,6 +85,13 @@ def _check_lengths(cfg: RPTConfig) -> None:
         raise ConfigError("data.continuation_tokens must be >= 1")
     if cfg.data.context_tokens < cfg.data.min_context_tokens:
         raise ConfigError("data.context_tokens must be >= data.min_context_tokens")
+
+
+@rule
+def _check_model(cfg: RPTConfig) -> None:
+    # Architecture-dependent checks (TP vs heads, PP vs layers) run when the model is built.
+    check_model_config(cfg.model)
+    check_parallel_config(cfg.parallel)
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

@@ -56,7 +56,7 @@ def convert_hf_to_megatron(
         single_process_group,
     )
     from megatron_rpt.model.build import build_model
-    from megatron_rpt.model.checkpoint_io import CheckpointMetadata, save_checkpoint
+    from megatron_rpt.model.checkpoint_io import metadata_for, save_checkpoint
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import load_hf_weights
 
@@ -76,15 +76,7 @@ def convert_hf_to_megatron(
         seed_model_parallel(0, groups)
         built = build_model(arch, model_cfg, parallel, groups, initialize=False)
         load_hf_weights(built, hf_dir, groups, strict=True)
-        metadata = CheckpointMetadata(
-            architecture=arch.hf_architecture,
-            dtype=dtype,
-            vocab_size=built.vocab.true,
-            padded_vocab_size=built.vocab.padded,
-            tensor_model_parallel_size=1,
-            pipeline_model_parallel_size=1,
-            source=str(hf_dir),
-        )
+        metadata = metadata_for(built, groups, source=str(hf_dir))
         save_checkpoint(built.chunks, out_dir, metadata, hf_source=hf_dir, overwrite=overwrite)
         del built
     logger.info("converted %s -> %s (%s) in %.1f s", hf_dir, out_dir, dtype,

@@ -107,6 +107,7 @@ def build_transformer_config(
     """The one place a megatron.core ``TransformerConfig`` is built (see module docstring).
 
     ``initialize=False`` skips Megatron's random initialisation (weights are loaded next).
+    Megatron then also skips setting the TP attributes of parameters, so use it at TP=1 only.
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
@@ -172,7 +173,8 @@ def build_model(
     """GPTModel chunk(s) of this rank's pipeline stage(s), in ``model_cfg.dtype``.
 
     ``padded_vocab`` forces the padded vocabulary (a checkpoint's); it must hold the true
-    vocabulary and be divisible by TP.
+    vocabulary and be divisible by TP. ``initialize=False`` (TP=1 only, see
+    ``build_transformer_config``) leaves parameters uninitialised for a loader to fill.
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
@@ -180,6 +182,8 @@ def build_model(
     from megatron_rpt import patches
 
     _check_layout(parallel, groups)
+    if not initialize and groups.tp_size > 1:
+        raise ValueError("initialize=False needs TP=1 (Megatron then skips the TP attributes)")
     config = build_transformer_config(arch, model_cfg, parallel, initialize=initialize)
     vocab = _vocab_sizes(arch, model_cfg, parallel, padded_vocab)
     spec = layer_spec(model_cfg.spec, arch)

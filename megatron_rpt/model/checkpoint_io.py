@@ -82,6 +82,19 @@ class ResolvedCheckpoint:
     """'megatron_rpt' or 'megatron_lm'."""
 
 
+def metadata_for(built: Any, groups: Any, source: str) -> CheckpointMetadata:
+    """Metadata of a checkpoint of ``built`` (a BuiltModel) saved from the layout ``groups``."""
+    return CheckpointMetadata(
+        architecture=built.arch.hf_architecture,
+        dtype=built.dtype,
+        vocab_size=built.vocab.true,
+        padded_vocab_size=built.vocab.padded,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        source=source,
+    )
+
+
 def read_metadata(ckpt_dir: Path) -> CheckpointMetadata:
     """Parse ``<ckpt>/metadata.json``; errors name the file."""
     path = ckpt_dir / METADATA_FILE

@@ -82,9 +82,12 @@ def build_pretrained(
 ) -> BuiltModel:
     """Build this rank's chunks and load the initial weights (collective over all ranks)."""
     source = resolve_source(model_cfg)
+    # Megatron sets the TP attributes of a parameter (tensor_model_parallel, partition_dim,
+    # partition_stride) only inside its init functions; DDP, grad-norm and the TP sharding
+    # below rely on them, so skip the (overwritten) random init only when TP is 1.
     built = build_model(
         source.arch, model_cfg, parallel, groups, padded_vocab=source.padded_vocab,
-        initialize=False,
+        initialize=groups.tp_size > 1,
     )  # fmt: skip
     built.hf_dir = source.hf_dir
     if source.checkpoint is not None:

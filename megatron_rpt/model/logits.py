@@ -77,26 +77,31 @@ def forward_logits(
     from megatron_rpt import patches
 
     batch, seq = tokens_BS.shape
-    position_ids_BS = torch.arange(seq, device=tokens_BS.device).expand(batch, seq)
+    # The interleaved (virtual pipeline) schedule needs several microbatches; use size-1 ones.
+    micro = 1 if groups.vpp_size else batch
+    if batch % micro or (groups.vpp_size and batch % groups.pp_size):
+        raise ValueError(f"batch {batch} must be a multiple of PP={groups.pp_size} with virtual stages")
+    position_ids_bS = torch.arange(seq, device=tokens_BS.device).expand(micro, seq)
+    microbatches = list(tokens_BS.split(micro))
 
     def forward_step(data_iterator, model):  # noqa: ANN001, ANN202 - Megatron's protocol
         tokens = next(data_iterator)
-        return model(tokens, position_ids_BS, None), None  # loss_func None: keep the output
+        return model(tokens, position_ids_bS, None), None  # loss_func None: keep the output
 
     for chunk in built.chunks:
         chunk.eval()
     with patches.cuda_device_mode():
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter([tokens_BS]) for _ in built.chunks],
+            data_iterator=[iter(microbatches) for _ in built.chunks],
             model=built.chunks,
-            num_microbatches=1,
+            num_microbatches=len(microbatches),
             seq_length=seq,
-            micro_batch_size=batch,
+            micro_batch_size=micro,
             forward_only=True,
         )
     if not groups.is_last_stage:
         return None
-    logits_BSv = outputs[0].float()
+    logits_BSv = torch.cat([o.float() for o in outputs], dim=0)
     logits_BSP = gather_vocab_parallel(logits_BSv, groups.tp_group, groups.tp_size)
     return true_vocab_logits(logits_BSP, built.vocab).contiguous()

@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -85,7 +86,9 @@ def _child(
         )
         fn = _load_function(*target)
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle, by value: the queue's torch reductions would pass tensors as shared
+        # memory handles that die with this process before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(value)))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
@@ -127,7 +130,9 @@ def run_distributed(
         ctx.Process(
             target=_child,
             args=(r, world_size, port, target, tuple(args), child_env, pg_timeout, results),
-            daemon=True,
+            # Not daemonic: ranks may start processes themselves (Megatron's dist_checkpointing
+            # save does); stragglers are killed in the `finally` below.
+            daemon=False,
         )
         for r in range(world_size)
     ]
@@ -147,7 +152,7 @@ def run_distributed(
                 )
             try:
                 rank, status, value = results.get(timeout=min(1.0, remaining))
-                outcome[rank] = (status, value)
+                outcome[rank] = (status, _unpickle(status, value))
             except queue.Empty:
                 dead = [
                     r for r, p in enumerate(procs)
@@ -159,7 +164,7 @@ def run_distributed(
                     while True:
                         try:
                             rank, status, value = results.get_nowait()
-                            outcome[rank] = (status, value)
+                            outcome[rank] = (status, _unpickle(status, value))
                         except queue.Empty:
                             break
                     for r in dead:
@@ -172,7 +177,7 @@ def run_distributed(
                 while len(outcome) < world_size and time.monotonic() < grace:
                     try:
                         rank, status, value = results.get(timeout=0.5)
-                        outcome[rank] = (status, value)
+                        outcome[rank] = (status, _unpickle(status, value))
                     except queue.Empty:
                         pass
                 failed = sorted(r for r, (s, _) in outcome.items() if s == "error")
@@ -190,6 +195,10 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+
+
+def _unpickle(status: str, value: Any) -> Any:
+    return pickle.loads(value) if status == "ok" else value
 
 
 def _format_errors(outcome: dict[int, tuple[str, Any]]) -> str:
