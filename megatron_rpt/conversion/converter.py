@@ -2,21 +2,24 @@
 
 ``WeightConverter(arch, padded_vocab_size)`` is the one object every path uses:
 
-* ``to_hf(name, full)`` -> ``[(hf_name, tensor), ...]`` for one canonical Megatron parameter
-  (full = unsharded: callers that hold TP/PP shards gather them first, see tp_sharding.py);
-* ``to_megatron(name, fetch)`` -> the full Megatron tensor, reading HF tensors lazily through
-  ``fetch(hf_name)`` and checking their shapes;
+* ``megatron_to_hf(name, full)`` -> ``[(hf_name, tensor), ...]`` for one canonical Megatron
+  parameter (full = unsharded: callers holding TP/PP shards gather them first with
+  ``tp_sharding.tp_unshard``; this is the per-parameter API live weight sync uses);
+* ``hf_to_megatron(name, fetch)`` -> the full Megatron tensor, reading HF tensors lazily
+  through ``fetch(hf_name)`` and checking their shapes;
 * ``iter_hf_weights(named_tensors)`` streams ``(hf_name, tensor)`` one parameter at a time;
 * ``hf_plan(megatron_shapes)`` lists the HF tensors an export will produce, computed by running
   the transforms on meta tensors (no data), so a writer can lay out files before any data moves.
 
 ``named_global_parameters(chunks)`` turns model chunks (any wrappers, any PP stage) into
-canonical names with global layer indices.
+canonical names with global layer indices; ``iter_hf_weights(model_or_state_dict, ...)`` is
+the one-call streaming export of a full (TP=1, PP=1) model or a full state dict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -70,14 +73,14 @@ class WeightConverter:
         row, layer = self.row(name)
         return () if row.transform == "tied_vocab" else hf_names(row, layer)
 
-    def to_hf(self, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def megatron_to_hf(self, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Full Megatron tensor -> [(hf_name, tensor)]; tensors may be views of ``full``."""
         row, layer = self.row(name)
         out = TRANSFORMS[row.transform].to_hf(full, self.ctx)
         names = hf_names(row, layer) if out else ()
         return list(zip(names, out, strict=True))
 
-    def to_megatron(
+    def hf_to_megatron(
         self, name: str, fetch: Fetch, expected_shape: Sequence[int] | None = None
     ) -> torch.Tensor:
         """Build the full Megatron tensor ``name`` from HF tensors read through ``fetch``.
@@ -119,7 +122,7 @@ class WeightConverter:
         """
         for name, tensor in named_tensors:
             with torch.no_grad():
-                yield from self.to_hf(name, tensor.detach())
+                yield from self.megatron_to_hf(name, tensor.detach())
 
     def hf_plan(
         self, megatron_shapes: Iterable[tuple[str, Sequence[int], torch.dtype]]
@@ -128,9 +131,40 @@ class WeightConverter:
         plan = []
         for name, shape, dtype in megatron_shapes:
             meta = torch.empty(tuple(shape), dtype=dtype, device="meta")
-            for hf_name, t in self.to_hf(name, meta):
+            for hf_name, t in self.megatron_to_hf(name, meta):
                 plan.append((hf_name, tuple(t.shape), t.dtype))
         return plan
+
+
+def iter_hf_weights(
+    source: Sequence[torch.nn.Module] | torch.nn.Module | Mapping[str, Any],
+    arch: ArchSpec,
+    padded_vocab_size: int,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream ``(hf_name, tensor)`` from a full model (chunk list or module) or full state dict.
+
+    Works one parameter at a time and never copies the model: identity-mapped tensors are
+    yielded as views of the parameters (copy them if you keep them past the next step).
+    State dict keys may carry wrapper prefixes (``module.``); ``_extra_state`` entries are
+    skipped.
+    """
+    converter = WeightConverter(arch, padded_vocab_size)
+    if isinstance(source, Mapping):
+        named: Iterable[tuple[str, torch.Tensor]] = (
+            (_strip_wrappers(k), v)
+            for k, v in source.items()
+            if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)
+        )
+    else:
+        chunks = [source] if isinstance(source, torch.nn.Module) else list(source)
+        named = named_global_parameters(chunks)
+    return converter.iter_hf_weights(named)
+
+
+def _strip_wrappers(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    return name
 
 
 def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:

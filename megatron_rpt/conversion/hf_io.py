@@ -31,13 +31,30 @@ from megatron_rpt.errors import CheckpointError
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Files that hold weights (never copied as "side files" of a model directory).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack",
-                    ".onnx", ".distcp")  # fmt: skip
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".distcp",
+)
 _DTYPE_CODES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}  # fmt: skip
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 
 
@@ -124,10 +141,14 @@ class SafetensorsShardWriter:
         self._written: set[str] = set()
         shards = _split_plan(plan, max_shard_bytes)
         self.files = [
-            self.dir / (SINGLE_FILE if len(shards) == 1 else
-                        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+            self.dir
+            / (
+                SINGLE_FILE
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
             for i in range(len(shards))
-        ]  # fmt: skip
+        ]
         for file, shard in zip(self.files, shards, strict=True):
             self._layout(file, shard)
         self.total_bytes = sum(slot[4] for slot in self._slot.values())
@@ -138,8 +159,11 @@ class SafetensorsShardWriter:
         offsets = {}
         for name, shape, dtype in shard:
             nbytes = _nbytes(shape, dtype)
-            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            header[name] = {
+                "dtype": _DTYPE_CODES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offsets[name] = (offset, nbytes)
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -180,8 +204,10 @@ class SafetensorsShardWriter:
         """Check completeness, fsync, write the index for several shards; return the files."""
         missing = [name for name in self._slot if name not in self._written]
         if missing:
-            raise CheckpointError(f"export did not produce planned tensors {missing[:5]}"
-                                  f"{' ...' if len(missing) > 5 else ''}")  # fmt: skip
+            raise CheckpointError(
+                f"export did not produce planned tensors {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
         for file in self.files:
             with open(file, "rb+") as fh:
                 os.fsync(fh.fileno())

@@ -79,6 +79,7 @@ def convert_hf_to_megatron(
         metadata = metadata_for(built, groups, source=str(hf_dir))
         save_checkpoint(built.chunks, out_dir, metadata, hf_source=hf_dir, overwrite=overwrite)
         del built
-    logger.info("converted %s -> %s (%s) in %.1f s", hf_dir, out_dir, dtype,
-                time.monotonic() - start)  # fmt: skip
+    logger.info(
+        "converted %s -> %s (%s) in %.1f s", hf_dir, out_dir, dtype, time.monotonic() - start
+    )
     return out_dir

@@ -44,7 +44,9 @@ _COMMON: tuple[ParamMapping, ...] = (
     # local spec / Transformer Engine spec names of the two per-layer norms
     ParamMapping(L + "input_layernorm.weight", (H + "input_layernorm.weight",), "identity"),
     ParamMapping(
-        L + "self_attention.linear_qkv.layer_norm_weight", (H + "input_layernorm.weight",), "identity"
+        L + "self_attention.linear_qkv.layer_norm_weight",
+        (H + "input_layernorm.weight",),
+        "identity",
     ),
     ParamMapping(
         L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), "identity"
@@ -54,12 +56,20 @@ _COMMON: tuple[ParamMapping, ...] = (
     ),
     ParamMapping(
         L + "self_attention.linear_qkv.weight",
-        (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
+        (
+            H + "self_attn.q_proj.weight",
+            H + "self_attn.k_proj.weight",
+            H + "self_attn.v_proj.weight",
+        ),
         "qkv",
     ),
-    ParamMapping(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), "identity"),
     ParamMapping(
-        L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), "gated_mlp"
+        L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), "identity"
+    ),
+    ParamMapping(
+        L + "mlp.linear_fc1.weight",
+        (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
+        "gated_mlp",
     ),
     ParamMapping(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), "identity"),
 )
@@ -75,8 +85,12 @@ _QKV_BIAS = (
     ),
 )
 _QK_NORM = (
-    ParamMapping(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), "identity"),
-    ParamMapping(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), "identity"),
+    ParamMapping(
+        L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), "identity"
+    ),
+    ParamMapping(
+        L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), "identity"
+    ),
 )
 
 _FAMILY_EXTRAS: dict[str, tuple[ParamMapping, ...]] = {

@@ -62,7 +62,8 @@ def convert_megatron_to_hf(
             "model it was trained from) to name its architecture and tokenizer"
         )
     source = resolve_source(
-        ModelConfig(megatron_checkpoint=str(ckpt.root)), None if hf_config is None else str(hf_config)
+        ModelConfig(megatron_checkpoint=str(ckpt.root)),
+        None if hf_config is None else str(hf_config),
     )
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     if ckpt.metadata is not None:
@@ -74,12 +75,25 @@ def convert_megatron_to_hf(
     with single_process_group():
         groups = initialize_model_parallel(1, 1)
         seed_model_parallel(0, groups)
-        built = build_model(source.arch, model_cfg, ParallelConfig(), groups,
-                            padded_vocab=source.padded_vocab, initialize=False)  # fmt: skip
+        built = build_model(
+            source.arch,
+            model_cfg,
+            ParallelConfig(),
+            groups,
+            padded_vocab=source.padded_vocab,
+            initialize=False,
+        )
         load_checkpoint(built.chunks, ckpt)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            write_hf_dir(built.chunks, source.arch, built.vocab.padded, dtype, source.hf_dir, tmp,
-                         max_shard_bytes=max_shard_bytes)  # fmt: skip
+            write_hf_dir(
+                built.chunks,
+                source.arch,
+                built.vocab.padded,
+                dtype,
+                source.hf_dir,
+                tmp,
+                max_shard_bytes=max_shard_bytes,
+            )
         del built
     logger.info("exported %s -> %s in %.1f s", ckpt.root, out_dir, time.monotonic() - start)
     return out_dir

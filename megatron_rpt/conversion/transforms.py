@@ -56,9 +56,13 @@ class Transform:
 
 
 def merge_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
     head_dim: int,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """q [N*D, ...], k/v [G*D, ...] -> Megatron's interleaved qkv [G*(N/G+2)*D, ...]."""
     rest = q.shape[1:]
     per_group = num_heads // num_kv_heads

@@ -134,7 +134,9 @@ def arch_from_dict(cfg: dict[str, Any], *, source: str = "config.json") -> ArchS
         _reject_true(cfg, source, "use_sliding_window")
         layer_types = cfg.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
-            raise CheckpointError(f"{source}: layer_types other than 'full_attention' are not supported")
+            raise CheckpointError(
+                f"{source}: layer_types other than 'full_attention' are not supported"
+            )
     theta, factor = _rope(cfg, source)
     return ArchSpec(
         family=family,

@@ -212,9 +212,17 @@ def build_model(
         chunks.append(model)
     logger.info(
         "built %s (%d layers, %s) as %d chunk(s) on TP %d/%d PP %d/%d; vocab %d padded to %d",
-        arch.hf_architecture, arch.num_layers, model_cfg.dtype, len(chunks), groups.tp_rank,
-        groups.tp_size, groups.pp_rank, groups.pp_size, vocab.true, vocab.padded,
-    )  # fmt: skip
+        arch.hf_architecture,
+        arch.num_layers,
+        model_cfg.dtype,
+        len(chunks),
+        groups.tp_rank,
+        groups.tp_size,
+        groups.pp_rank,
+        groups.pp_size,
+        vocab.true,
+        vocab.padded,
+    )
     return BuiltModel(chunks, config, arch, vocab, spec.name, model_cfg.dtype)
 
 
@@ -243,4 +251,3 @@ def _vocab_sizes(
             f"by parallel.tensor_model_parallel_size={tp}"
         )
     return VocabSizes(true=arch.vocab_size, padded=padded)
-

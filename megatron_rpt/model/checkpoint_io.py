@@ -103,7 +103,9 @@ def read_metadata(ckpt_dir: Path) -> CheckpointMetadata:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint metadata: {exc}") from None
     if data.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a megatron_rpt checkpoint (format {data.get('format')!r})")
+        raise CheckpointError(
+            f"{path}: not a megatron_rpt checkpoint (format {data.get('format')!r})"
+        )
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format_version {data['format_version']} is newer than this code "
@@ -128,8 +130,9 @@ def find_checkpoint(path: str | Path) -> ResolvedCheckpoint:
         raise CheckpointError(f"{root}: checkpoint not found")
     if is_checkpoint(root):
         hf = root / HF_DIR
-        return ResolvedCheckpoint(root, root / MODEL_DIR, hf if hf.is_dir() else None,
-                                  read_metadata(root), "megatron_rpt")  # fmt: skip
+        return ResolvedCheckpoint(
+            root, root / MODEL_DIR, hf if hf.is_dir() else None, read_metadata(root), "megatron_rpt"
+        )
     if (root / MEGATRON_LM_TRACKER).is_file():
         return _megatron_lm(root)
     if _is_dist_checkpoint(root):
@@ -180,7 +183,9 @@ def _latest_in_run_dir(root: Path) -> Path | None:
     if named.is_file():
         target = root / named.read_text().strip()
         if not is_checkpoint(target):
-            raise CheckpointError(f"{named}: names {target.name}, which is not a complete checkpoint")
+            raise CheckpointError(
+                f"{named}: names {target.name}, which is not a complete checkpoint"
+            )
         return target
     candidates = [p for p in root.iterdir() if not p.name.startswith(".") and is_checkpoint(p)]
     if not candidates:

@@ -19,14 +19,30 @@ from megatron_rpt.errors import ConfigError
 # parallel layout; overriding them would silently break weight conversion or parallelism.
 RESERVED_OVERRIDES = frozenset(
     {
-        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-        "ffn_hidden_size", "normalization", "layernorm_epsilon", "gated_linear_unit",
-        "activation_func", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-        "tensor_model_parallel_size", "pipeline_model_parallel_size",
-        "virtual_pipeline_model_parallel_size", "params_dtype", "bf16", "fp16",
-        "pipeline_dtype", "use_cpu_initialization", "vocab_size",
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "ffn_hidden_size",
+        "normalization",
+        "layernorm_epsilon",
+        "gated_linear_unit",
+        "activation_func",
+        "add_bias_linear",
+        "add_qkv_bias",
+        "qk_layernorm",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "virtual_pipeline_model_parallel_size",
+        "params_dtype",
+        "bf16",
+        "fp16",
+        "pipeline_dtype",
+        "use_cpu_initialization",
+        "vocab_size",
     }
-)  # fmt: skip
+)
 
 
 @dataclass(kw_only=True)

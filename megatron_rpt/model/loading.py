@@ -73,8 +73,16 @@ def resolve_source(model_cfg: ModelConfig, hf_config: str | None = None) -> Mode
 
 
 def _shape_fields(arch: ArchSpec) -> tuple:
-    return (arch.family, arch.hidden_size, arch.num_layers, arch.num_attention_heads,
-            arch.num_kv_heads, arch.head_dim, arch.intermediate_size, arch.vocab_size)  # fmt: skip
+    return (
+        arch.family,
+        arch.hidden_size,
+        arch.num_layers,
+        arch.num_attention_heads,
+        arch.num_kv_heads,
+        arch.head_dim,
+        arch.intermediate_size,
+        arch.vocab_size,
+    )
 
 
 def build_pretrained(
@@ -86,9 +94,13 @@ def build_pretrained(
     # partition_stride) only inside its init functions; DDP, grad-norm and the TP sharding
     # below rely on them, so skip the (overwritten) random init only when TP is 1.
     built = build_model(
-        source.arch, model_cfg, parallel, groups, padded_vocab=source.padded_vocab,
+        source.arch,
+        model_cfg,
+        parallel,
+        groups,
+        padded_vocab=source.padded_vocab,
         initialize=groups.tp_size > 1,
-    )  # fmt: skip
+    )
     built.hf_dir = source.hf_dir
     if source.checkpoint is not None:
         load_checkpoint(built.chunks, source.checkpoint)
@@ -114,7 +126,7 @@ def load_hf_weights(
         full_shape = list(param.shape)
         if part is not None:
             full_shape[part[0]] *= groups.tp_size
-        full = converter.to_megatron(name, _tracking(reader, used), expected_shape=full_shape)
+        full = converter.hf_to_megatron(name, _tracking(reader, used), expected_shape=full_shape)
         if part is not None:
             full = tp_shard(full, part[0], part[1], groups.tp_rank, groups.tp_size)
         assert full.shape == param.shape, (name, full.shape, param.shape)
@@ -137,10 +149,12 @@ def _tracking(reader: HFWeights, used: set[str]):  # noqa: ANN202
 
 def _check_all_used(reader: HFWeights, used: set[str], arch: ArchSpec) -> None:
     unused = [
-        n for n in reader.names()
-        if n not in used and not n.endswith(_IGNORED_HF_SUFFIXES)
+        n
+        for n in reader.names()
+        if n not in used
+        and not n.endswith(_IGNORED_HF_SUFFIXES)
         and not (arch.tie_word_embeddings and n == "lm_head.weight")
-    ]  # fmt: skip
+    ]
     if unused:
         raise CheckpointError(
             f"{reader.file_of(unused[0])}: tensors {unused[:5]} are not used by "

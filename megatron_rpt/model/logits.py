@@ -80,7 +80,9 @@ def forward_logits(
     # The interleaved (virtual pipeline) schedule needs several microbatches; use size-1 ones.
     micro = 1 if groups.vpp_size else batch
     if batch % micro or (groups.vpp_size and batch % groups.pp_size):
-        raise ValueError(f"batch {batch} must be a multiple of PP={groups.pp_size} with virtual stages")
+        raise ValueError(
+            f"batch {batch} must be a multiple of PP={groups.pp_size} with virtual stages"
+        )
     position_ids_bS = torch.arange(seq, device=tokens_BS.device).expand(micro, seq)
     microbatches = list(tokens_BS.split(micro))
 

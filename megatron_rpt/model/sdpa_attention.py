@@ -62,7 +62,9 @@ class SDPACoreAttention(MegatronModule):
         if config.apply_query_key_layer_scaling:
             raise ValueError("SDPACoreAttention does not implement apply_query_key_layer_scaling")
         self.softmax_scale = softmax_scale  # None -> SDPA's default 1/sqrt(D)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
     def forward(
         self,
@@ -86,16 +88,22 @@ class SDPACoreAttention(MegatronModule):
             mask = visible_mask(seq_q, seq_k, attention_mask, device=q_BNSD.device)
         dropout_p = self.dropout_p if self.training else 0.0
         # Like Megatron's DotProductAttention: dropout draws from the model-parallel RNG.
-        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 else contextlib.nullcontext()
+        rng = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if dropout_p > 0
+            else contextlib.nullcontext()
+        )
         with rng:
             ctx_BNSD = F.scaled_dot_product_attention(
-                q_BNSD, k_BGKD, v_BGKD,
+                q_BNSD,
+                k_BGKD,
+                v_BGKD,
                 attn_mask=mask,
                 dropout_p=dropout_p,
                 is_causal=mask is None,
                 scale=self.softmax_scale,
                 enable_gqa=q_BNSD.shape[1] != k_BGKD.shape[1],
-            )  # fmt: skip
+            )
         ctx_SBND = ctx_BNSD.permute(2, 0, 1, 3)
         return ctx_SBND.reshape(seq_q, ctx_SBND.shape[1], -1)
 
@@ -121,4 +129,3 @@ def visible_mask(
         empty = ~visible.any(dim=-1, keepdim=True)
         visible = visible | (empty & (k_pos == q_pos))
     return visible
-

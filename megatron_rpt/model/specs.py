@@ -54,8 +54,12 @@ def layer_spec(choice: str, arch: ArchSpec) -> LayerSpec:
     """The transformer-layer spec for ``arch`` with backend ``choice`` (logged)."""
     name = resolve_spec_name(choice)
     spec = te_layer_spec(arch) if name == "te" else local_layer_spec(arch)
-    logger.info("layer spec: %s (model.spec=%s, transformer_engine=%s)", name, choice,
-                capabilities.have_te())
+    logger.info(
+        "layer spec: %s (model.spec=%s, transformer_engine=%s)",
+        name,
+        choice,
+        capabilities.have_te(),
+    )
     return LayerSpec(spec=spec, name=name)
 
 

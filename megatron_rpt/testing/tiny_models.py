@@ -19,25 +19,38 @@ VOCAB = 250
 def tiny_config_dict(kind: str, *, num_layers: int = 2) -> dict:
     """config.json contents of a tiny model of ``kind``."""
     family = kind.removesuffix("_tied")
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}[family]  # fmt: skip
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[
+        family
+    ]
     cfg = {
-        "architectures": [arch], "model_type": family, "hidden_size": 64,
-        "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 96, "vocab_size": VOCAB, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": kind.endswith("_tied"),
+        "architectures": [arch],
+        "model_type": family,
+        "hidden_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 96,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": kind.endswith("_tied"),
         "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
         "hidden_act": "silu",
-    }  # fmt: skip
+    }
     if family == "qwen3":
         cfg["head_dim"] = 32  # != hidden / heads, as in real Qwen3 models
     return cfg
 
 
 def save_tiny_model(
-    kind: str, out_dir: str | Path, *, dtype: torch.dtype = torch.float32, seed: int = 0,
-    num_layers: int = 2, config_overrides: dict | None = None,
-) -> Path:  # fmt: skip
+    kind: str,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    num_layers: int = 2,
+    config_overrides: dict | None = None,
+) -> Path:
     """Write a random tiny HF model (safetensors + config + stand-in tokenizer files)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -45,13 +45,22 @@ def _tp2_run(rank, world_size, dirs, tokens, ckpt_root):
     parallel = ParallelConfig(tensor_model_parallel_size=2)
     out = {}
     for kind, hf_dir in dirs.items():
-        built, out[kind] = _logits(ModelConfig(hf_path=hf_dir, dtype="fp32"), parallel, groups, tokens)
+        built, out[kind] = _logits(
+            ModelConfig(hf_path=hf_dir, dtype="fp32"), parallel, groups, tokens
+        )
         # Megatron sets these only when it initialises weights; DDP and TP loading need them.
-        assert all(partitioning(p) for n, p in built.chunks[0].named_parameters()
-                   if "linear_" in n or "word_embeddings" in n)  # fmt: skip
+        assert all(
+            partitioning(p)
+            for n, p in built.chunks[0].named_parameters()
+            if "linear_" in n or "word_embeddings" in n
+        )
         if kind in SAVED:
-            save_checkpoint(built.chunks, Path(ckpt_root) / kind,
-                            metadata_for(built, groups, source=hf_dir), hf_source=Path(hf_dir))  # fmt: skip
+            save_checkpoint(
+                built.chunks,
+                Path(ckpt_root) / kind,
+                metadata_for(built, groups, source=hf_dir),
+                hf_source=Path(hf_dir),
+            )
     return out
 
 
@@ -62,7 +71,9 @@ def _pp2_and_tp1_run(rank, world_size, dirs, deep_dir, tokens, ckpt_root):
     pp2 = ParallelConfig(pipeline_model_parallel_size=2)
     groups = _setup(1, 2)
     for kind, hf_dir in dirs.items():
-        res["pp2_hf"][kind] = _logits(ModelConfig(hf_path=hf_dir, dtype="fp32"), pp2, groups, tokens)[1]
+        res["pp2_hf"][kind] = _logits(
+            ModelConfig(hf_path=hf_dir, dtype="fp32"), pp2, groups, tokens
+        )[1]
     for kind in SAVED:
         cfg = ModelConfig(megatron_checkpoint=str(Path(ckpt_root) / kind), dtype="fp32")
         res["pp2_ckpt"][kind] = _logits(cfg, pp2, groups, tokens)[1]
@@ -74,8 +85,9 @@ def _pp2_and_tp1_run(rank, world_size, dirs, deep_dir, tokens, ckpt_root):
     res["vpp2_hf"] = _logits(ModelConfig(hf_path=deep_dir, dtype="fp32"), vpp, groups, tokens)[1]
     groups = _setup(1, 1)  # TP=1, PP=1, DP=2
     for kind in SAVED:
-        res["tp1_hf"][kind] = _logits(ModelConfig(hf_path=dirs[kind], dtype="fp32"),
-                                      ParallelConfig(), groups, tokens)[1]  # fmt: skip
+        res["tp1_hf"][kind] = _logits(
+            ModelConfig(hf_path=dirs[kind], dtype="fp32"), ParallelConfig(), groups, tokens
+        )[1]
         cfg = ModelConfig(megatron_checkpoint=str(Path(ckpt_root) / kind), dtype="fp32")
         res["tp1_ckpt"][kind] = _logits(cfg, ParallelConfig(), groups, tokens)[1]
     return res
@@ -87,7 +99,9 @@ def models(tmp_path_factory):
     dirs = {kind: str(save_tiny_model(kind, root / kind)) for kind in KINDS}
     deep = str(save_tiny_model("llama", root / "deep", num_layers=4))
     tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
-    refs = {kind: hf_logits(d, tokens) for kind, d in dirs.items()} | {"deep": hf_logits(deep, tokens)}
+    refs = {kind: hf_logits(d, tokens) for kind, d in dirs.items()} | {
+        "deep": hf_logits(deep, tokens)
+    }
     return dirs, deep, tokens.numpy(), refs, root / "ckpts"
 
 
@@ -110,8 +124,9 @@ def test_tp2_logits_match_hf(models, tp2):
 
 def test_pp2_logits_and_tp2_checkpoint_resharding(models, tp2):
     dirs, deep, tokens, refs, ckpt_root = models
-    first, last = run_distributed(_pp2_and_tp1_run, 2, args=(dirs, deep, tokens, str(ckpt_root)),
-                                  timeout=300)  # fmt: skip
+    first, last = run_distributed(
+        _pp2_and_tp1_run, 2, args=(dirs, deep, tokens, str(ckpt_root)), timeout=300
+    )
     assert all(v is None for v in first["pp2_hf"].values())  # logits live on the last stage
     for kind in KINDS:
         assert _diff(last["pp2_hf"][kind], refs[kind]) <= TOL, kind

@@ -16,9 +16,15 @@ from megatron_rpt.model.checkpoint_io import (
 def _fake_ckpt(path, **meta):
     (path / "model").mkdir(parents=True)
     (path / "hf").mkdir()
-    data = CheckpointMetadata(architecture="LlamaForCausalLM", dtype="bf16", vocab_size=250,
-                              padded_vocab_size=256, tensor_model_parallel_size=2,
-                              pipeline_model_parallel_size=1, source="x").to_json()  # fmt: skip
+    data = CheckpointMetadata(
+        architecture="LlamaForCausalLM",
+        dtype="bf16",
+        vocab_size=250,
+        padded_vocab_size=256,
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=1,
+        source="x",
+    ).to_json()
     (path / "metadata.json").write_text(json.dumps(data | meta))
     return path
 

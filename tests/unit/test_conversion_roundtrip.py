@@ -58,8 +58,9 @@ def test_name_table_covers_every_hf_tensor(kind, tmp_path, megatron_group):
 
     hf_dir = save_tiny_model(kind, tmp_path / "hf")
     arch = read_arch(hf_dir)
-    built = build_model(arch, ModelConfig(dtype="fp32", spec="local"), ParallelConfig(), _groups(),
-                        initialize=False)  # fmt: skip
+    built = build_model(
+        arch, ModelConfig(dtype="fp32", spec="local"), ParallelConfig(), _groups(), initialize=False
+    )
     converter = WeightConverter(arch, built.vocab.padded)
     shapes = [(n, tuple(p.shape), p.dtype) for n, p in named_global_parameters(built.chunks)]
     plan = converter.hf_plan(shapes)  # raises for any Megatron parameter without a row
@@ -70,6 +71,30 @@ def test_name_table_covers_every_hf_tensor(kind, tmp_path, megatron_group):
         assert shape == weights.shape(name), name
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_iter_hf_weights_streams_from_model_or_state_dict(dtype, tmp_path, megatron_group):
+    from megatron_rpt.conversion.converter import iter_hf_weights
+    from megatron_rpt.model.config import ModelConfig, ParallelConfig
+    from megatron_rpt.model.loading import build_pretrained
+
+    src = save_tiny_model(
+        "qwen2", tmp_path / "hf", dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    )
+    cfg = ModelConfig(hf_path=str(src), dtype=dtype)
+    built = build_pretrained(cfg, ParallelConfig(), _groups())
+    expected = load_file(src / "model.safetensors")
+    params = {p.data_ptr() for p in built.chunks[0].parameters()}
+    streamed = list(iter_hf_weights(built.chunks, built.arch, built.vocab.padded))
+    assert sorted(n for n, _ in streamed) == sorted(expected)
+    assert all(torch.equal(t, expected[n]) for n, t in streamed)
+    # Identity-mapped tensors are the parameters themselves, not copies.
+    assert streamed[-1][0] == "lm_head.weight" or any(t.data_ptr() in params for _, t in streamed)
+    assert (
+        dict(iter_hf_weights(built.chunks[0].state_dict(), built.arch, 256)).keys()
+        == expected.keys()
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_is_bit_exact(kind, dtype, tmp_path, megatron_group):
@@ -78,10 +103,14 @@ def test_round_trip_is_bit_exact(kind, dtype, tmp_path, megatron_group):
     meta = read_metadata(ckpt)
     assert meta.dtype == {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     assert (meta.vocab_size, meta.padded_vocab_size) == (VOCAB, 256)
-    assert (ckpt / "hf" / "config.json").is_file() and (ckpt / "hf" / "tokenizer_config.json").is_file()
+    assert (ckpt / "hf" / "config.json").is_file() and (
+        ckpt / "hf" / "tokenizer_config.json"
+    ).is_file()
     out = convert_megatron_to_hf(ckpt, tmp_path / "back")
     _assert_same_tensors(src, out)
-    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
+    )
     for side in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (out / side).read_bytes() == (src / side).read_bytes()
     with safe_open(str(out / "model.safetensors"), "pt") as fh:  # padding rows never exported
@@ -90,8 +119,9 @@ def test_round_trip_is_bit_exact(kind, dtype, tmp_path, megatron_group):
 
 def test_export_loads_in_transformers_with_identical_logits(tmp_path, megatron_group):
     src = save_tiny_model("qwen3", tmp_path / "hf")
-    out = convert_megatron_to_hf(convert_hf_to_megatron(src, tmp_path / "mg"), tmp_path / "back",
-                                 max_shard_bytes=40_000)  # fmt: skip
+    out = convert_megatron_to_hf(
+        convert_hf_to_megatron(src, tmp_path / "mg"), tmp_path / "back", max_shard_bytes=40_000
+    )
     assert (out / "model.safetensors.index.json").is_file()  # several shards
     tokens = torch.randint(0, VOCAB, (2, 12))
     assert torch.equal(hf_logits(out, tokens), hf_logits(src, tokens))
@@ -125,15 +155,20 @@ def test_megatron_lm_directory(tmp_path, megatron_group):
 
 def _no_leftovers(parent: Path, name: str) -> None:
     assert not (parent / name).exists()
-    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(
+        parent.iterdir()
+    )
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path, megatron_group):
     src = save_tiny_model("qwen2", tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 80}))
-    with pytest.raises(CheckpointError, match=r"HF tensor 'model.layers.0.mlp.gate_proj.weight' "
-                                              r"has shape \[96, 64\], expected \[80, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"HF tensor 'model.layers.0.mlp.gate_proj.weight' "
+        r"has shape \[96, 64\], expected \[80, 64\]",
+    ):
         convert_hf_to_megatron(src, tmp_path / "mg")
     _no_leftovers(tmp_path, "mg")
 
@@ -143,12 +178,17 @@ def test_missing_and_unused_tensors_are_named(tmp_path, megatron_group):
     tensors = load_file(src / "model.safetensors")
     extra = dict(tensors, **{"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})
     save_file(extra, src / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"tensors \['model.layers.0.self_attn.o_proj.bias'\] "
-                                              r"are not used"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensors \['model.layers.0.self_attn.o_proj.bias'\] "
+        r"are not used",
+    ):
         convert_hf_to_megatron(src, tmp_path / "mg")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"
+    ):
         convert_hf_to_megatron(src, tmp_path / "mg")
     (src / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=rf"{src}: no model.safetensors"):
@@ -160,8 +200,11 @@ def test_checkpoint_shapes_must_match_its_config(tmp_path, megatron_group):
     ckpt = convert_hf_to_megatron(save_tiny_model("qwen3", tmp_path / "hf"), tmp_path / "mg")
     cfg_file = ckpt / "hf" / "config.json"
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"intermediate_size": 80}))
-    with pytest.raises(CheckpointError, match=r"tensor 'decoder.layers.mlp.linear_fc2.weight' has "
-                                              r"shape \[2, 64, 96\] in the checkpoint"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'decoder.layers.mlp.linear_fc2.weight' has "
+        r"shape \[2, 64, 96\] in the checkpoint",
+    ):
         convert_megatron_to_hf(ckpt, tmp_path / "back")
     _no_leftovers(tmp_path, "back")
 
@@ -200,12 +243,23 @@ def test_failed_conversion_leaves_nothing_complete_looking(tmp_path, monkeypatch
 def test_cli_reports_user_errors_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf-dir", str(tmp_path),
-         "--out-dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "tools/convert_hf_to_megatron.py"),
+            "--hf-dir",
+            str(tmp_path),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
-    assert f"error: {tmp_path}/config.json: unsupported architectures ['GPT2LMHeadModel']" in proc.stderr
+    assert (
+        f"error: {tmp_path}/config.json: unsupported architectures ['GPT2LMHeadModel']"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -215,17 +269,31 @@ def test_smollm2_round_trip_with_the_clis(tmp_path):
 
     src = smollm2_dir()
     for tool, args in [
-        ("convert_hf_to_megatron.py", ["--hf-dir", "embedded:smollm2", "--out-dir", str(tmp_path / "mg")]),
-        ("convert_megatron_to_hf.py", ["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "hf")]),
-    ]:  # fmt: skip
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        (
+            "convert_hf_to_megatron.py",
+            ["--hf-dir", "embedded:smollm2", "--out-dir", str(tmp_path / "mg")],
+        ),
+        (
+            "convert_megatron_to_hf.py",
+            ["--megatron-dir", str(tmp_path / "mg"), "--out-dir", str(tmp_path / "hf")],
+        ),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / tool), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "hf"
-    with safe_open(str(src / "model.safetensors"), "pt") as a, \
-         safe_open(str(out / "model.safetensors"), "pt") as b:  # fmt: skip
+    with (
+        safe_open(str(src / "model.safetensors"), "pt") as a,
+        safe_open(str(out / "model.safetensors"), "pt") as b,
+    ):
         assert sorted(a.keys()) == sorted(b.keys())
         for name in a.keys():  # noqa: SIM118 - not a dict
             assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
-    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads(
+        (src / "config.json").read_text()
+    )
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()

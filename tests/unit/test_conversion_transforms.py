@@ -23,9 +23,11 @@ from megatron_rpt.testing.tiny_models import tiny_config_dict
 
 @settings(max_examples=30, deadline=None)
 @given(
-    kv=st.integers(1, 4), per_group=st.integers(1, 4), head_dim=st.integers(1, 5),
+    kv=st.integers(1, 4),
+    per_group=st.integers(1, 4),
+    head_dim=st.integers(1, 5),
     cols=st.sampled_from([(), (3,)]),
-)  # fmt: skip
+)
 def test_qkv_round_trip_and_layout(kv, per_group, head_dim, cols):
     heads = kv * per_group
     q = torch.randn(heads * head_dim, *cols)
@@ -36,10 +38,12 @@ def test_qkv_round_trip_and_layout(kv, per_group, head_dim, cols):
     # Megatron's layout: group g holds its per_group query heads, then k_g, then v_g.
     grouped = qkv.reshape(kv, per_group + 2, head_dim, *cols)
     for g in range(kv):
-        assert torch.equal(grouped[g, :per_group].reshape(-1, *cols),
-                           q[g * per_group * head_dim:(g + 1) * per_group * head_dim])  # fmt: skip
-        assert torch.equal(grouped[g, per_group], k[g * head_dim:(g + 1) * head_dim])
-        assert torch.equal(grouped[g, per_group + 1], v[g * head_dim:(g + 1) * head_dim])
+        assert torch.equal(
+            grouped[g, :per_group].reshape(-1, *cols),
+            q[g * per_group * head_dim : (g + 1) * per_group * head_dim],
+        )
+        assert torch.equal(grouped[g, per_group], k[g * head_dim : (g + 1) * head_dim])
+        assert torch.equal(grouped[g, per_group + 1], v[g * head_dim : (g + 1) * head_dim])
     for a, b in zip(split_qkv(qkv, heads, kv, head_dim), (q, k, v), strict=True):
         assert torch.equal(a, b) and a.is_contiguous()
 
@@ -57,7 +61,9 @@ def test_gated_mlp_and_vocab_round_trip():
 
 
 def test_tied_output_layer_is_imported_but_never_exported():
-    ctx = ConversionContext(num_heads=2, num_kv_heads=1, head_dim=2, vocab_size=5, padded_vocab_size=8)
+    ctx = ConversionContext(
+        num_heads=2, num_kv_heads=1, head_dim=2, vocab_size=5, padded_vocab_size=8
+    )
     tied = TRANSFORMS["tied_vocab"]
     assert tied.to_hf(torch.randn(8, 3), ctx) == ()
     assert tied.to_megatron([torch.randn(5, 3)], ctx).shape == (8, 3)
@@ -82,11 +88,15 @@ def test_stride2_shard_holds_gate_and_up_blocks():
 def test_local_and_te_norm_names_map_to_the_same_hf_tensor():
     table = mapping_table(arch_from_dict(tiny_config_dict("qwen3")))
     pairs = [
-        ("decoder.layers.3.input_layernorm.weight",
-         "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight"),
-        ("decoder.layers.3.pre_mlp_layernorm.weight",
-         "decoder.layers.3.mlp.linear_fc1.layer_norm_weight"),
-    ]  # fmt: skip
+        (
+            "decoder.layers.3.input_layernorm.weight",
+            "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight",
+        ),
+        (
+            "decoder.layers.3.pre_mlp_layernorm.weight",
+            "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
+        ),
+    ]
     for local, te in pairs:
         assert hf_names(*find_mapping(table, local)) == hf_names(*find_mapping(table, te))
     with pytest.raises(KeyError):

@@ -14,7 +14,11 @@ def test_families_and_their_features():
     qwen2 = arch_from_dict(tiny_config_dict("qwen2"))
     qwen3 = arch_from_dict(tiny_config_dict("qwen3"))
     assert (llama.family, llama.tie_word_embeddings, llama.qkv_bias, llama.qk_norm) == (
-        "llama", True, False, False)  # fmt: skip
+        "llama",
+        True,
+        False,
+        False,
+    )
     assert (qwen2.family, qwen2.qkv_bias, qwen2.qk_norm) == ("qwen2", True, False)
     assert (qwen3.family, qwen3.qkv_bias, qwen3.qk_norm) == ("qwen3", False, True)
     assert llama.head_dim == 16 and qwen3.head_dim == 32  # explicit head_dim wins
@@ -25,17 +29,27 @@ def test_families_and_their_features():
 def test_transformers4_config_fields():
     cfg = tiny_config_dict("qwen2")
     del cfg["rope_parameters"]
-    cfg.update(rope_theta=1e6, rope_scaling=None, torch_dtype="bfloat16", sliding_window=4096,
-               use_sliding_window=False)  # fmt: skip
+    cfg.update(
+        rope_theta=1e6,
+        rope_scaling=None,
+        torch_dtype="bfloat16",
+        sliding_window=4096,
+        use_sliding_window=False,
+    )
     arch = arch_from_dict(cfg)
     assert arch.rope_theta == 1e6 and arch.hf_dtype == "bfloat16"
 
 
 def test_llama3_rope_scaling_matches_megatron_constants():
     cfg = tiny_config_dict("llama")
-    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0,
-                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 8192}  # fmt: skip
+    cfg["rope_parameters"] = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     assert arch_from_dict(cfg).rope_scaling_factor == 32.0
     cfg["rope_parameters"]["high_freq_factor"] = 2.0
     with pytest.raises(CheckpointError, match=r"rope_parameters.high_freq_factor=2.0"):
@@ -51,17 +65,24 @@ def test_model_type_fallback_when_architectures_missing():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
-         r"unsupported architectures \['MistralForCausalLM'\] \(model_type 'mistral'\)"),
+        (
+            {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+            r"unsupported architectures \['MistralForCausalLM'\] \(model_type 'mistral'\)",
+        ),
         ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
         ({"attention_bias": True}, r"attention_bias=true is not supported"),
         ({"mlp_bias": True}, r"mlp_bias=true is not supported"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
-         r"rope_parameters.rope_type='yarn' is not supported"),
-        ({"num_key_value_heads": 3}, r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+            r"rope_parameters.rope_type='yarn' is not supported",
+        ),
+        (
+            {"num_key_value_heads": 3},
+            r"num_attention_heads=4 is not a multiple of num_key_value_heads=3",
+        ),
         ({"intermediate_size": None}, r"required field 'intermediate_size' is missing"),
     ],
-)  # fmt: skip
+)
 def test_unsupported_configs_name_the_field_and_file(tmp_path, change, message):
     cfg = tiny_config_dict("llama") | change
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -34,7 +34,9 @@ def test_logits_match_hf_fp32(kind, tmp_path, groups):
 
     hf_dir = save_tiny_model(kind, tmp_path)
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    built = build_pretrained(ModelConfig(hf_path=str(hf_dir), dtype="fp32"), ParallelConfig(), groups)
+    built = build_pretrained(
+        ModelConfig(hf_path=str(hf_dir), dtype="fp32"), ParallelConfig(), groups
+    )
     assert built.vocab == VocabSizes(true=VOCAB, padded=256) and built.spec == "local"
     logits = forward_logits(built, tokens, groups)
     assert logits.shape == (2, 24, VOCAB)  # padding columns sliced away
@@ -49,7 +51,9 @@ def test_bf16_model_runs_through_float16module(tmp_path, groups):
 
     hf_dir = save_tiny_model("qwen2", tmp_path)
     tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
-    built = build_pretrained(ModelConfig(hf_path=str(hf_dir), dtype="bf16"), ParallelConfig(), groups)
+    built = build_pretrained(
+        ModelConfig(hf_path=str(hf_dir), dtype="bf16"), ParallelConfig(), groups
+    )
     assert isinstance(built.chunks[0], Float16Module)
     assert all(p.dtype == torch.bfloat16 for p in built.chunks[0].parameters())
     logits = forward_logits(built, tokens, groups)
@@ -61,11 +65,19 @@ def test_llama3_rope_scaling_matches_hf(tmp_path, groups):
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
-    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     hf_dir = save_tiny_model("llama", tmp_path, config_overrides={"rope_parameters": rope})
     tokens = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(3))
-    built = build_pretrained(ModelConfig(hf_path=str(hf_dir), dtype="fp32"), ParallelConfig(), groups)
+    built = build_pretrained(
+        ModelConfig(hf_path=str(hf_dir), dtype="fp32"), ParallelConfig(), groups
+    )
     logits = forward_logits(built, tokens, groups)
     assert (logits - hf_logits(hf_dir, tokens)).abs().max().item() <= TOL
 
@@ -75,7 +87,9 @@ def test_mask_padded_vocab_per_tp_rank():
     logits = torch.randn(2, 3, 128)
     assert mask_padded_vocab(logits, vocab, tp_rank=0, tp_size=2) is logits  # no padding here
     masked = mask_padded_vocab(logits, vocab, tp_rank=1, tp_size=2)
-    assert torch.isinf(masked[..., 122:]).all() and torch.equal(masked[..., :122], logits[..., :122])
+    assert torch.isinf(masked[..., 122:]).all() and torch.equal(
+        masked[..., :122], logits[..., :122]
+    )
     assert not torch.isinf(logits).any()  # input untouched
     full = torch.randn(2, 3, 256)
     assert true_vocab_logits(full, vocab).shape == (2, 3, 250)
@@ -92,8 +106,9 @@ def _smollm2_logits_diff(rank, world_size):
     groups = initialize_model_parallel(1, 1)
     seed_model_parallel(0, groups)
     tokens = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(4))
-    built = build_pretrained(ModelConfig(hf_path="embedded:smollm2", dtype="fp32"),
-                             ParallelConfig(), groups)  # fmt: skip
+    built = build_pretrained(
+        ModelConfig(hf_path="embedded:smollm2", dtype="fp32"), ParallelConfig(), groups
+    )
     logits = forward_logits(built, tokens, groups)
     del built
     return (logits - hf_logits(smollm2_dir(), tokens)).abs().max().item(), list(logits.shape)

@@ -21,15 +21,23 @@ def _reference(q_SBND, k_KBGD, v_KBGD, visible_BNSK):
 
 @pytest.fixture
 def attn():
-    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=4,
-                            num_query_groups=2, use_cpu_initialization=True)  # fmt: skip
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=4,
+        num_query_groups=2,
+        use_cpu_initialization=True,
+    )
     return SDPACoreAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self").eval()
 
 
 def _qkv(s, k, generator_seed=0):
     g = torch.Generator().manual_seed(generator_seed)
-    return (torch.randn(s, 2, 4, 4, generator=g), torch.randn(k, 2, 2, 4, generator=g),
-            torch.randn(k, 2, 2, 4, generator=g))  # fmt: skip
+    return (
+        torch.randn(s, 2, 4, 4, generator=g),
+        torch.randn(k, 2, 2, 4, generator=g),
+        torch.randn(k, 2, 2, 4, generator=g),
+    )
 
 
 def test_causal_gqa_matches_reference(attn):
