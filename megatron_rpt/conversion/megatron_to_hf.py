@@ -24,6 +24,7 @@ from megatron_rpt.conversion.converter import WeightConverter, named_global_para
 from megatron_rpt.conversion.hf_io import SafetensorsShardWriter, copy_side_files
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import atomic_output_dir, atomic_write_json, check_output_dir
+from megatron_rpt.model.arch import ArchSpec
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def convert_megatron_to_hf(
 
 def write_hf_dir(
     chunks: list[torch.nn.Module],
-    arch,  # noqa: ANN001 - ArchSpec
+    arch: ArchSpec,
     padded_vocab: int,
     dtype: str,
     hf_source: Path,

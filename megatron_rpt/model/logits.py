@@ -70,7 +70,8 @@ def forward_logits(
     """Fp32 ``[B, S, V]`` logits of ``tokens_BS`` on the last pipeline stage (None elsewhere).
 
     Every rank of the model-parallel group must call this with the same tokens. Positions are
-    ``0..S-1``; attention is causal (no padding mask).
+    ``0..S-1``; attention is causal (no padding mask); dropout is off (eval mode) during the
+    call and each chunk's train/eval mode is restored afterwards.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -90,6 +91,7 @@ def forward_logits(
         tokens = next(data_iterator)
         return model(tokens, position_ids_bS, None), None  # loss_func None: keep the output
 
+    was_training = [chunk.training for chunk in built.chunks]
     for chunk in built.chunks:
         chunk.eval()
     with patches.cuda_device_mode():
@@ -102,6 +104,8 @@ def forward_logits(
             micro_batch_size=micro,
             forward_only=True,
         )
+    for chunk, mode in zip(built.chunks, was_training, strict=True):
+        chunk.train(mode)
     if not groups.is_last_stage:
         return None
     logits_BSv = torch.cat([o.float() for o in outputs], dim=0)

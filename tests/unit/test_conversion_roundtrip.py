@@ -209,6 +209,13 @@ def test_checkpoint_shapes_must_match_its_config(tmp_path, megatron_group):
     _no_leftovers(tmp_path, "back")
 
 
+def test_fp16_weights_need_an_explicit_dtype(tmp_path, megatron_group):
+    src = save_tiny_model("llama", tmp_path / "hf", dtype=torch.float16)
+    with pytest.raises(CheckpointError, match=r"weights are \['float16'\]; pass --dtype"):
+        convert_hf_to_megatron(src, tmp_path / "mg")
+    assert read_metadata(convert_hf_to_megatron(src, tmp_path / "mg", dtype="fp32")).dtype == "fp32"
+
+
 def test_existing_target_needs_overwrite(tmp_path, megatron_group):
     src = save_tiny_model("llama", tmp_path / "hf")
     (tmp_path / "mg").mkdir()
