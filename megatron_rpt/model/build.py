@@ -116,6 +116,13 @@ def build_transformer_config(
     check_parallel_config(parallel)
     check_parallel_fit(arch, parallel)
     on_cpu = not capabilities.have_cuda()
+    if on_cpu and model_cfg.recompute_granularity != "none":
+        # Megatron's activation checkpointing saves/restores the CUDA RNG state, which CPU-only
+        # torch does not have; recomputation would only cost time on CPU anyway.
+        raise ConfigError(
+            f"model.recompute_granularity={model_cfg.recompute_granularity} needs a GPU "
+            "(Megatron's activation checkpointing uses the CUDA RNG); use 'none' on CPU"
+        )
     dtype = DTYPES[model_cfg.dtype]
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,

@@ -270,7 +270,9 @@ class _Rank0AtomicDir:
         return self.holder[0]
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        ok = torch.tensor([0 if exc_type else 1], dtype=torch.int32)
+        # NCCL reduces only CUDA tensors; gloo (CPU runs) takes CPU ones.
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        ok = torch.tensor([0 if exc_type else 1], dtype=torch.int32, device=device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if dist.get_rank() == 0:
             if ok.item() == 1:
