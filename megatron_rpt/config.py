@@ -26,6 +26,12 @@ from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.loss.config import LossConfig, validate_loss_config
+from megatron_rpt.model.config import (
+    ModelConfig,
+    ParallelConfig,
+    check_model_config,
+    check_parallel_config,
+)
 from megatron_rpt.reward.config import RewardConfig
 
 
@@ -50,6 +56,8 @@ class RPTConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -84,6 +92,10 @@ def _check_lengths(cfg: RPTConfig) -> None:
 @rule
 def _check_loss(cfg: RPTConfig) -> None:
     validate_loss_config(cfg.loss, prefix="loss")
+def _check_model(cfg: RPTConfig) -> None:
+    # Architecture-dependent checks (TP vs heads, PP vs layers) run when the model is built.
+    check_model_config(cfg.model)
+    check_parallel_config(cfg.parallel)
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

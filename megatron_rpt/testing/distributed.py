@@ -86,8 +86,8 @@ def _child(
         )
         fn = _load_function(*target)
         value = fn(rank, world_size, *args)
-        # Pickle to bytes here: a tensor put on a multiprocessing queue travels as a shared
-        # file descriptor, and this process may exit before the parent reads it (EOFError).
+        # Plain pickle, by value: the queue's torch reductions would pass tensors as shared
+        # memory handles that die with this process before the parent reads them.
         results.put((rank, "ok", pickle.dumps(value)))
         dist.barrier()
         dist.destroy_process_group()
@@ -130,7 +130,9 @@ def run_distributed(
         ctx.Process(
             target=_child,
             args=(r, world_size, port, target, tuple(args), child_env, pg_timeout, results),
-            daemon=True,
+            # Not daemonic: ranks may start processes themselves (Megatron's dist_checkpointing
+            # save does); stragglers are killed in the `finally` below.
+            daemon=False,
         )
         for r in range(world_size)
     ]
@@ -150,7 +152,7 @@ def run_distributed(
                 )
             try:
                 rank, status, value = results.get(timeout=min(1.0, remaining))
-                outcome[rank] = (status, value)
+                outcome[rank] = (status, _unpickle(status, value))
             except queue.Empty:
                 dead = [
                     r for r, p in enumerate(procs)
@@ -162,7 +164,7 @@ def run_distributed(
                     while True:
                         try:
                             rank, status, value = results.get_nowait()
-                            outcome[rank] = (status, value)
+                            outcome[rank] = (status, _unpickle(status, value))
                         except queue.Empty:
                             break
                     for r in dead:
@@ -175,7 +177,7 @@ def run_distributed(
                 while len(outcome) < world_size and time.monotonic() < grace:
                     try:
                         rank, status, value = results.get(timeout=0.5)
-                        outcome[rank] = (status, value)
+                        outcome[rank] = (status, _unpickle(status, value))
                     except queue.Empty:
                         pass
                 failed = sorted(r for r, (s, _) in outcome.items() if s == "error")
@@ -187,12 +189,16 @@ def run_distributed(
                 )
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
-        return [pickle.loads(outcome[r][1]) for r in range(world_size)]
+        return [outcome[r][1] for r in range(world_size)]
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+
+
+def _unpickle(status: str, value: Any) -> Any:
+    return pickle.loads(value) if status == "ok" else value
 
 
 def _format_errors(outcome: dict[int, tuple[str, Any]]) -> str:

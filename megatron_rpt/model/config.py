@@ -1,0 +1,144 @@
+"""Configs of the policy model (what to start from, dtype, layer spec) and of model parallelism.
+
+Megatron's own ``TransformerConfig`` is built from these in exactly one place,
+``megatron_rpt/model/build.py``; ``transformer_overrides`` is the escape hatch for any other
+``TransformerConfig`` field, checked against ``dataclasses.fields(TransformerConfig)``.
+Checks that need the HF architecture (TP must divide the attention and KV heads, PP the layer
+count) run in ``build.check_parallel_fit`` once the config.json is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from megatron_rpt.errors import ConfigError
+
+# TransformerConfig fields the builder derives from the architecture, the dtype or the
+# parallel layout; overriding them would silently break weight conversion or parallelism.
+RESERVED_OVERRIDES = frozenset(
+    {
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "ffn_hidden_size",
+        "normalization",
+        "layernorm_epsilon",
+        "gated_linear_unit",
+        "activation_func",
+        "add_bias_linear",
+        "add_qkv_bias",
+        "qk_layernorm",
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "virtual_pipeline_model_parallel_size",
+        "params_dtype",
+        "bf16",
+        "fp16",
+        "pipeline_dtype",
+        "use_cpu_initialization",
+        "vocab_size",
+    }
+)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The model to start from and how Megatron-Core builds it."""
+
+    hf_path: str = "embedded:smollm2"
+    """HF model directory (config.json + safetensors + tokenizer) or 'embedded:smollm2'. Gives
+    the architecture and tokenizer, and the initial weights unless megatron_checkpoint is set."""
+    megatron_checkpoint: str | None = None
+    """Load the initial weights from this Megatron checkpoint instead of hf_path's safetensors:
+    a converter/trainer checkpoint dir, a run's checkpoints dir (its latest), or a Megatron-LM
+    dir with latest_checkpointed_iteration.txt (torch_dist format). A checkpoint with an hf/
+    folder must describe the same architecture as hf_path."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Parameter/compute dtype. bf16 wraps the model in Megatron's Float16Module."""
+    spec: Literal["auto", "local", "te"] = "auto"
+    """Layer spec: 'te' (Transformer Engine), 'local' (Megatron-Core modules + torch SDPA core
+    attention) or 'auto' (TE when it imports and a GPU is present, else local)."""
+    transformer_overrides: dict[str, Any] = field(default_factory=dict)
+    """Extra megatron.core TransformerConfig fields, e.g. {'attention_dropout': 0.1}. Keys are
+    checked against TransformerConfig; fields derived from the architecture are refused."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the TP size (the padding rows are masked
+    out of logits and never exported). A checkpoint keeps the padded size it was saved with."""
+    recompute_granularity: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: none, selective (core attention) or full (whole layers)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """How full recomputation picks layers (Megatron's recompute_method)."""
+    recompute_num_layers: int = 1
+    """Layers per recomputation chunk (uniform) or recomputed layers per stage (block)."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Model parallelism; the data-parallel size is world_size / (TP x PP)."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (must divide the attention and KV heads)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (stages x virtual stages must divide the layer count)."""
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None for one chunk."""
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """Checks that need no architecture; raise ConfigError naming the field."""
+    if model.make_vocab_size_divisible_by < 1:
+        raise ConfigError("model.make_vocab_size_divisible_by must be >= 1")
+    if model.recompute_num_layers < 1:
+        raise ConfigError("model.recompute_num_layers must be >= 1")
+    if model.transformer_overrides:
+        check_transformer_overrides(model.transformer_overrides)
+
+
+def check_transformer_overrides(overrides: dict[str, Any]) -> None:
+    """Every key must be a TransformerConfig field and not one the builder owns."""
+    from megatron.core.transformer import TransformerConfig  # heavy; only when overrides exist
+
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    for key in overrides:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"model.transformer_overrides: '{key}' is not a TransformerConfig field{hint}"
+            )
+        if key in RESERVED_OVERRIDES:
+            raise ConfigError(
+                f"model.transformer_overrides: '{key}' is set from the HF architecture, "
+                "model.dtype or the parallel config and cannot be overridden"
+            )
+
+
+def check_parallel_config(parallel: ParallelConfig) -> None:
+    """Sizes are positive; virtual stages need pipeline parallelism."""
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if getattr(parallel, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1")
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        if vpp < 2:
+            raise ConfigError("parallel.virtual_pipeline_model_parallel_size must be None or >= 2")
+        if parallel.pipeline_model_parallel_size < 2:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs "
+                "parallel.pipeline_model_parallel_size >= 2"
+            )
+
+
+__all__ = [
+    "ModelConfig",
+    "ParallelConfig",
+    "check_model_config",
+    "check_parallel_config",
+    "check_transformer_overrides",
+]

@@ -1,0 +1,112 @@
+"""CPU-only monkeypatches that Megatron-Core 0.16.1 still needs (and nothing else).
+
+Megatron-Core hard-codes a few CUDA calls on paths megatron_rpt runs in CPU development and
+CI. Where a clean workaround exists it is used instead of a patch (MEGATRON_ON_CPU.md C1-C5:
+``use_cpu_initialization``, the inference RNG tracker, the SDPA core attention swapped in
+through the layer spec, ``batch_p2p_sync=False``, ``Float16Module`` for bf16). What remains:
+
+=========  ======================================  ==============================================
+name       what                                    needed by
+=========  ======================================  ==============================================
+device     ``torch.cuda.current_device()`` -> cpu  RoPE ``get_emb``, PP p2p receive buffers,
+           (global, applied once)                  dist_checkpointing async-save helpers
+sync       ``torch.cuda.synchronize()`` -> no-op   dist_checkpointing ``torch_dist`` save
+           (global, applied once)                  (``FileSystemWriterAsync.preload_tensors``)
+mode       ``device="cuda"`` -> cpu inside a       pipeline schedules' ``total_num_tokens``
+           ``cuda_device_mode()`` block only       (``torch.zeros(..., device="cuda")``)
+=========  ======================================  ==============================================
+
+Rules: patches are applied only when no CUDA device is usable (``capabilities.have_cuda()``),
+by ``megatron_rpt.distributed.initialize_model_parallel``; each can be switched off with
+``MEGATRON_RPT_CPU_PATCHES`` (comma-separated names to apply, ``none`` for none; default all).
+Every patch module states what it changes, why that is safe and when to remove it, and has a
+``upstream_fails()`` probe that runs the unpatched upstream code path; tests/unit/test_patches.py
+fails as soon as a probe passes, i.e. when upstream no longer needs the patch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from types import ModuleType
+
+from megatron_rpt.patches import cuda_current_device, cuda_synchronize, cuda_to_cpu_mode
+
+logger = logging.getLogger(__name__)
+
+PATCHES: dict[str, ModuleType] = {
+    "device": cuda_current_device,
+    "sync": cuda_synchronize,
+    "mode": cuda_to_cpu_mode,
+}
+ENV_VAR = "MEGATRON_RPT_CPU_PATCHES"
+
+
+def enabled_patches() -> list[str]:
+    """Names selected by ``MEGATRON_RPT_CPU_PATCHES`` (default: all)."""
+    raw = os.environ.get(ENV_VAR, "all").strip().lower()
+    if raw in ("", "all"):
+        return list(PATCHES)
+    if raw == "none":
+        return []
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(PATCHES))
+    if unknown:
+        raise ValueError(f"{ENV_VAR}: unknown patch names {unknown}; known: {sorted(PATCHES)}")
+    return names
+
+
+def apply_cpu_patches() -> list[str]:
+    """Apply the enabled global patches (idempotent); no-op when a GPU is usable."""
+    from megatron_rpt import capabilities
+
+    if capabilities.have_cuda():
+        return []
+    applied = []
+    for name in enabled_patches():
+        module = PATCHES[name]
+        if getattr(module, "GLOBAL", False) and not module.is_applied():
+            module.apply()
+            applied.append(name)
+    if applied:
+        logger.info("applied Megatron CPU patches: %s", ", ".join(applied))
+    return applied
+
+
+def cuda_device_mode() -> contextlib.AbstractContextManager:
+    """Context for Megatron calls that allocate with ``device="cuda"`` (pipeline schedules).
+
+    A no-op on GPU machines or when the 'mode' patch is switched off.
+    """
+    from megatron_rpt import capabilities
+
+    if capabilities.have_cuda() or "mode" not in enabled_patches():
+        return contextlib.nullcontext()
+    return cuda_to_cpu_mode.CudaToCpuMode()
+
+
+@contextlib.contextmanager
+def reverted(name: str) -> Iterator[None]:
+    """Temporarily undo a global patch (for the probes in tests)."""
+    module = PATCHES[name]
+    was_applied = getattr(module, "GLOBAL", False) and module.is_applied()
+    if was_applied:
+        module.revert()
+    try:
+        yield
+    finally:
+        if was_applied:
+            module.apply()
+
+
+def is_cuda_failure(exc: BaseException) -> bool:
+    """The error CPU-only torch raises when code asks for CUDA."""
+    text = str(exc)
+    return isinstance(exc, AssertionError | RuntimeError) and (
+        "CUDA" in text or "cuda" in text or "NVIDIA" in text
+    )
+
+
+__all__ = ["PATCHES", "apply_cpu_patches", "cuda_device_mode", "enabled_patches", "reverted"]
