@@ -92,6 +92,9 @@ def _check_lengths(cfg: RPTConfig) -> None:
 @rule
 def _check_loss(cfg: RPTConfig) -> None:
     validate_loss_config(cfg.loss, prefix="loss")
+
+
+@rule
 def _check_model(cfg: RPTConfig) -> None:
     # Architecture-dependent checks (TP vs heads, PP vs layers) run when the model is built.
     check_model_config(cfg.model)
