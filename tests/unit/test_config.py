@@ -98,3 +98,16 @@ def test_recipe_from_file(tmp_path: Path):
     assert cfg.data.entropy_top_k == 4 and cfg.run.seed == 3
     with pytest.raises(ConfigError, match="has no function nope"):
         build_config(f"{recipe}:nope")
+
+
+def test_atomic_write_has_normal_permissions(tmp_path: Path):
+    import os
+    import stat
+
+    from megatron_rpt.fileio import atomic_write_text
+
+    atomic_write_text(tmp_path / "x.txt", "hi")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("hi")
+    mode = stat.S_IMODE(os.stat(tmp_path / "x.txt").st_mode)
+    assert mode == stat.S_IMODE(os.stat(plain).st_mode)
