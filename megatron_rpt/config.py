@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
-from megatron_rpt.data.config import DataConfig, PromptConfig
+from megatron_rpt.data.config import DataConfig, PromptConfig, validate_data_config
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.reward.config import RewardConfig
 
@@ -77,6 +77,11 @@ def _check_lengths(cfg: RPTConfig) -> None:
         raise ConfigError("data.continuation_tokens must be >= 1")
     if cfg.data.context_tokens < cfg.data.min_context_tokens:
         raise ConfigError("data.context_tokens must be >= data.min_context_tokens")
+
+
+@rule
+def _check_data(cfg: RPTConfig) -> None:
+    validate_data_config(cfg.data)
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:
