@@ -45,6 +45,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1min": round(os.getloadavg()[0], 2),  # shared hosts: context for the numbers
     }
 
 
@@ -71,37 +72,68 @@ def main() -> int:
     n_tokens = sum(len(d) for d in docs)
     rows, scores = [], None
     for budget in args.batch_tokens:
-        scorer = EntropyScorer.from_pretrained(smollm2_dir(), vocab_size=len(tok), device=args.device,
-                                               batch_tokens=budget)
+        scorer = EntropyScorer.from_pretrained(
+            smollm2_dir(), vocab_size=len(tok), device=args.device, batch_tokens=budget
+        )
         scorer.score_documents(docs[:1])  # warm-up
         start = time.perf_counter()
         scores = scorer.score_documents(docs)
         seconds = time.perf_counter() - start
-        rows.append({"batch_tokens": budget, "documents": len(docs), "tokens": n_tokens,
-                     "seconds": round(seconds, 2), "tokens_per_second": round(n_tokens / seconds, 1),
-                     "forward_calls": scorer.forward_calls - 1})
+        rows.append(
+            {
+                "batch_tokens": budget,
+                "documents": len(docs),
+                "tokens": n_tokens,
+                "seconds": round(seconds, 2),
+                "tokens_per_second": round(n_tokens / seconds, 1),
+                "forward_calls": scorer.forward_calls - 1,
+            }
+        )
     values = np.concatenate([s[np.isfinite(s)] for s in scores])
     qs = [0.05, 0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95]
     dist = {
         "positions": int(values.size),
         "mean": round(float(values.mean()), 4),
-        "quantiles": {f"p{round(q * 100)}": round(float(v), 4) for q, v in zip(qs, np.quantile(values, qs), strict=True)},
-        "fraction_at_least": {str(t): round(float((values >= t).mean()), 4) for t in (0.5, 1.0, 1.5, 2.0)},
+        "quantiles": {
+            f"p{round(q * 100)}": round(float(v), 4)
+            for q, v in zip(qs, np.quantile(values, qs), strict=True)
+        },
+        "fraction_at_least": {
+            str(t): round(float((values >= t).mean()), 4) for t in (0.5, 1.0, 1.5, 2.0)
+        },
     }
-    result = {"benchmark": "entropy_scoring", "model": "SmolLM2-135M-Instruct (fp32)", "top_k": 16,
-              "device": args.device, "threads": torch.get_num_threads(), "machine": machine(),
-              "date": time.strftime("%Y-%m-%d"), "runs": rows, "entropy_distribution": dist}
+    result = {
+        "benchmark": "entropy_scoring",
+        "model": "SmolLM2-135M-Instruct (fp32)",
+        "top_k": 16,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": rows,
+        "entropy_distribution": dist,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"entropy scoring, SmolLM2-135M fp32, top-16, device {args.device}, "
-          f"{torch.get_num_threads()} threads, {len(docs)} CHAMP documents ({n_tokens} tokens)")
+    print(
+        f"entropy scoring, SmolLM2-135M fp32, top-16, device {args.device}, "
+        f"{torch.get_num_threads()} threads, {len(docs)} CHAMP documents ({n_tokens} tokens)"
+    )
     print(f"{'batch_tokens':>12} {'seconds':>8} {'tokens/s':>9} {'forwards':>8}")
     for r in rows:
-        print(f"{r['batch_tokens']:>12} {r['seconds']:>8.2f} {r['tokens_per_second']:>9.1f} "
-              f"{r['forward_calls']:>8}")
-    print("entropy quantiles (nats): " + "  ".join(f"{k} {v:.2f}" for k, v in dist["quantiles"].items()))
-    print("fraction >= threshold   : " + "  ".join(f"{k}: {v:.1%}" for k, v in dist["fraction_at_least"].items()))
+        print(
+            f"{r['batch_tokens']:>12} {r['seconds']:>8.2f} {r['tokens_per_second']:>9.1f} "
+            f"{r['forward_calls']:>8}"
+        )
+    print(
+        "entropy quantiles (nats): "
+        + "  ".join(f"{k} {v:.2f}" for k, v in dist["quantiles"].items())
+    )
+    print(
+        "fraction >= threshold   : "
+        + "  ".join(f"{k}: {v:.1%}" for k, v in dist["fraction_at_least"].items())
+    )
     print(f"wrote {args.out}")
     return 0
 

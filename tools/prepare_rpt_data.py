@@ -49,19 +49,37 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="output directory (default: data.prepared_dir)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if it exists (only once the new data is complete)")
-    parser.add_argument("--recipe", metavar="MODULE:FN",
-                        help="recipe function returning an RPTConfig (module:fn or file.py:fn)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="dotted config override, e.g. data.entropy_top_k=8")
+    parser.add_argument(
+        "--out", metavar="DIR", default=None, help="output directory (default: data.prepared_dir)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (only once the new data is complete)",
+    )
+    parser.add_argument(
+        "--recipe",
+        metavar="MODULE:FN",
+        help="recipe function returning an RPTConfig (module:fn or file.py:fn)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config override, e.g. data.entropy_top_k=8",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the scoring progress bar")
     group = parser.add_argument_group("data options (DataConfig fields)")
     for key, tp, value, doc in describe(DataConfig()):
-        group.add_argument(f"--{key}", dest=f"field_{key}", metavar=_metavar(tp),
-                           default=None, help=f"{doc} (default: {value})".replace("%", "%%"))
+        group.add_argument(
+            f"--{key}",
+            dest=f"field_{key}",
+            metavar=_metavar(tp),
+            default=None,
+            help=f"{doc} (default: {value})".replace("%", "%%"),
+        )
     return parser
 
 
@@ -72,12 +90,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # IndexedDataset chatter
-    fields = [f"data.{k[len('field_'):]}={v}" for k, v in vars(args).items()
-              if k.startswith("field_") and v is not None]
+    fields = [
+        f"data.{k[len('field_') :]}={v}"
+        for k, v in vars(args).items()
+        if k.startswith("field_") and v is not None
+    ]
     cfg = build_config(args.recipe, [*args.overrides, *fields])
     out = Path(args.out or cfg.data.prepared_dir)
-    summary = prepare_data(cfg.data, out, overwrite=args.overwrite,
-                           progress=False if args.no_progress else None)
+    summary = prepare_data(
+        cfg.data, out, overwrite=args.overwrite, progress=False if args.no_progress else None
+    )
     print(f"prepared {out}")
     print(summary.format_table(tuple(cfg.data.difficulty_thresholds)))
     return 0

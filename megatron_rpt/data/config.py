@@ -108,8 +108,13 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data.") -> DataConfig:
     ...
     megatron_rpt.errors.ConfigError: data.entropy_window_overlap (4096) must be >= 1 and < data.entropy_window_tokens (2048)
     """
-    positive = ("entropy_top_k", "entropy_window_tokens", "entropy_batch_tokens",
-                "continuation_tokens", "context_tokens")
+    positive = (
+        "entropy_top_k",
+        "entropy_window_tokens",
+        "entropy_batch_tokens",
+        "continuation_tokens",
+        "context_tokens",
+    )
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(cfg, name)}")
@@ -119,7 +124,9 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data.") -> DataConfig:
             f"{prefix}entropy_window_tokens ({cfg.entropy_window_tokens})"
         )
     if not 0.0 <= cfg.validation_fraction < 1.0:
-        raise ConfigError(f"{prefix}validation_fraction must be in [0, 1), got {cfg.validation_fraction}")
+        raise ConfigError(
+            f"{prefix}validation_fraction must be in [0, 1), got {cfg.validation_fraction}"
+        )
     for name in ("max_documents", "max_positions_per_document"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

@@ -52,7 +52,7 @@ def topk_entropy(logits_V: torch.Tensor, k: int) -> torch.Tensor:
 
     >>> round(float(topk_entropy(torch.zeros(100), 16)), 4)   # uniform top-16: ln 16
     2.7726
-    >>> float(topk_entropy(torch.tensor([0.0, -1e4, -1e4]), 2))  # one certain candidate
+    >>> abs(float(topk_entropy(torch.tensor([0.0, -1e4, -1e4]), 2)))  # one certain candidate
     0.0
     """
     top = logits_V.topk(min(k, logits_V.shape[-1]), dim=-1).values.float()
@@ -117,8 +117,15 @@ class EntropyScorer:
         self.forward_calls = 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, vocab_size: int, dtype: str = "float32",
-                        device: str = "auto", **kwargs: Any) -> EntropyScorer:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        vocab_size: int,
+        dtype: str = "float32",
+        device: str = "auto",
+        **kwargs: Any,
+    ) -> EntropyScorer:
         """Load a HF causal LM directory (safetensors preferred; no remote code)."""
         from transformers import AutoModelForCausalLM
 
@@ -147,7 +154,9 @@ class EntropyScorer:
             ids_BL[b, : len(row)] = torch.from_numpy(np.asarray(row, dtype=np.int64))
             mask_BL[b, : len(row)] = 1
         logits_BLV = self.model(
-            input_ids=ids_BL.to(self.device), attention_mask=mask_BL.to(self.device), use_cache=False
+            input_ids=ids_BL.to(self.device),
+            attention_mask=mask_BL.to(self.device),
+            use_cache=False,
         ).logits
         ent_BL = topk_entropy(logits_BLV[..., : self.vocab_size], self.top_k).cpu()
         return [ent_BL[b, : len(row) - 1] for b, row in enumerate(rows)]
@@ -231,10 +240,18 @@ def score_corpus(
     stats = ScoringStats(documents_resumed=int(done.sum()))
     todo = [d for d in range(n_docs) if not done[d]]
     if stats.documents_resumed:
-        logger.info("resuming entropy scoring: %d of %d documents already scored", stats.documents_resumed, n_docs)
+        logger.info(
+            "resuming entropy scoring: %d of %d documents already scored",
+            stats.documents_resumed,
+            n_docs,
+        )
     chunk_tokens = chunk_tokens or 4 * scorer.batch_tokens
-    bar = tqdm(total=int(lengths[todo].sum()) if todo else 0, unit="tok", desc="entropy",
-               disable=(not progress) if progress is not None else None)
+    bar = tqdm(
+        total=int(lengths[todo].sum()) if todo else 0,
+        unit="tok",
+        desc="entropy",
+        disable=(not progress) if progress is not None else None,
+    )
     start_time = time.perf_counter()
     i = 0
     while i < len(todo):
@@ -243,7 +260,9 @@ def score_corpus(
             chunk.append(todo[i])
             size += int(lengths[todo[i]])
             i += 1
-        for d, scores in zip(chunk, scorer.score_documents([get_doc(d) for d in chunk]), strict=True):
+        for d, scores in zip(
+            chunk, scorer.score_documents([get_doc(d) for d in chunk]), strict=True
+        ):
             ent[offsets[d] : offsets[d + 1]] = scores
         ent.flush()  # scores reach the file before the chunk is marked done
         done[chunk] = True

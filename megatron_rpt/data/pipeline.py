@@ -19,11 +19,7 @@ Output directory (format version 1; written atomically, ``meta.json`` last):
                       model, the full DataConfig and the summary.
 ====================  =====================================================================
 
-A position t is *eligible* when t >= ``min_context_tokens``, it has a score, and x_t can be a
-target: not a special token and not starting with a UTF-8 continuation byte (the context would
-end inside a character). Training keeps eligible positions with entropy >= the threshold,
-then at most ``max_positions_per_document`` per document (a subsample seeded by the split
-seed and the document id).
+Which positions are eligible and kept is defined in ``samples.py``.
 
 Tokenisation and scoring run in a hidden work directory next to the output
 (``.<name>.work``). An interrupted run resumes there (see ``entropy.score_corpus``) as long
@@ -34,23 +30,27 @@ scores stay in the work directory, so a rerun with a lower threshold does not re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from megatron_rpt.data.config import DataConfig, validate_data_config
-from megatron_rpt.data.entropy import EntropyScorer, score_corpus
+from megatron_rpt.data.entropy import EntropyScorer, ScoringStats, score_corpus
 from megatron_rpt.data.readers import ReadStats, input_files, iter_documents, split_of
-from megatron_rpt.data.tokens import ByteVocabulary, write_vocab_bytes
-from megatron_rpt.data.types import BUCKETS
+from megatron_rpt.data.samples import (
+    SAMPLE_DTYPE,
+    Summary,
+    build_samples,
+    entropy_quantiles,
+    new_summary,
+)
+from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer, write_vocab_bytes
 from megatron_rpt.errors import DataError
 from megatron_rpt.fileio import atomic_output_dir, atomic_write_json, check_output_dir
 
@@ -59,93 +59,31 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "megatron_rpt.prepared_data"
 FORMAT_VERSION = 1
 DEFAULT_TOKENIZER = "embedded:smollm2"
-SAMPLE_DTYPE = np.dtype([("doc_index", "<i4"), ("position", "<i4"), ("entropy", "<f4")])
 _TOKENIZE_BATCH = 256
 # Settings that change tokens or scores; the work directory is reused only if they match.
-_WORK_KEYS = ("corpus", "corpus_format", "text_field", "id_field", "on_invalid_utf8",
-              "max_documents", "validation_fraction", "split_seed", "entropy_top_k",
-              "entropy_window_tokens", "entropy_window_overlap", "entropy_dtype")
-
-
-@dataclass
-class Summary:
-    """What a prepare run produced (also stored in meta.json)."""
-
-    documents: int = 0
-    documents_train: int = 0
-    documents_valid: int = 0
-    documents_skipped: dict[str, int] = field(default_factory=dict)
-    skipped_examples: list[str] = field(default_factory=list)
-    documents_utf8_replaced: int = 0
-    tokens: int = 0
-    tokens_train: int = 0
-    tokens_valid: int = 0
-    scored_positions: int = 0
-    eligible_train_positions: int = 0
-    kept_train: int = 0
-    kept_per_document: dict[str, float] = field(default_factory=dict)
-    train_buckets: dict[str, int] = field(default_factory=dict)
-    valid_positions: int = 0
-    valid_buckets: dict[str, int] = field(default_factory=dict)
-    entropy_quantiles: dict[str, float] = field(default_factory=dict)
-    entropy_threshold: float = 0.0
-    seconds: float = 0.0
-    scoring_seconds: float = 0.0
-    tokens_scored: int = 0
-    tokens_per_second: float = 0.0
-    documents_resumed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
-
-    def format_table(self, thresholds: tuple[float, ...] = (0.5, 1.0, 1.5)) -> str:
-        """Human-readable summary (printed by tools/prepare_rpt_data.py)."""
-        skipped = sum(self.documents_skipped.values())
-        why = ", ".join(f"{k}: {v}" for k, v in self.documents_skipped.items())
-        pct = 100.0 * self.kept_train / max(self.eligible_train_positions, 1)
-        kpd = self.kept_per_document
-        rows = [
-            ("documents", f"{self.documents:,} (train {self.documents_train:,}, valid "
-                          f"{self.documents_valid:,}; skipped {skipped:,}{' - ' + why if why else ''})"),
-            ("tokens", f"{self.tokens:,} (train {self.tokens_train:,}, valid {self.tokens_valid:,})"),
-            ("scored positions", f"{self.scored_positions:,}"),
-            (f"kept train (H >= {self.entropy_threshold:g})",
-             f"{self.kept_train:,} ({pct:.1f}% of eligible; per document min/median/max "
-             f"{kpd.get('min', 0):g}/{kpd.get('median', 0):g}/{kpd.get('max', 0):g})"),
-        ]
-        for name, t in zip(BUCKETS, thresholds, strict=False):
-            rows.append((f"  {name} (H > {t:g})", f"train {self.train_buckets.get(name, 0):,}, "
-                                                f"valid {self.valid_buckets.get(name, 0):,}"))
-        rows += [
-            ("valid positions (all)", f"{self.valid_positions:,}"),
-            ("entropy quantiles", "  ".join(f"{k} {v:.2f}" for k, v in self.entropy_quantiles.items())),
-            ("time", f"{self.seconds:.1f} s (scoring {self.scoring_seconds:.1f} s"
-                     f"{f', resumed after {self.documents_resumed} documents' if self.documents_resumed else ''})"),
-            ("scoring throughput", f"{self.tokens_per_second:,.0f} tokens/s"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+_WORK_KEYS = (
+    "corpus",
+    "corpus_format",
+    "text_field",
+    "id_field",
+    "on_invalid_utf8",
+    "max_documents",
+    "validation_fraction",
+    "split_seed",
+    "entropy_top_k",
+    "entropy_window_tokens",
+    "entropy_window_overlap",
+    "entropy_dtype",
+)
 
 
 # ----------------------------------------------------------------------------- tokenizers
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """AutoTokenizer from a HF directory or ``embedded:smollm2`` (no remote code)."""
-    from transformers import AutoTokenizer
-
-    from megatron_rpt.assets import resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot load a tokenizer ({exc})") from None
-
-
 def _resolve_tokenizer(policy_tokenizer: Any, cfg: DataConfig) -> tuple[Any, str]:
-    spec = policy_tokenizer if policy_tokenizer is not None else (cfg.tokenizer or DEFAULT_TOKENIZER)
+    spec = (
+        policy_tokenizer if policy_tokenizer is not None else (cfg.tokenizer or DEFAULT_TOKENIZER)
+    )
     if isinstance(spec, str | Path):
         return load_tokenizer(str(spec)), str(spec)
     return spec, str(getattr(spec, "name_or_path", "") or type(spec).__name__)
@@ -199,10 +137,15 @@ def _open_work_dir(work: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Reuse ``work`` if its fingerprint matches, else start it afresh; returns its state."""
     state_file = work / "work.json"
     if state_file.is_file():
-        state = json.loads(state_file.read_text())
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError:
+            state = {}
         if state.get("fingerprint") == json.loads(json.dumps(fingerprint)):
             return state
-        logger.warning("%s: inputs or settings changed since the interrupted run; starting over", work)
+        logger.warning(
+            "%s: inputs or settings changed since the interrupted run; starting over", work
+        )
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     state = {"fingerprint": fingerprint}
@@ -222,10 +165,13 @@ def _tokenize_corpus(cfg: DataConfig, tokenizer: Any, vocab: ByteVocabulary, wor
         texts = [d.text for d in batch if d.text is not None]
         encoded = iter(
             tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            if texts else []
+            if texts
+            else []
         )
         for doc in batch:
-            ids = doc.token_ids if doc.token_ids is not None else np.asarray(next(encoded), np.int64)
+            ids = (
+                doc.token_ids if doc.token_ids is not None else np.asarray(next(encoded), np.int64)
+            )
             if limit is not None and len(records) >= limit:
                 continue
             if len(ids) == 0:
@@ -235,8 +181,15 @@ def _tokenize_corpus(cfg: DataConfig, tokenizer: Any, vocab: ByteVocabulary, wor
             else:
                 builder.add_document(ids, [len(ids)])
                 split = split_of(doc.doc_id, cfg.validation_fraction, cfg.split_seed)
-                records.append({"doc_index": len(records), "doc_id": doc.doc_id,
-                                "source": doc.source, "split": split, "n_tokens": len(ids)})
+                records.append(
+                    {
+                        "doc_index": len(records),
+                        "doc_id": doc.doc_id,
+                        "source": doc.source,
+                        "split": split,
+                        "n_tokens": len(ids),
+                    }
+                )
         batch.clear()
 
     n_read = 0
@@ -253,8 +206,13 @@ def _tokenize_corpus(cfg: DataConfig, tokenizer: Any, vocab: ByteVocabulary, wor
         _raise_no_documents(cfg, n_read, stats, tokenizer)
     with open(work / "documents.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return {"documents": len(records), "read": n_read, "skipped": stats.skipped,
-            "skipped_examples": stats.examples, "utf8_replaced": stats.replaced_utf8}
+    return {
+        "documents": len(records),
+        "read": n_read,
+        "skipped": stats.skipped,
+        "skipped_examples": stats.examples,
+        "utf8_replaced": stats.replaced_utf8,
+    }
 
 
 def _raise_no_documents(cfg: DataConfig, n_read: int, stats: ReadStats, tokenizer: Any) -> None:
@@ -267,61 +225,6 @@ def _raise_no_documents(cfg: DataConfig, n_read: int, stats: ReadStats, tokenize
         )
     why = ", ".join(f"{k}: {v}" for k, v in stats.skipped.items())
     raise DataError(f"data.corpus {cfg.corpus}: no usable documents ({n_read} read; skipped {why})")
-
-
-def _select(cfg: DataConfig, rec: dict, ids: np.ndarray, ent: np.ndarray, ok_target: np.ndarray):
-    """(eligible positions, kept positions) of one document."""
-    pos = np.arange(len(ids))
-    eligible = (pos >= cfg.min_context_tokens) & np.isfinite(ent) & ok_target[ids]
-    if rec["split"] == "valid":
-        return pos[eligible], pos[eligible]
-    kept = pos[eligible & (ent >= cfg.entropy_threshold)]
-    cap = cfg.max_positions_per_document
-    if cap is not None and len(kept) > cap:
-        key = f"{cfg.split_seed}\0cap\0{rec['doc_id']}".encode()
-        rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little"))
-        kept = np.sort(rng.choice(kept, size=cap, replace=False))
-    return pos[eligible], kept
-
-
-def _build_samples(cfg, records, dataset, offsets, ent_all, vocab, summary):
-    """Stage 3: sample arrays per split; fills summary counts and records' n_kept."""
-    ok_target = vocab.target_mask()
-    parts: dict[str, list[np.ndarray]] = {"train": [], "valid": []}
-    per_doc = []
-    for rec in records:
-        d = rec["doc_index"]
-        ids = np.asarray(dataset[d], dtype=np.int64)
-        ent = np.asarray(ent_all[offsets[d] : offsets[d + 1]], dtype=np.float32)
-        eligible, kept = _select(cfg, rec, ids, ent, ok_target)
-        rec["n_kept"] = int(len(kept))
-        arr = np.empty(len(kept), dtype=SAMPLE_DTYPE)
-        arr["doc_index"], arr["position"], arr["entropy"] = d, kept, ent[kept]
-        parts[rec["split"]].append(arr)
-        summary.scored_positions += int(np.isfinite(ent).sum())
-        if rec["split"] == "train":
-            summary.eligible_train_positions += len(eligible)
-            per_doc.append(len(kept))
-    samples = {k: np.concatenate(v) if v else np.empty(0, SAMPLE_DTYPE) for k, v in parts.items()}
-    summary.kept_train, summary.valid_positions = len(samples["train"]), len(samples["valid"])
-    for split, target in (("train", summary.train_buckets), ("valid", summary.valid_buckets)):
-        for name, t in zip(BUCKETS, cfg.difficulty_thresholds, strict=True):
-            target[name] = int((samples[split]["entropy"] > t).sum())
-    if per_doc:
-        summary.kept_per_document = {"min": int(np.min(per_doc)), "median": float(np.median(per_doc)),
-                                     "max": int(np.max(per_doc)), "mean": round(float(np.mean(per_doc)), 2)}
-    return samples
-
-
-def _entropy_quantiles(ent_all: np.ndarray) -> dict[str, float]:
-    values = np.asarray(ent_all, dtype=np.float32)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return {}
-    qs = (0.1, 0.25, 0.5, 0.75, 0.9)
-    out = {f"p{int(q * 100)}": round(float(v), 4) for q, v in zip(qs, np.quantile(values, qs), strict=True)}
-    out["mean"] = round(float(values.mean()), 4)
-    return out
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -380,22 +283,12 @@ def prepare_data(
 
     dataset = IndexedDataset(str(work / "tokens"), mmap=True)
     offsets = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
-    if cfg.entropy_model is not None:
-        _check_proxy_tokenizer(proxy, vocab)
-    scorer = EntropyScorer.from_pretrained(
-        proxy, vocab_size=len(vocab), dtype=cfg.entropy_dtype, device=cfg.entropy_device,
-        top_k=cfg.entropy_top_k, window_tokens=cfg.entropy_window_tokens,
-        window_overlap=cfg.entropy_window_overlap, batch_tokens=cfg.entropy_batch_tokens,
-    )
-    scoring = score_corpus(scorer, lambda d: np.asarray(dataset[d]), offsets,
-                           work / "entropy.bin", work / "entropy_done.npy", progress=progress)
-    del scorer
-
+    scoring = _score(cfg, proxy, vocab, dataset, offsets, work, progress)
     records = [json.loads(line) for line in open(work / "documents.jsonl", encoding="utf-8")]
     ent_all = np.memmap(work / "entropy.bin", dtype=np.float16, mode="r")
-    summary = _new_summary(cfg, state["tokens"], records, scoring)
-    samples = _build_samples(cfg, records, dataset, offsets, ent_all, vocab, summary)
-    summary.entropy_quantiles = _entropy_quantiles(ent_all)
+    summary = new_summary(cfg, state["tokens"], records, scoring)
+    samples = build_samples(cfg, records, dataset, offsets, ent_all, vocab, summary)
+    summary.entropy_quantiles = entropy_quantiles(ent_all)
     if summary.kept_train == 0:
         q = summary.entropy_quantiles
         raise DataError(
@@ -406,6 +299,60 @@ def prepare_data(
         )
     summary.seconds = round(time.perf_counter() - t0, 2)
     meta = _meta(cfg, tokenizer_name, vocab, proxy, summary)
+    _write_output(out_dir, work, overwrite, vocab, records, samples, meta)
+    del dataset, ent_all
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info(
+        "prepared %s: %d training samples, %d validation positions",
+        out_dir,
+        summary.kept_train,
+        summary.valid_positions,
+    )
+    return summary
+
+
+def _score(
+    cfg: DataConfig,
+    proxy: Path,
+    vocab: ByteVocabulary,
+    dataset: Any,
+    offsets: np.ndarray,
+    work: Path,
+    progress: bool | None,
+) -> ScoringStats:
+    """Stage 2: proxy entropies into work/entropy.bin (resumable)."""
+    if cfg.entropy_model is not None:
+        _check_proxy_tokenizer(proxy, vocab)
+    scorer = EntropyScorer.from_pretrained(
+        proxy,
+        vocab_size=len(vocab),
+        dtype=cfg.entropy_dtype,
+        device=cfg.entropy_device,
+        top_k=cfg.entropy_top_k,
+        window_tokens=cfg.entropy_window_tokens,
+        window_overlap=cfg.entropy_window_overlap,
+        batch_tokens=cfg.entropy_batch_tokens,
+    )
+    return score_corpus(
+        scorer,
+        lambda d: np.asarray(dataset[d]),
+        offsets,
+        work / "entropy.bin",
+        work / "entropy_done.npy",
+        progress=progress,
+    )
+
+
+def _write_output(
+    out_dir: Path,
+    work: Path,
+    overwrite: bool,
+    vocab: ByteVocabulary,
+    records: list[dict],
+    samples: dict[str, np.ndarray],
+    meta: dict,
+) -> None:
+    """Stage 3: assemble the output directory atomically, meta.json last."""
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         for name in ("tokens.bin", "tokens.idx", "entropy.bin"):
             _link_or_copy(work / name, tmp / name)
@@ -413,49 +360,39 @@ def prepare_data(
         with open(tmp / "documents.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         for split, arr in samples.items():
+            assert arr.dtype == SAMPLE_DTYPE
             np.save(tmp / f"samples-{split}.npy", arr)
         _write_json(tmp / "meta.json", meta)  # last: its presence marks a complete directory
-    del dataset, ent_all
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("prepared %s: %d training samples, %d validation positions",
-                out_dir, summary.kept_train, summary.valid_positions)
-    return summary
 
 
-def _new_summary(cfg: DataConfig, tok_state: dict, records: list[dict], scoring) -> Summary:
-    train = [r for r in records if r["split"] == "train"]
-    valid = [r for r in records if r["split"] == "valid"]
-    rate = scoring.tokens_scored / scoring.seconds if scoring.seconds > 0 else 0.0
-    return Summary(
-        documents=len(records), documents_train=len(train), documents_valid=len(valid),
-        documents_skipped=dict(tok_state["skipped"]),
-        skipped_examples=list(tok_state["skipped_examples"]),
-        documents_utf8_replaced=tok_state["utf8_replaced"],
-        tokens=sum(r["n_tokens"] for r in records),
-        tokens_train=sum(r["n_tokens"] for r in train),
-        tokens_valid=sum(r["n_tokens"] for r in valid),
-        entropy_threshold=cfg.entropy_threshold,
-        scoring_seconds=round(scoring.seconds, 2), tokens_scored=scoring.tokens_scored,
-        tokens_per_second=round(rate, 1), documents_resumed=scoring.documents_resumed,
-    )
-
-
-def _meta(cfg: DataConfig, tokenizer_name: str, vocab: ByteVocabulary, proxy: Path,
-          summary: Summary) -> dict[str, Any]:
+def _meta(
+    cfg: DataConfig, tokenizer_name: str, vocab: ByteVocabulary, proxy: Path, summary: Summary
+) -> dict[str, Any]:
     from megatron_rpt.config_utils import to_dict
 
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": {"name_or_path": tokenizer_name, "vocab_size": len(vocab), "kind": vocab.kind,
-                      "byte_table_blake2b": vocab.digest(),
-                      "special_token_ids": sorted(vocab.special_ids),
-                      "dummy_prefix": vocab.dummy_prefix.decode()},
+        "tokenizer": {
+            "name_or_path": tokenizer_name,
+            "vocab_size": len(vocab),
+            "kind": vocab.kind,
+            "byte_table_blake2b": vocab.digest(),
+            "special_token_ids": sorted(vocab.special_ids),
+            "dummy_prefix": vocab.dummy_prefix.decode(),
+        },
         "proxy_model": {"path": str(proxy), "dtype": cfg.entropy_dtype, "top_k": cfg.entropy_top_k},
         "data_config": to_dict(cfg),
         "summary": summary.to_dict(),
     }
 
 
-__all__ = ["FORMAT_VERSION", "SAMPLE_DTYPE", "Summary", "load_tokenizer", "prepare_data"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SAMPLE_DTYPE",
+    "Summary",
+    "load_tokenizer",
+    "prepare_data",
+]

@@ -75,7 +75,11 @@ V0 = (
 V1 = (
     r"Complete the given text under ### Context by predicting the next token, and wrap it in "
     r"\boxed{}. Please reason step by step to find the most probable next token as the final "
-    r"prediction, and enclose it in \boxed{} " + _NOTE + "\n\n### Context\n```" + PLACEHOLDER + "```."
+    r"prediction, and enclose it in \boxed{} "
+    + _NOTE
+    + "\n\n### Context\n```"
+    + PLACEHOLDER
+    + "```."
 )
 V2_SYSTEM = "You are a helpful assistant, good at predicting the next token for a given context."
 V2 = (
@@ -112,8 +116,11 @@ V5 = (
 V6 = (
     r"Complete the given text wrapped in ``` and ``` by predicting the next token, list multiple "
     r"potential tokens and select the most probable one as the final prediction. Wrap your "
-    r"final prediction in \boxed{} " + _NOTE
-    + "\n\nThe context is: ```" + PLACEHOLDER + "```, now please predict the next token."
+    r"final prediction in \boxed{} "
+    + _NOTE
+    + "\n\nThe context is: ```"
+    + PLACEHOLDER
+    + "```, now please predict the next token."
 )
 
 TEMPLATES: dict[str, Template] = {
@@ -139,7 +146,9 @@ class PromptResult:
 def fill(template: str, context_text: str) -> tuple[str | None, str]:
     """(system, user) of ``template`` with the context inserted (inserted once, verbatim)."""
     if template not in TEMPLATES:
-        raise ConfigError(f"prompt.template: unknown template {template!r}; known: {sorted(TEMPLATES)}")
+        raise ConfigError(
+            f"prompt.template: unknown template {template!r}; known: {sorted(TEMPLATES)}"
+        )
     t = TEMPLATES[template]
     before, after = t.user.split(PLACEHOLDER)
     return t.system, before + context_text + after
@@ -152,7 +161,9 @@ def build_prompt(context_text: str, tokenizer: Any, cfg: PromptConfig) -> Prompt
         if system is None:
             system = cfg.system_prompt
         else:
-            logger.warning("prompt.system_prompt is ignored: template %s defines its own", cfg.template)
+            logger.warning(
+                "prompt.system_prompt is ignored: template %s defines its own", cfg.template
+            )
     if cfg.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(

@@ -120,14 +120,18 @@ def input_files(cfg: DataConfig) -> list[str]:
 
 
 def _dir_files(path: Path, cfg: DataConfig) -> list[Path]:
-    patterns = {"jsonl": ["*.jsonl"], "text": ["*.txt"]}.get(cfg.corpus_format, ["*.txt", "*.jsonl"])
+    patterns = {"jsonl": ["*.jsonl"], "text": ["*.txt"]}.get(
+        cfg.corpus_format, ["*.txt", "*.jsonl"]
+    )
     files = sorted({p for pat in patterns for p in path.glob(pat) if p.is_file()})
     if not files:
         raise DataError(f"{path}: directory has no {' or '.join(patterns)} files")
     return files
 
 
-def _decode(raw: bytes, where: str, base_offset: int, cfg: DataConfig, stats: ReadStats) -> str | None:
+def _decode(
+    raw: bytes, where: str, base_offset: int, cfg: DataConfig, stats: ReadStats
+) -> str | None:
     """UTF-8 per the policy; None when the document is to be skipped."""
     try:
         return raw.decode("utf-8")
@@ -262,7 +266,11 @@ def iter_documents(
             docs = (
                 d
                 for p in _dir_files(Path(entry), cfg)
-                for d in (_read_jsonl(p, cfg, stats) if p.suffix == ".jsonl" else _read_text(p, cfg, stats))
+                for d in (
+                    _read_jsonl(p, cfg, stats)
+                    if p.suffix == ".jsonl"
+                    else _read_text(p, cfg, stats)
+                )
             )
         elif fmt == "jsonl":
             docs = _read_jsonl(Path(entry), cfg, stats)
@@ -278,4 +286,11 @@ def iter_documents(
             yield doc
 
 
-__all__ = ["EMBEDDED_CHAMP", "ReadStats", "corpus_entries", "input_files", "iter_documents", "split_of"]
+__all__ = [
+    "EMBEDDED_CHAMP",
+    "ReadStats",
+    "corpus_entries",
+    "input_files",
+    "iter_documents",
+    "split_of",
+]

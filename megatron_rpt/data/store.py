@@ -23,8 +23,14 @@ import numpy as np
 
 from megatron_rpt.config_utils import update_from_dict
 from megatron_rpt.data.config import DataConfig
-from megatron_rpt.data.pipeline import FORMAT_NAME, FORMAT_VERSION, SAMPLE_DTYPE
-from megatron_rpt.data.tokens import ByteVocabulary, decode_utf8_trimmed, read_vocab_bytes, table_digest
+from megatron_rpt.data.pipeline import FORMAT_NAME, FORMAT_VERSION
+from megatron_rpt.data.samples import SAMPLE_DTYPE
+from megatron_rpt.data.tokens import (
+    ByteVocabulary,
+    decode_utf8_trimmed,
+    read_vocab_bytes,
+    table_digest,
+)
 from megatron_rpt.data.types import RPTSample, difficulty_bucket
 from megatron_rpt.errors import DataError
 
@@ -51,7 +57,9 @@ def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
 def data_config_from_meta(meta: dict[str, Any]) -> DataConfig:
     """The DataConfig a prepared directory was made with (unknown keys are ignored)."""
     known = {f.name for f in fields(DataConfig)}
-    return update_from_dict(DataConfig(), {k: v for k, v in meta["data_config"].items() if k in known})
+    return update_from_dict(
+        DataConfig(), {k: v for k, v in meta["data_config"].items() if k in known}
+    )
 
 
 class SampleStore:
@@ -103,7 +111,13 @@ class SampleStore:
         prepared_dir = Path(prepared_dir)
         meta = read_meta(prepared_dir)
         cfg = meta["data_config"]
-        for name in (f"samples-{split}.npy", "tokens.bin", "tokens.idx", "entropy.bin", "documents.jsonl"):
+        for name in (
+            f"samples-{split}.npy",
+            "tokens.bin",
+            "tokens.idx",
+            "entropy.bin",
+            "documents.jsonl",
+        ):
             if not (prepared_dir / name).is_file():
                 raise DataError(f"{prepared_dir / name}: missing from the prepared directory")
         return cls(

@@ -75,7 +75,9 @@ def _byte_decoder() -> dict[str, int]:
 
 def _backend(tokenizer: Any) -> Any:
     """The ``tokenizers.Tokenizer`` behind a transformers tokenizer (or the object itself)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(
+        tokenizer, "_tokenizer", None
+    )
     if backend is None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):
         backend = tokenizer
     if backend is None:
@@ -275,9 +277,23 @@ def read_vocab_bytes(directory: str | Path) -> list[bytes]:
     return [blob[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
 
 
+def load_tokenizer(name_or_path: str) -> Any:
+    """AutoTokenizer from a HF directory or ``embedded:smollm2`` (no remote code)."""
+    from transformers import AutoTokenizer
+
+    from megatron_rpt.assets import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot load a tokenizer ({exc})") from None
+
+
 __all__ = [
     "ByteVocabulary",
     "decode_utf8_trimmed",
+    "load_tokenizer",
     "read_vocab_bytes",
     "table_digest",
     "token_byte_table",

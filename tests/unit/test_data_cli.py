@@ -35,8 +35,14 @@ def setup(tmp_path_factory):
 
 
 def test_help_documents_every_option():
-    out = subprocess.run([sys.executable, str(TOOL), "--help"], capture_output=True, text=True,
-                         env=ENV, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(TOOL), "--help"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+        check=True,
+    ).stdout
     flat = " ".join(out.split())
     docs = field_docs(DataConfig)
     for f in dataclasses.fields(DataConfig):
@@ -49,11 +55,31 @@ def test_help_documents_every_option():
 def test_end_to_end_on_a_jsonl_corpus(setup, tmp_path):
     out = tmp_path / "prepared"
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--corpus", str(setup["corpus"]), "--tokenizer", str(setup["model"]),
-         "--entropy_device", "cpu", "--entropy_threshold", "1.0", "--validation_fraction", "0.2",
-         "--set", "data.entropy_window_tokens=256", "--set", "data.entropy_window_overlap=64",
-         "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        [
+            sys.executable,
+            str(TOOL),
+            "--corpus",
+            str(setup["corpus"]),
+            "--tokenizer",
+            str(setup["model"]),
+            "--entropy_device",
+            "cpu",
+            "--entropy_threshold",
+            "1.0",
+            "--validation_fraction",
+            "0.2",
+            "--set",
+            "data.entropy_window_tokens=256",
+            "--set",
+            "data.entropy_window_overlap=64",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     for row in ("documents", "tokens", "kept train (H >= 1)", "hard (H > 1.5)", "time", "tokens/s"):
@@ -75,8 +101,11 @@ def _tool():
     "case, args, message",
     [
         ("missing", ["--corpus", "{tmp}/nope.jsonl"], r"nope.jsonl: corpus file not found"),
-        ("field", ["--corpus", "{corpus}", "--text_field", "body"],
-         r"corpus.jsonl:1: field 'body' \(data.text_field\) missing; keys present: text"),
+        (
+            "field",
+            ["--corpus", "{corpus}", "--text_field", "body"],
+            r"corpus.jsonl:1: field 'body' \(data.text_field\) missing; keys present: text",
+        ),
         ("utf8", ["--corpus", "{tmp}/bad.jsonl"], r"bad.jsonl:1: invalid UTF-8 at byte offset 10"),
         ("empty", ["--corpus", "{tmp}/empty.jsonl"], r"the corpus has no documents"),
         ("zero", ["--corpus", "{corpus}", "--entropy_threshold", "50"], r"keeps 0 of \d+ eligible"),
@@ -91,7 +120,15 @@ def test_bad_input_gives_one_line_error_and_no_output(setup, tmp_path, capsys, c
     (tmp_path / "empty.jsonl").write_text("")
     out = tmp_path / "out"
     argv = [a.format(tmp=tmp_path, corpus=setup["corpus"]) for a in args]
-    argv += ["--tokenizer", str(setup["model"]), "--entropy_device", "cpu", "--out", str(out), "--no-progress"]
+    argv += [
+        "--tokenizer",
+        str(setup["model"]),
+        "--entropy_device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     with pytest.raises(SystemExit) as info:
         run_cli(_tool().main, argv)
     assert info.value.code == 2

@@ -52,8 +52,15 @@ def test_matches_naive_reference_with_batching(tmp_path, tokenizer, docs):
     path = save_tiny_causal_lm(tmp_path / "tiny", smollm2_dir())
     vocab = len(tokenizer)
     # a budget below the total forces several packed, right-padded batches
-    scorer = EntropyScorer.from_pretrained(path, vocab_size=vocab, device="cpu", top_k=16,
-                                           window_tokens=512, window_overlap=64, batch_tokens=600)
+    scorer = EntropyScorer.from_pretrained(
+        path,
+        vocab_size=vocab,
+        device="cpu",
+        top_k=16,
+        window_tokens=512,
+        window_overlap=64,
+        batch_tokens=600,
+    )
     got = scorer.score_documents(docs)
     assert scorer.forward_calls >= 2
     model = _load(path)
@@ -65,15 +72,18 @@ def test_matches_naive_reference_with_batching(tmp_path, tokenizer, docs):
     assert np.all(got[0][1:] <= math.log(16) + 1e-5)
 
 
-def test_windows_give_single_pass_scores_when_overlap_covers_the_receptive_field(tmp_path, tokenizer, docs):
+def test_windows_give_single_pass_scores_when_overlap_covers_the_receptive_field(
+    tmp_path, tokenizer, docs
+):
     # sliding-window attention 4 x 2 layers: logits depend on the last 7 tokens only
     path = save_tiny_causal_lm(tmp_path / "swa", smollm2_dir(), arch="mistral", sliding_window=4)
     vocab = len(tokenizer)
     doc = [docs[0][:200]]
 
     def run(window: int, overlap: int) -> np.ndarray:
-        return EntropyScorer.from_pretrained(path, vocab_size=vocab, device="cpu", window_tokens=window,
-                                             window_overlap=overlap).score_documents(doc)[0]
+        return EntropyScorer.from_pretrained(
+            path, vocab_size=vocab, device="cpu", window_tokens=window, window_overlap=overlap
+        ).score_documents(doc)[0]
 
     single = run(4096, 1)
     np.testing.assert_allclose(run(32, 8), single, atol=1e-5, equal_nan=True)
@@ -93,7 +103,9 @@ def test_plan_windows_covers_every_position_once():
 
 def test_proxy_with_too_few_logits_is_rejected(tmp_path, tokenizer):
     path = save_tiny_causal_lm(tmp_path / "small", smollm2_dir(), vocab_size=1000)
-    with pytest.raises(DataError, match="proxy model has 1000 output logits but the tokenizer has 49152"):
+    with pytest.raises(
+        DataError, match="proxy model has 1000 output logits but the tokenizer has 49152"
+    ):
         EntropyScorer.from_pretrained(path, vocab_size=len(tokenizer), device="cpu")
 
 

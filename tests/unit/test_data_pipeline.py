@@ -30,16 +30,33 @@ def setup(tmp_path_factory):
     model = save_tiny_causal_lm(root / "tiny", smollm2_dir())
     texts = [d.text for d in champ_documents()[:10]] + EXTRA
     corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"body": t, "id": f"d{i}"}) + "\n" for i, t in enumerate(texts)))
-    return {"root": root, "model": model, "corpus": corpus, "texts": texts,
-            "tokenizer": AutoTokenizer.from_pretrained(str(model))}
+    corpus.write_text(
+        "".join(json.dumps({"body": t, "id": f"d{i}"}) + "\n" for i, t in enumerate(texts))
+    )
+    return {
+        "root": root,
+        "model": model,
+        "corpus": corpus,
+        "texts": texts,
+        "tokenizer": AutoTokenizer.from_pretrained(str(model)),
+    }
 
 
 def _cfg(setup, **kw) -> DataConfig:
-    base = dict(corpus=str(setup["corpus"]), text_field="body", id_field="id", tokenizer=str(setup["model"]),
-                entropy_device="cpu", validation_fraction=0.3, split_seed=3, min_context_tokens=4,
-                entropy_threshold=2.0, entropy_window_tokens=256, entropy_window_overlap=32,
-                entropy_batch_tokens=256)
+    base = dict(
+        corpus=str(setup["corpus"]),
+        text_field="body",
+        id_field="id",
+        tokenizer=str(setup["model"]),
+        entropy_device="cpu",
+        validation_fraction=0.3,
+        split_seed=3,
+        min_context_tokens=4,
+        entropy_threshold=2.0,
+        entropy_window_tokens=256,
+        entropy_window_overlap=32,
+        entropy_batch_tokens=256,
+    )
     base.update(kw)
     return DataConfig(**base)
 
@@ -82,13 +99,17 @@ def test_layout_filters_and_summary(setup, tmp_path):
                 valid_rows.append((d, t, ent[t]))
             elif ok and ent[t] >= 2.0:
                 train_rows.append((d, t, ent[t]))
-        assert doc["n_kept"] == sum(r[0] == d for r in (train_rows if doc["split"] == "train" else valid_rows))
+        assert doc["n_kept"] == sum(
+            r[0] == d for r in (train_rows if doc["split"] == "train" else valid_rows)
+        )
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
         assert got[name].dtype == SAMPLE_DTYPE
         assert [tuple(r) for r in got[name].tolist()] == [(d, t, float(e)) for d, t, e in rows]
     # a continuation-byte target exists in the Korean document and is never a sample
     assert any((table[i][0] & 0xC0) == 0x80 for i in got["tokens"][10] if table[i])
-    assert summary.kept_train == len(train_rows) > 0 and summary.valid_positions == len(valid_rows) > 0
+    assert (
+        summary.kept_train == len(train_rows) > 0 and summary.valid_positions == len(valid_rows) > 0
+    )
     assert summary.train_buckets["hard"] == sum(e > 1.5 for *_, e in train_rows)
     meta = got["meta"]
     assert meta["format_version"] == 1 and meta["tokenizer"]["vocab_size"] == len(table)
@@ -132,14 +153,24 @@ def test_resume_after_interruption_gives_identical_output(setup, tmp_path, monke
     summary = prepare_data(_cfg(setup), tmp_path / "out")
     assert 0 < summary.documents_resumed < summary.documents  # continued, did not restart
     assert summary.tokens_scored < summary.tokens
-    for name in ("tokens.bin", "tokens.idx", "entropy.bin", "documents.jsonl", "samples-train.npy",
-                 "samples-valid.npy", "vocab_bytes.bin", "vocab_bytes.idx"):
+    for name in (
+        "tokens.bin",
+        "tokens.idx",
+        "entropy.bin",
+        "documents.jsonl",
+        "samples-train.npy",
+        "samples-valid.npy",
+        "vocab_bytes.bin",
+        "vocab_bytes.idx",
+    ):
         assert (tmp_path / "out" / name).read_bytes() == (reference / name).read_bytes(), name
     assert not (tmp_path / ".out.work").exists()
 
 
 def test_zero_kept_is_an_error_without_output_and_scores_are_reused(setup, tmp_path):
-    with pytest.raises(DataError, match=r"data.entropy_threshold=9 keeps 0 of \d+ eligible") as info:
+    with pytest.raises(
+        DataError, match=r"data.entropy_threshold=9 keeps 0 of \d+ eligible"
+    ) as info:
         prepare_data(_cfg(setup, entropy_threshold=9.0), tmp_path / "out")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and (tmp_path / ".out.work").is_dir()
@@ -148,7 +179,10 @@ def test_zero_kept_is_an_error_without_output_and_scores_are_reused(setup, tmp_p
     with pytest.raises(InputError, match="output already exists"):
         prepare_data(_cfg(setup), tmp_path / "out")
     prepare_data(_cfg(setup), tmp_path / "out", overwrite=True)
-    assert json.loads((tmp_path / "out" / "meta.json").read_text())["data_config"]["entropy_threshold"] == 2.0
+    assert (
+        json.loads((tmp_path / "out" / "meta.json").read_text())["data_config"]["entropy_threshold"]
+        == 2.0
+    )
 
 
 def test_bad_corpora_and_tokenizers(setup, tmp_path):
@@ -165,22 +199,48 @@ def test_bad_corpora_and_tokenizers(setup, tmp_path):
     lower = tmp_path / "lower_tok"
     PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(lower)
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(json.dumps({"body": "Upper Case Text"}) + "\n" + json.dumps({"body": "all lower case text here"}) + "\n")
-    summary = prepare_data(_cfg(setup, corpus=str(mixed), id_field=None, tokenizer=str(lower),
-                                entropy_model=str(setup["model"]), entropy_threshold=0.0,
-                                validation_fraction=0.0), tmp_path / "o2")
-    assert summary.documents == 1 and summary.documents_skipped == {"token bytes differ from the text": 1}
+    mixed.write_text(
+        json.dumps({"body": "Upper Case Text"})
+        + "\n"
+        + json.dumps({"body": "all lower case text here"})
+        + "\n"
+    )
+    summary = prepare_data(
+        _cfg(
+            setup,
+            corpus=str(mixed),
+            id_field=None,
+            tokenizer=str(lower),
+            entropy_model=str(setup["model"]),
+            entropy_threshold=0.0,
+            validation_fraction=0.0,
+        ),
+        tmp_path / "o2",
+    )
+    assert summary.documents == 1 and summary.documents_skipped == {
+        "token bytes differ from the text": 1
+    }
     upper = tmp_path / "upper.jsonl"
     upper.write_text(json.dumps({"body": "Only Upper"}) + "\n")
     with pytest.raises(DataError, match="token bytes reproduce none of the 1 documents"):
-        prepare_data(_cfg(setup, corpus=str(upper), id_field=None, tokenizer=str(lower),
-                          entropy_model=str(setup["model"])), tmp_path / "o3")
+        prepare_data(
+            _cfg(
+                setup,
+                corpus=str(upper),
+                id_field=None,
+                tokenizer=str(lower),
+                entropy_model=str(setup["model"]),
+            ),
+            tmp_path / "o3",
+        )
     # a proxy whose tokenizer maps ids to other bytes
     spec = json.loads((smollm2_dir() / "tokenizer.json").read_text())
     v = spec["model"]["vocab"]
     v["a"], v["b"] = v["b"], v["a"]
     other = tmp_path / "other_tok"
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec))).save_pretrained(other)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec))).save_pretrained(
+        other
+    )
     proxy = save_tiny_causal_lm(tmp_path / "proxy", other)
     with pytest.raises(DataError, match="its tokenizer differs from the policy's"):
         prepare_data(_cfg(setup, entropy_model=str(proxy)), tmp_path / "o4")
@@ -198,8 +258,15 @@ def test_megatron_indexed_corpus(setup, tmp_path):
         builder.add_item(th.tensor(doc))
         builder.end_document()
     builder.finalize(str(tmp_path / "pre_text_document.idx"))
-    prepare_data(_cfg(setup, corpus=str(tmp_path / "pre_text_document"), validation_fraction=0.0,
-                      entropy_threshold=0.0), tmp_path / "out")
+    prepare_data(
+        _cfg(
+            setup,
+            corpus=str(tmp_path / "pre_text_document"),
+            validation_fraction=0.0,
+            entropy_threshold=0.0,
+        ),
+        tmp_path / "out",
+    )
     got = _load(tmp_path / "out")
     assert [t.tolist() for t in got["tokens"]] == ids
     assert [d["doc_id"] for d in got["docs"]] == [f"pre_text_document:{i}" for i in range(3)]

@@ -36,12 +36,22 @@ def test_every_template_holds_the_context_once_verbatim():
     markers = {
         "v1": ["final prediction", "```" + CONTEXT + "```."],
         "v2": ["Now, please complete", "\\boxed{ +=}", "```" + CONTEXT + "```."],
-        "v3": ["list multiple potential tokens and select the most probable one as the final answer",
-               "```" + CONTEXT + "```"],
-        "v4": ["\\boxed{ this}", "\\boxed{9}", "\\boxed{:\\n}", "\\boxed{1991^2}",
-               "Now, the context is:\n### Context\n\n```" + CONTEXT + "```."],
+        "v3": [
+            "list multiple potential tokens and select the most probable one as the final answer",
+            "```" + CONTEXT + "```",
+        ],
+        "v4": [
+            "\\boxed{ this}",
+            "\\boxed{9}",
+            "\\boxed{:\\n}",
+            "\\boxed{1991^2}",
+            "Now, the context is:\n### Context\n\n```" + CONTEXT + "```.",
+        ],
         "v5": ["as the final answer, and enclose it", "### Context\n```" + CONTEXT + "```."],
-        "v6": ["wrapped in ``` and ```", "The context is: ```" + CONTEXT + "```, now please predict the next token."],
+        "v6": [
+            "wrapped in ``` and ```",
+            "The context is: ```" + CONTEXT + "```, now please predict the next token.",
+        ],
     }
     assert sorted(TEMPLATES) == [f"v{i}" for i in range(7)]
     for name in TEMPLATES:
@@ -51,7 +61,10 @@ def test_every_template_holds_the_context_once_verbatim():
         for m in markers.get(name, []):
             assert m in user, (name, m)
         assert (system is not None) == (name == "v2")
-    assert fill("v2", "x")[0] == "You are a helpful assistant, good at predicting the next token for a given context."
+    assert (
+        fill("v2", "x")[0]
+        == "You are a helpful assistant, good at predicting the next token for a given context."
+    )
     with pytest.raises(ConfigError, match="unknown template 'v9'"):
         fill("v9", "x")
 

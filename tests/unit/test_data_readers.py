@@ -42,7 +42,10 @@ def test_text_files_directory_and_comma_list(tmp_path: Path):
     single.write_text("zed")
     docs, _ = _read(DataConfig(corpus=f"{d},{single}"))
     assert [(x.doc_id, x.text) for x in docs] == [
-        ("a.txt", "ay"), ("b.txt", "bee\nline two"), ("c.jsonl:1", "sea"), ("z.txt", "zed")
+        ("a.txt", "ay"),
+        ("b.txt", "bee\nline two"),
+        ("c.jsonl:1", "sea"),
+        ("z.txt", "zed"),
     ]
 
 
@@ -70,10 +73,14 @@ def test_megatron_indexed_dataset(tmp_path: Path):
     docs, _ = _read(DataConfig(corpus=str(prefix)), vocab_size=100)
     assert [d.doc_id for d in docs] == ["corpus_text_document:0", "corpus_text_document:1"]
     assert [d.token_ids.tolist() for d in docs] == [[5, 6, 7, 8], [9, 10, 11]]
-    with pytest.raises(DataError, match=r"corpus_text_document\.bin: document 1 has token id 11, outside .* 11"):
+    with pytest.raises(
+        DataError, match=r"corpus_text_document\.bin: document 1 has token id 11, outside .* 11"
+    ):
         _read(DataConfig(corpus=str(prefix)), vocab_size=11)
     (tmp_path / "corpus_text_document.bin").unlink()
-    with pytest.raises(DataError, match=r"corpus_text_document\.bin: indexed dataset file not found"):
+    with pytest.raises(
+        DataError, match=r"corpus_text_document\.bin: indexed dataset file not found"
+    ):
         _read(DataConfig(corpus=str(prefix)))
 
 
@@ -81,15 +88,31 @@ def test_megatron_indexed_dataset(tmp_path: Path):
     "setup, cfg_kw, message",
     [
         (lambda p: None, {}, r"missing\.jsonl: corpus file not found"),
-        (lambda p: _jsonl(p, [{"text": "ok"}, {"content": "x", "id": 1}]), {},
-         r"missing\.jsonl:2: field 'text' \(data\.text_field\) missing; keys present: content, id"),
-        (lambda p: _jsonl(p, [{"text": "ok"}, '{"text": "unterminated']), {},
-         r"missing\.jsonl:2: not valid JSON"),
-        (lambda p: _jsonl(p, [{"text": 3}]), {}, r"missing\.jsonl:1: field 'text' is int, not a string"),
-        (lambda p: _jsonl(p, [{"text": "a"}, {"text": "b"}]), {"id_field": "id"},
-         r"missing\.jsonl:1: field 'id' \(data\.id_field\) missing"),
-        (lambda p: _jsonl(p, [{"text": "a", "id": 1}, {"text": "b", "id": 1}]), {"id_field": "id"},
-         r"missing\.jsonl:2: duplicate document id '1' \(first at .*missing\.jsonl:1\)"),
+        (
+            lambda p: _jsonl(p, [{"text": "ok"}, {"content": "x", "id": 1}]),
+            {},
+            r"missing\.jsonl:2: field 'text' \(data\.text_field\) missing; keys present: content, id",
+        ),
+        (
+            lambda p: _jsonl(p, [{"text": "ok"}, '{"text": "unterminated']),
+            {},
+            r"missing\.jsonl:2: not valid JSON",
+        ),
+        (
+            lambda p: _jsonl(p, [{"text": 3}]),
+            {},
+            r"missing\.jsonl:1: field 'text' is int, not a string",
+        ),
+        (
+            lambda p: _jsonl(p, [{"text": "a"}, {"text": "b"}]),
+            {"id_field": "id"},
+            r"missing\.jsonl:1: field 'id' \(data\.id_field\) missing",
+        ),
+        (
+            lambda p: _jsonl(p, [{"text": "a", "id": 1}, {"text": "b", "id": 1}]),
+            {"id_field": "id"},
+            r"missing\.jsonl:2: duplicate document id '1' \(first at .*missing\.jsonl:1\)",
+        ),
         (lambda p: p.write_text(""), {"corpus_format": "auto"}, None),
     ],
 )
@@ -118,7 +141,9 @@ def test_invalid_utf8_policies(tmp_path: Path):
     bad_line = b'{"text": "caf\xe9"}\n'  # Latin-1 byte, invalid UTF-8
     path = tmp_path / "mixed.jsonl"
     path.write_bytes(good + bad_line)
-    with pytest.raises(DataError, match=rf"mixed\.jsonl:2: invalid UTF-8 at byte offset {len(good) + 13}"):
+    with pytest.raises(
+        DataError, match=rf"mixed\.jsonl:2: invalid UTF-8 at byte offset {len(good) + 13}"
+    ):
         _read(DataConfig(corpus=str(path)))
     docs, stats = _read(DataConfig(corpus=str(path), on_invalid_utf8="skip"))
     assert [d.text for d in docs] == ["fine"] and stats.skipped == {"invalid UTF-8": 1}

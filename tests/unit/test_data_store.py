@@ -30,9 +30,16 @@ def prepared(tmp_path_factory):
     texts = [d.text for d in champ_documents()[:6]] + [KOREAN]
     corpus = root / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    cfg = DataConfig(corpus=str(corpus), tokenizer=str(model), entropy_device="cpu",
-                     validation_fraction=0.3, split_seed=5, entropy_threshold=1.0,
-                     context_tokens=64, continuation_tokens=8)
+    cfg = DataConfig(
+        corpus=str(corpus),
+        tokenizer=str(model),
+        entropy_device="cpu",
+        validation_fraction=0.3,
+        split_seed=5,
+        entropy_threshold=1.0,
+        context_tokens=64,
+        continuation_tokens=8,
+    )
     prepare_data(cfg, root / "out")
     tok = AutoTokenizer.from_pretrained(str(model))
     docs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -63,7 +70,9 @@ def test_samples_are_direct_slices_of_the_document(prepared):
 
 
 def test_length_overrides_and_exact_context_text(prepared):
-    store = SampleStore.open(prepared["dir"], "train", context_tokens=100_000, continuation_tokens=2)
+    store = SampleStore.open(
+        prepared["dir"], "train", context_tokens=100_000, continuation_tokens=2
+    )
     for i in range(0, len(store), 7):
         s = store[i]
         assert s.position == len(s.context_ids) and len(s.continuation_ids) <= 2

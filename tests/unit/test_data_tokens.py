@@ -72,11 +72,19 @@ def _sentencepiece_style() -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz▁"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz▁"),
+    )
     tok.train_from_iterator(["hello world the cat sat on the mat with a hat"] * 20, trainer)
     # As in Llama-2's tokenizer.json: byte fallback on, and the <0xNN> pieces are ordinary
     # vocabulary entries (the trainer made them added tokens).
@@ -90,7 +98,9 @@ def test_sentencepiece_style_byte_fallback_and_dummy_prefix():
     from transformers import PreTrainedTokenizerFast
 
     raw = _sentencepiece_style()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     vocab = ByteVocabulary.from_tokenizer(tok)
     assert vocab.kind == "sentencepiece" and vocab.dummy_prefix == b" "
     text = "hello wörld 中 the  cat"  # ö and 中 are not in the vocabulary: byte fallback
