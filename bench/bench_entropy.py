@@ -66,6 +66,7 @@ def main() -> int:
     from megatron_rpt.assets import champ_documents, smollm2_dir
     from megatron_rpt.data.entropy import EntropyScorer
 
+    load_start = round(os.getloadavg()[0], 2)
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     texts = [d.text for d in champ_documents()[: args.documents]]
     docs = [np.asarray(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
@@ -108,7 +109,7 @@ def main() -> int:
         "top_k": 16,
         "device": args.device,
         "threads": torch.get_num_threads(),
-        "machine": machine(),
+        "machine": {**machine(), "load_average_1min_start": load_start},
         "date": time.strftime("%Y-%m-%d"),
         "runs": rows,
         "entropy_distribution": dist,
