@@ -216,15 +216,18 @@ def _tokenize_corpus(cfg: DataConfig, tokenizer: Any, vocab: ByteVocabulary, wor
 
 
 def _raise_no_documents(cfg: DataConfig, n_read: int, stats: ReadStats, tokenizer: Any) -> None:
-    if n_read == 0:
+    if n_read == 0 and not stats.skipped:
         raise DataError(f"data.corpus {cfg.corpus}: the corpus has no documents")
-    if stats.skipped.get("token bytes differ from the text") == n_read:
+    if n_read and stats.skipped.get("token bytes differ from the text") == n_read:
         raise DataError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')}: its token bytes reproduce "
             f"none of the {n_read} documents (does its normalizer change the text?)"
         )
     why = ", ".join(f"{k}: {v}" for k, v in stats.skipped.items())
-    raise DataError(f"data.corpus {cfg.corpus}: no usable documents ({n_read} read; skipped {why})")
+    n_total = n_read + sum(v for k, v in stats.skipped.items() if k == "invalid UTF-8")
+    raise DataError(
+        f"data.corpus {cfg.corpus}: no usable documents ({n_total} read; skipped {why})"
+    )
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -276,7 +279,11 @@ def prepare_data(
     work = out_dir.parent / f".{out_dir.name}.work"
     state = _open_work_dir(work, _fingerprint(cfg, vocab, proxy))
     if "tokens" not in state:
-        state["tokens"] = _tokenize_corpus(cfg, tokenizer, vocab, work)
+        try:
+            state["tokens"] = _tokenize_corpus(cfg, tokenizer, vocab, work)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming before scoring
+            raise
         atomic_write_json(work / "work.json", state)
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset

@@ -20,7 +20,8 @@ RPT_PAPER.md section 2.1):
 1. With ``PromptConfig.chat_template`` (default) the filled template is the **user** turn of
    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``. A system message is
    added only when the template defines one (v2) or ``PromptConfig.system_prompt`` is set
-   (v2's own line wins; a configured one is then ignored with a warning). The tokenizer's
+   (v2's own line wins; a configured one is then ignored with a warning). A chat template that
+   rejects system turns (Gemma's) gets the system text prepended to the user turn. The tokenizer's
    chat template may add its own default system turn (SmolLM2's does); that is left as is.
    Without ``chat_template`` the prompt is the raw text (system line, blank line, user text).
 2. With ``PromptConfig.open_think`` (default) the response must start inside the reasoning
@@ -154,6 +155,25 @@ def fill(template: str, context_text: str) -> tuple[str | None, str]:
     return t.system, before + context_text + after
 
 
+def _apply_chat_template(tokenizer: Any, system: str | None, user: str) -> str:
+    messages = [{"role": "user", "content": user}]
+    if system:
+        try:
+            return tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, *messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except Exception as exc:  # jinja raises TemplateError for "system role not supported"
+            logger.warning(
+                "chat template rejects a system turn (%s); prepending the system text to the "
+                "user turn instead",
+                exc,
+            )
+            messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def build_prompt(context_text: str, tokenizer: Any, cfg: PromptConfig) -> PromptResult:
     """Render ``context_text`` into the policy's prompt (see the module docstring)."""
     system, user = fill(cfg.template, context_text)
@@ -171,10 +191,7 @@ def build_prompt(context_text: str, tokenizer: Any, cfg: PromptConfig) -> Prompt
                 f"{getattr(tokenizer, 'name_or_path', '?')} has no chat template "
                 "(set prompt.chat_template=false for a raw prompt)"
             )
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}
-        ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = _apply_chat_template(tokenizer, system, user)
     else:
         text = (system + "\n\n" if system else "") + user
     if cfg.open_think and not text.rstrip().endswith(cfg.think_opener.strip()):

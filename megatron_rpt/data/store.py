@@ -131,6 +131,24 @@ class SampleStore:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get the paths and reopen the memory maps, not copies of the data.
+        return {
+            "prepared_dir": self.prepared_dir,
+            "split": self.split,
+            "context_tokens": self.context_tokens,
+            "continuation_tokens": self.continuation_tokens,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            state["prepared_dir"],
+            state["split"],
+            meta=read_meta(state["prepared_dir"]),
+            context_tokens=state["context_tokens"],
+            continuation_tokens=state["continuation_tokens"],
+        )
+
     def __getitem__(self, index: int) -> RPTSample:
         n = len(self.samples)
         if not -n <= index < n:

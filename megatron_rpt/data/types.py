@@ -27,7 +27,7 @@ class CorpusDocument:
     token_ids: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: == would be ambiguous
 class RPTSample:
     """One RPT question: the context before position t and the true continuation from t.
 

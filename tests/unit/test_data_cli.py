@@ -137,3 +137,5 @@ def test_bad_input_gives_one_line_error_and_no_output(setup, tmp_path, capsys, c
     assert len(errors) == 1 and re.search(message, errors[0]), err
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    # only a threshold that keeps nothing leaves the (hidden) scores behind, for reuse
+    assert (tmp_path / ".out.work").exists() == (case == "zero")

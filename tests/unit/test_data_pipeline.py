@@ -193,6 +193,15 @@ def test_bad_corpora_and_tokenizers(setup, tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="the corpus has no documents"):
         prepare_data(_cfg(setup, corpus=str(empty)), tmp_path / "o1")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"body": "\xff"}\n')
+    with pytest.raises(
+        DataError, match=r"no usable documents \(1 read; skipped invalid UTF-8: 1\)"
+    ):
+        prepare_data(
+            _cfg(setup, corpus=str(bad), on_invalid_utf8="skip", id_field=None), tmp_path / "o0"
+        )
+    assert not (tmp_path / ".o0.work").exists()
     # a policy tokenizer whose normalizer changes text: such documents are skipped and counted
     raw = Tokenizer.from_file(str(smollm2_dir() / "tokenizer.json"))
     raw.normalizer = normalizers.Lowercase()
@@ -244,7 +253,7 @@ def test_bad_corpora_and_tokenizers(setup, tmp_path):
     proxy = save_tiny_causal_lm(tmp_path / "proxy", other)
     with pytest.raises(DataError, match="its tokenizer differs from the policy's"):
         prepare_data(_cfg(setup, entropy_model=str(proxy)), tmp_path / "o4")
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 3, 4))
+    assert not any((tmp_path / f"o{i}").exists() for i in (0, 1, 3, 4))
 
 
 def test_megatron_indexed_corpus(setup, tmp_path):

@@ -106,6 +106,14 @@ def test_system_messages_and_raw_prompts(tok, caplog):
     raw = build_prompt("ctx", tok, PromptConfig(template="v2", chat_template=False))
     system, user = fill("v2", "ctx")
     assert raw.text == f"{system}\n\n{user}\n<think>\n"
+    strict = type(tok).from_pretrained(smollm2_dir())
+    strict.chat_template = (  # like Gemma's: no system turns
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<u>{{ m['content'] }}</u>{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
+    r = build_prompt("ctx", strict, PromptConfig(template="v2"))
+    assert r.text == f"<u>{system}\n\n{user}</u><a><think>\n"
     no_template = type(tok).from_pretrained(smollm2_dir())
     no_template.chat_template = None
     with pytest.raises(ConfigError, match="has no chat template"):

@@ -69,6 +69,19 @@ def test_samples_are_direct_slices_of_the_document(prepared):
             store[len(store)]
 
 
+def test_pickling_reopens_the_memory_maps(prepared):
+    import pickle
+
+    store = SampleStore.open(prepared["dir"], "valid", context_tokens=5)
+    blob = pickle.dumps(store)
+    assert len(blob) < 1000  # paths and settings, not the arrays
+    again = pickle.loads(blob)
+    assert len(again) == len(store) and again.context_tokens == 5
+    a, b = again[len(store) - 1], store[len(store) - 1]
+    assert (a.doc_index, a.position, a.entropy) == (b.doc_index, b.position, b.entropy)
+    assert np.array_equal(a.context_ids, b.context_ids) and len(a.context_ids) == 5
+
+
 def test_length_overrides_and_exact_context_text(prepared):
     store = SampleStore.open(
         prepared["dir"], "train", context_tokens=100_000, continuation_tokens=2
