@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
-from megatron_rpt.data.config import DataConfig, PromptConfig
+from megatron_rpt.data.config import DataConfig, PromptConfig, validate_data_config
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.loss.config import LossConfig, validate_loss_config
 from megatron_rpt.model.config import (
@@ -73,23 +73,6 @@ def rule(fn: Rule) -> Rule:
 
 
 @rule
-def _check_thresholds(cfg: RPTConfig) -> None:
-    t = list(cfg.data.difficulty_thresholds)
-    if len(t) != 3 or any(b <= a for a, b in zip(t, t[1:], strict=False)):
-        raise ConfigError(
-            f"data.difficulty_thresholds must be three increasing values (easy < medium < hard), got {t}"
-        )
-
-
-@rule
-def _check_lengths(cfg: RPTConfig) -> None:
-    if cfg.data.continuation_tokens < 1:
-        raise ConfigError("data.continuation_tokens must be >= 1")
-    if cfg.data.context_tokens < cfg.data.min_context_tokens:
-        raise ConfigError("data.context_tokens must be >= data.min_context_tokens")
-
-
-@rule
 def _check_loss(cfg: RPTConfig) -> None:
     validate_loss_config(cfg.loss, prefix="loss")
 
@@ -99,6 +82,11 @@ def _check_model(cfg: RPTConfig) -> None:
     # Architecture-dependent checks (TP vs heads, PP vs layers) run when the model is built.
     check_model_config(cfg.model)
     check_parallel_config(cfg.parallel)
+
+
+@rule
+def _check_data(cfg: RPTConfig) -> None:
+    validate_data_config(cfg.data)
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

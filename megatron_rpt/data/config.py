@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_rpt.errors import ConfigError
+
 TemplateName = Literal["v0", "v1", "v2", "v3", "v4", "v5", "v6"]
 
 
@@ -27,9 +29,12 @@ class DataConfig:
     """Policy for text that is not valid UTF-8: stop with an error naming the file and byte
     offset, replace bad bytes with U+FFFD, or skip the document (counted in the summary)."""
     max_documents: int | None = None
-    """Read at most this many documents (after the split), for quick runs."""
+    """Use at most this many documents (the first usable ones in corpus order), for quick
+    runs. A document's split depends only on its id, so it does not change with this limit."""
     tokenizer: str | None = None
-    """Tokenizer (HF directory or 'embedded:smollm2'); default: the policy model's."""
+    """Policy tokenizer (HF directory or 'embedded:smollm2'); default: the one the caller
+    passes (the policy model's), else the embedded SmolLM2. Token ids, token bytes and reward
+    boundaries all come from it."""
     prepared_dir: str = "runs/data/champ"
     """Directory written by tools/prepare_rpt_data.py and read by training/evaluation."""
 
@@ -44,8 +49,13 @@ class DataConfig:
     default: the tokenizer's model. It must share the policy's tokenizer."""
     entropy_top_k: int = 16
     """Entropy is computed over the renormalised top-k next-token distribution (paper: 16)."""
-    entropy_threshold: float = 1.0
-    """Training keeps positions whose top-k entropy (nats) is >= this value."""
+    entropy_threshold: float = 1.5
+    """Training keeps positions whose top-k entropy (nats) is >= this value. The paper gives
+    no value; 1.5 is set for the embedded proxy: SmolLM2-135M's top-16 entropy on CHAMP has
+    quantiles p25 0.52 / p50 1.23 / p75 1.85 / p90 2.21 (mean 1.20), so 1.5 keeps the most
+    uncertain ~40% of positions (e^1.5 = 4.5 effective candidates or more) and matches the
+    paper's 'hard' cut-off. Re-check it for another proxy or corpus: the prepare summary
+    prints the quantiles (docs/BENCHMARKS.md has the full table)."""
     difficulty_thresholds: tuple[float, float, float] = (0.5, 1.0, 1.5)
     """Entropy thresholds (nats) of the easy / medium / hard evaluation buckets (paper: a
     position is in a bucket when its entropy exceeds the threshold; buckets are nested)."""
@@ -53,6 +63,10 @@ class DataConfig:
     """Tokens per proxy forward batch (windows are packed up to this budget)."""
     entropy_window_tokens: int = 2048
     """Longest window the proxy scores at once; longer documents use overlapping windows."""
+    entropy_window_overlap: int = 512
+    """Tokens each later window re-reads from the previous one without re-scoring them, so
+    every position is scored with at least this much left context (window starts would
+    otherwise look falsely high-entropy). At least 1 and below entropy_window_tokens."""
     entropy_dtype: Literal["float32", "bfloat16"] = "float32"
     """Proxy model dtype."""
     entropy_device: str = "auto"
@@ -86,4 +100,47 @@ class PromptConfig:
     """Optional system message (templates that define their own system line use theirs)."""
 
 
-__all__ = ["DataConfig", "PromptConfig", "TemplateName"]
+def validate_data_config(cfg: DataConfig, prefix: str = "data.") -> DataConfig:
+    """Check single-section rules; raises ConfigError naming the field.
+
+    >>> validate_data_config(DataConfig(entropy_window_overlap=4096))
+    Traceback (most recent call last):
+    ...
+    megatron_rpt.errors.ConfigError: data.entropy_window_overlap (4096) must be >= 1 and < data.entropy_window_tokens (2048)
+    """
+    positive = (
+        "entropy_top_k",
+        "entropy_window_tokens",
+        "entropy_batch_tokens",
+        "continuation_tokens",
+        "context_tokens",
+    )
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{prefix}{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 1 <= cfg.entropy_window_overlap < cfg.entropy_window_tokens:
+        raise ConfigError(
+            f"{prefix}entropy_window_overlap ({cfg.entropy_window_overlap}) must be >= 1 and < "
+            f"{prefix}entropy_window_tokens ({cfg.entropy_window_tokens})"
+        )
+    if not 0.0 <= cfg.validation_fraction < 1.0:
+        raise ConfigError(
+            f"{prefix}validation_fraction must be in [0, 1), got {cfg.validation_fraction}"
+        )
+    for name in ("max_documents", "max_positions_per_document"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{prefix}{name} must be >= 1 or none, got {value}")
+    if cfg.min_context_tokens < 1:
+        raise ConfigError(f"{prefix}min_context_tokens must be >= 1, got {cfg.min_context_tokens}")
+    if cfg.context_tokens < cfg.min_context_tokens:
+        raise ConfigError(f"{prefix}context_tokens must be >= {prefix}min_context_tokens")
+    t = list(cfg.difficulty_thresholds)
+    if len(t) != 3 or any(b <= a for a, b in zip(t, t[1:], strict=False)):
+        raise ConfigError(
+            f"{prefix}difficulty_thresholds must be three increasing values (easy < medium < hard), got {t}"
+        )
+    return cfg
+
+
+__all__ = ["DataConfig", "PromptConfig", "TemplateName", "validate_data_config"]
