@@ -26,6 +26,7 @@ from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.reward.config import RewardConfig
+from megatron_rpt.rollout.config import RolloutConfig
 
 
 @dataclass(kw_only=True)
@@ -48,6 +49,7 @@ class RPTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -77,6 +79,29 @@ def _check_lengths(cfg: RPTConfig) -> None:
         raise ConfigError("data.continuation_tokens must be >= 1")
     if cfg.data.context_tokens < cfg.data.min_context_tokens:
         raise ConfigError("data.context_tokens must be >= data.min_context_tokens")
+
+
+@rule
+def _check_rollout(cfg: RPTConfig) -> None:
+    r = cfg.rollout
+    if r.n_samples < 1:
+        raise ConfigError("rollout.n_samples must be >= 1")
+    if r.temperature < 0:
+        raise ConfigError("rollout.temperature must be >= 0")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError("rollout.top_p must be in (0, 1]")
+    if r.max_new_tokens < 1:
+        raise ConfigError("rollout.max_new_tokens must be >= 1")
+    if r.max_batch_rows < 1:
+        raise ConfigError("rollout.max_batch_rows must be >= 1")
+    if r.engine == "hf" and r.mode != "colocated":
+        raise ConfigError("rollout.mode=disaggregated needs rollout.engine=sglang")
+    if not 0 < r.sglang.mem_fraction_static < 1:
+        raise ConfigError("rollout.sglang.mem_fraction_static must be in (0, 1)")
+    if r.sglang.tp_size < 1 or r.sglang.bucket_bytes < 1 or r.sglang.max_unfenced_buckets < 1:
+        raise ConfigError(
+            "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
+        )
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:
