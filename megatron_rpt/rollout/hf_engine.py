@@ -231,8 +231,10 @@ class HFEngine:
 
         An unknown name or a shape mismatch raises InputError naming the tensor. The stream is
         consumed lazily, so tensors before the bad one are already loaded: the engine then
-        reports ``health() == False`` until a later update completes.
+        reports ``health() == False`` until a later update completes. A released engine is
+        resumed first (the colocated flow: release, train, push).
         """
+        self.resume_memory()
         self._check_usable(allow_inconsistent=True)
         table = self._param_table()
         report = WeightUpdateReport(version=version)

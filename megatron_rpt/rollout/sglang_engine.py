@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from megatron_rpt.errors import InputError
 from megatron_rpt.rollout import sglang_protocol as proto
 from megatron_rpt.rollout.config import RolloutConfig
 from megatron_rpt.rollout.stopping import final_box_stop_regex
@@ -77,6 +78,7 @@ class SGLangEngine:
         *,
         process: subprocess.Popen | None = None,
         argv: Sequence[str] = (),
+        manifest: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         import requests
 
@@ -91,6 +93,7 @@ class SGLangEngine:
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._group = None
+        self.manifest = manifest
         s = cfg.sglang
         self._box_regex = final_box_stop_regex(s.box_max_gap_chars, s.box_max_chars)
         if process is not None:
@@ -120,7 +123,9 @@ class SGLangEngine:
             deterministic_inference=s.deterministic_inference, seed=seed, extra_args=s.extra_args,
         )  # fmt: skip
         proto.check_server_argv(argv)
-        engine = cls(f"http://{_url_host(s.host)}:{port}", cfg, process=_spawn(argv), argv=argv)
+        manifest = hf_manifest(resolve_model_path(model_path))
+        url = f"http://{_url_host(s.host)}:{port}"
+        engine = cls(url, cfg, process=_spawn(argv), argv=argv, manifest=manifest)
         try:
             engine.wait_healthy(s.launch_timeout_s)
         except BaseException:
@@ -129,9 +134,16 @@ class SGLangEngine:
         return engine
 
     @classmethod
-    def connect(cls, base_url: str, cfg: RolloutConfig) -> SGLangEngine:
-        """Attach to a running server (not owned: ``shutdown`` leaves it running)."""
-        engine = cls(base_url, cfg)
+    def connect(
+        cls, base_url: str, cfg: RolloutConfig, *, manifest: dict[str, tuple[int, ...]] | None = None
+    ) -> SGLangEngine:
+        """Attach to a running server (not owned: ``shutdown`` leaves it running).
+
+        ``manifest`` (HF name -> shape, e.g. ``hf_manifest(model_dir)``) enables the client-side
+        name/shape check of weight updates; without it a wrong name is only caught by the server,
+        and SGLang's ``load_weights`` skips some unknown names silently.
+        """
+        engine = cls(base_url, cfg, manifest=manifest)
         engine.wait_healthy(cfg.sglang.launch_timeout_s)
         return engine
 
@@ -212,10 +224,11 @@ class SGLangEngine:
         if "weights" in self._released:
             self._resume(["weights"])
         self._weights_valid = False
+        stream = self._checked(named_tensors)
         if self.cfg.mode == "colocated":
-            self._push_tensor_buckets(named_tensors)
+            self._push_tensor_buckets(stream)
         else:
-            self._push_distributed(named_tensors)
+            self._push_distributed(stream)
         self._call("/update_weight_version", proto.weight_version_request(version))
         self._version = version
         self._weights_valid = True
@@ -223,6 +236,19 @@ class SGLangEngine:
             self._resume(["kv_cache"])
         if flush_cache:
             self.flush_cache()
+
+    def _checked(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):  # noqa: ANN202
+        for name, tensor in named_tensors:
+            if self.manifest is not None:
+                shape = self.manifest.get(name)
+                if shape is None:
+                    raise InputError(f"update_weights: unknown tensor {name!r} (not in the served model)")
+                if tuple(tensor.shape) != tuple(shape):
+                    raise InputError(
+                        f"update_weights: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"the served model expects {tuple(shape)}"
+                    )
+            yield name, tensor
 
     def _push_tensor_buckets(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         s = self.cfg.sglang
@@ -383,6 +409,32 @@ class SGLangEngine:
             except subprocess.TimeoutExpired:
                 continue
         logger.error("SGLang server pid %d did not exit", proc.pid)
+
+
+def hf_manifest(model_dir) -> dict[str, tuple[int, ...]]:  # noqa: ANN001
+    """HF name -> shape of every tensor in a model folder's safetensors files (headers only).
+
+    A tied ``lm_head.weight`` absent from the files is added with the embedding's shape, since
+    trainers commonly export it.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    manifest: dict[str, tuple[int, ...]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                manifest[name] = tuple(fh.get_slice(name).get_shape())
+    if not manifest:
+        raise InputError(f"{model_dir}: no *.safetensors files to read the weight manifest from")
+    config = json.loads((model_dir / "config.json").read_text())
+    embed = manifest.get("model.embed_tokens.weight")
+    if config.get("tie_word_embeddings") and embed and "lm_head.weight" not in manifest:
+        manifest["lm_head.weight"] = embed
+    return manifest
 
 
 def _spawn(argv: Sequence[str]) -> subprocess.Popen:
