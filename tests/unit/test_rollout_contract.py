@@ -3,7 +3,7 @@
 Engines: the HF engine (tiny random Llama + the real SmolLM2 tokenizer) and the SGLang client
 talking to a fake SGLang server on 127.0.0.1 (tests/_stubs/fake_sglang_server.py, backed by the
 same kind of HF model; runs wherever sglang is installed, including CPU CI). The real SGLang
-server runs the same checks in tests/gpu/test_sglang_engine.py.
+server runs these same test functions in tests/gpu/test_sglang_contract.py.
 
 Each engine comes with the model it serves (``ref``), so outputs are checked against a
 teacher-forced forward of that model, never against numbers the engine produced itself.
