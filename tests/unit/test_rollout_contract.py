@@ -204,7 +204,10 @@ def test_prefix_cache_stats(harness):
     stats = harness.engine.prefix_cache_stats()
     if stats is None:
         return  # the HF engine has no cross-request cache
-    assert stats.hit_rate == pytest.approx(0.75)  # the 3 later samples reuse the whole prompt
+    # the 3 later samples reuse the prompt (a real SGLang may recompute its last token, or
+    # serve the first sample from its prefix-prefill request too)
+    length = len(harness.prompts()[0])
+    assert 0.75 * (length - 1) / length <= stats.hit_rate <= 1.0
 
 
 def test_hf_engine_tied_embeddings_and_report():
