@@ -21,6 +21,14 @@ else
   PIN := -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
   TORCH_STEP := $(PIP) install -q $(PIN) torch==2.13.0
 endif
+# sglang's protocol classes on CPU (the SGLang adapter's unit tests); on a GPU machine install
+# the gpu-rollout extra instead (full sglang with its kernels).
+ifeq ($(SYSTEM_CUDA_TORCH),1)
+  SGLANG_STEP := true
+else
+  SGLANG_STEP := $(PIP) install -q --no-deps -r requirements/sglang-cpu-nodeps.txt && \
+    $(PIP) install -q $(PIN) -r requirements/sglang-cpu-light.txt
+endif
 
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
@@ -36,12 +44,13 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt
+$(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt requirements/sglang-cpu-nodeps.txt requirements/sglang-cpu-light.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PIP) install -q --upgrade "pip>=26"
 	$(TORCH_STEP)
 	$(PIP) install -q $(PIN) -e ".[test,assets]"
 	$(PIP) install -q --no-deps -r requirements/assets-nodeps.txt
+	$(SGLANG_STEP)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -33,6 +33,7 @@ from megatron_rpt.model.config import (
     check_parallel_config,
 )
 from megatron_rpt.reward.config import RewardConfig
+from megatron_rpt.rollout.config import RolloutConfig
 
 
 @dataclass(kw_only=True)
@@ -58,6 +59,7 @@ class RPTConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -87,6 +89,29 @@ def _check_model(cfg: RPTConfig) -> None:
 @rule
 def _check_data(cfg: RPTConfig) -> None:
     validate_data_config(cfg.data)
+
+
+@rule
+def _check_rollout(cfg: RPTConfig) -> None:
+    r = cfg.rollout
+    if r.n_samples < 1:
+        raise ConfigError("rollout.n_samples must be >= 1")
+    if r.temperature < 0:
+        raise ConfigError("rollout.temperature must be >= 0")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError("rollout.top_p must be in (0, 1]")
+    if r.max_new_tokens < 1:
+        raise ConfigError("rollout.max_new_tokens must be >= 1")
+    if r.max_batch_rows < 1:
+        raise ConfigError("rollout.max_batch_rows must be >= 1")
+    if r.engine == "hf" and r.mode != "colocated":
+        raise ConfigError("rollout.mode=disaggregated needs rollout.engine=sglang")
+    if not 0 < r.sglang.mem_fraction_static < 1:
+        raise ConfigError("rollout.sglang.mem_fraction_static must be in (0, 1)")
+    if r.sglang.tp_size < 1 or r.sglang.bucket_bytes < 1 or r.sglang.max_unfenced_buckets < 1:
+        raise ConfigError(
+            "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
+        )
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

@@ -1,0 +1,107 @@
+"""Config of the rollout engine (``cfg.rollout``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(kw_only=True)
+class SGLangServerConfig:
+    """How the SGLang server is launched and reached (``rollout.sglang``)."""
+
+    host: str = "127.0.0.1"
+    """Interface the server binds to. Loopback by default: the server has no authentication
+    and its weight-update endpoints accept pickled tensors, so only expose it deliberately."""
+    port: int = 30000
+    """HTTP port; 0 picks a free port at launch."""
+    mem_fraction_static: float = 0.6
+    """Fraction of GPU memory SGLang reserves for weights + KV cache. Colocated with the
+    trainer this must leave room for the trainer's residual memory after offload."""
+    tp_size: int = 1
+    """Tensor-parallel size of the engine (one serialized bucket is sent per engine TP rank)."""
+    dtype: str = "auto"
+    """Weight dtype of the engine ('auto', 'bfloat16', 'float16', 'float32')."""
+    enable_weights_cpu_backup: bool = False
+    """Keep a CPU copy of the weights across release/resume. Without it the weights' GPU
+    memory is discarded on release and must be re-pushed before the next generate."""
+    deterministic_inference: bool = False
+    """Start SGLang with --enable-deterministic-inference (batch-invariant kernels; required
+    for seeded sampling and for bitwise-reproducible rollouts; slower)."""
+    extra_args: dict[str, Any] = field(default_factory=dict)
+    """More server flags, e.g. {'attention-backend': 'triton', 'disable-cuda-graph': true};
+    true adds a bare flag, false/None omits it."""
+    launch_timeout_s: float = 600.0
+    """Hard limit for the server to become healthy after launch."""
+    request_timeout_s: float = 3600.0
+    """Timeout of one /generate call."""
+    control_timeout_s: float = 600.0
+    """Timeout of control calls (weight updates, release/resume, flush)."""
+    bucket_bytes: int = 512 * 1024 * 1024
+    """Colocated weight push: largest flattened per-dtype bucket (slime's default, 512 MiB)."""
+    max_unfenced_buckets: int = 2
+    """Colocated weight push: buckets kept alive before a fence request proves the server's
+    copies finished (see sglang_engine.py, "bucket lifetime")."""
+    fence_param: str = "model.embed_tokens.weight"
+    """Parameter name read back (/get_weights_by_name, 1 element) as the copy fence."""
+    box_max_gap_chars: int = 32
+    """stop_at_final_box on SGLang: max characters between </think> and \\boxed{."""
+    box_max_chars: int = 32
+    """stop_at_final_box on SGLang: max characters inside the box."""
+    nccl_master_address: str = "127.0.0.1"
+    """Disaggregated mode: address of the trainer rank that broadcasts weights."""
+    nccl_master_port: int = 29600
+    """Disaggregated mode: port of that rendezvous."""
+    weight_group_name: str = "megatron_rpt_weights"
+    """Disaggregated mode: name of the weight-update process group inside SGLang."""
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """Which engine samples the G responses per context, and how."""
+
+    engine: Literal["hf", "sglang"] = "hf"
+    """'hf': in-process transformers engine (CPU or GPU; the CPU default and test reference).
+    'sglang': SGLang server (GPU only)."""
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    """SGLang placement: 'colocated' shares the trainer's GPUs (release/resume memory, weights
+    pushed through CUDA IPC); 'disaggregated' runs on separate GPUs (weights over NCCL)."""
+    model: str | None = None
+    """Initial engine weights (HF directory or 'embedded:smollm2'); default: the policy's."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """HF engine weight dtype."""
+    device: str = "auto"
+    """HF engine device: 'auto' (CUDA when available), 'cpu' or 'cuda[:i]'."""
+    n_samples: int = 8
+    """G: responses sampled per context (paper: 8)."""
+    temperature: float = 0.8
+    """Sampling temperature (paper: 0.8)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 disables)."""
+    top_k: int = -1
+    """Top-k truncation (-1 disables)."""
+    max_new_tokens: int = 8192
+    """Longest response in tokens (paper: 8k)."""
+    stop_at_final_box: bool = False
+    """End a response as soon as the final \\boxed{...} after </think> is closed."""
+    max_batch_rows: int = 64
+    """HF engine: most sequences decoded together (prompts x samples are split into chunks)."""
+    schedule: Literal["document", "as_given"] = "document"
+    """Request order sent to the engine: 'document' groups contexts of the same document by
+    position to maximise prefix-cache reuse (results are returned in the caller's order)."""
+    sglang: SGLangServerConfig = field(default_factory=SGLangServerConfig)
+    """SGLang server settings (used when engine = 'sglang')."""
+
+    def sampling_params(self, *, seed: int | None = None, n: int | None = None):  # noqa: ANN201
+        """The ``SamplingParams`` these defaults describe."""
+        from megatron_rpt.rollout.types import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            n=self.n_samples if n is None else n,
+            seed=seed,
+            stop_at_final_box=self.stop_at_final_box,
+        )
