@@ -1,14 +1,34 @@
-"""The weight-sync plan: which HF tensors a sync produces, from which Megatron parameters,
+r"""The weight-sync plan: which HF tensors a sync produces, from which Megatron parameters,
 owned by which pipeline stage, in which order and in which buckets. Pure: no process groups.
 
-Input: per-parameter metadata of every pipeline stage (``ParamMeta``: canonical Megatron name
-with its global layer index, local shape and dtype, TP ``partition_dim`` / ``partition_stride``
-or replicated, owning PP rank), exchanged once with ``all_gather_object`` by
-``gather.collect_metadata``. Output: a ``SyncPlan`` whose buckets list ``ParamTask``s in a
-fixed order. The plan is a pure function of the metadata, the architecture's name table
-(``conversion/mappings.py``) and the bucket size, so every rank computes the same plan; its
-``digest`` is compared across ranks before the first sync (a mismatch would pair different
-collectives and hang or corrupt silently).
+The path of one sync (plan once, then execute at every step)::
+
+    plan.py    metadata of every stage (all_gather_object, once) -> SyncPlan: HF names and
+               shapes, owner stage, TP partitioning, buckets of <= bucket_bytes
+    ---------- per bucket, on every rank of the model-parallel group (gather.py) ----------
+    PP broadcast   the owner stage's shard -> the same TP rank of every stage
+    TP all-gather  every TP rank's shard -> full tensor (partition_dim / partition_stride)
+    convert        the name table: QKV and gate/up split, vocabulary padding rows dropped,
+                   tied output layer never emitted; cast to the push dtype
+    bucket         yield one HFBucket; nothing of it is kept once the consumer drops it
+    ---------- on the rank holding the engine (push.py) -----------------------------------
+    push           engine.update_weights(stream of (hf_name, tensor))
+    verify         stream fingerprints vs engine.weight_checksums; probe: engine greedy
+                   log-probs vs the trainer's forward (verify.py)
+    agree          all ranks all-gather the outcome; any failure -> WeightSyncError everywhere
+
+Synchronization guarantees:
+
+* every rank issues the same collectives in the same order: the plan is a pure function of
+  the gathered metadata, and its ``digest`` is compared across ranks before the first sync
+  (mismatched collectives would hang or, worse, pair tensors of different parameters);
+* within a bucket every PP broadcast completes before the TP all-gathers start, and those
+  complete before conversion; bucket i + 1's collectives start only when the consumer asks
+  for it, so one bucket is in flight (extra memory about ``bucket_bytes``);
+* a tensor handed to the engine is never written again by the sync, so an engine that keeps a
+  reference until its own copies are done (SGLang's fence) reads stable memory;
+* an engine failure mid-stream never deadlocks the peers (the pushing rank drains the rest of
+  the stream), and a failed check raises on every rank, not only where it was seen.
 
 Rules:
 

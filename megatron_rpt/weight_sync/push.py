@@ -2,7 +2,8 @@
 
 ``sync_weights`` is collective over **all** ranks. Ranks holding an engine object (the HF
 engine lives on global rank 0; at most one engine per model-parallel group) feed the
-executor's stream to ``engine.update_weights``; the other ranks only join the collectives.
+executor's stream to ``engine.update_weights``; the other ranks of their model-parallel group
+only join the collectives, and data-parallel replicas without an engine skip the gather.
 
 Failure handling (no rank may hang, none may carry on with a half-updated engine):
 
@@ -144,11 +145,9 @@ def sync_weights(
     fingerprints = _fingerprints(cfg) if engine is not None else None
     if engine is not None:
         error = _push(engine, buckets, version, fingerprints, tamper, metrics)
-    else:
-        t0 = time.perf_counter()
-        for _ in buckets:
-            pass
-        metrics.gather_seconds = time.perf_counter() - t0
+    elif engine_rank is not None:  # a peer of the pushing rank: join the collectives
+        metrics.gather_seconds = _drain(buckets)[1]
+    # else: a data-parallel replica without an engine has nothing to gather
     t0 = time.perf_counter()
     if engine is not None and error is None and fingerprints is not None:
         error = fingerprints.check(engine)
@@ -235,7 +234,8 @@ def _push(
         logger.exception("engine.update_weights failed; draining the stream for the peers")
         error = f"engine.update_weights raised {type(exc).__name__}: {exc}"
         report = None
-    left = _drain(buckets, metrics)
+    left, seconds = _drain(buckets)
+    metrics.gather_seconds += seconds
     if error is None and left:
         error = f"engine stopped reading the weight stream with {left} bucket(s) left"
     missing = getattr(report, "not_updated", None)
@@ -286,11 +286,11 @@ def _stream(
             yield tensors.pop()
 
 
-def _drain(buckets: Iterator[HFBucket], metrics: SyncMetrics) -> int:
+def _drain(buckets: Iterator[HFBucket]) -> tuple[int, float]:
+    """Run the remaining buckets' collectives; (buckets left, seconds)."""
     t0 = time.perf_counter()
     left = sum(1 for _ in buckets)
-    metrics.gather_seconds += time.perf_counter() - t0
-    return left
+    return left, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- all ranks

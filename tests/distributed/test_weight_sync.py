@@ -182,7 +182,19 @@ def _pp2_run(rank, world_size, dirs, deep_dir, tokens):
     for kind, hf_dir in {**dirs, "vpp": deep_dir}.items():
         reference = _tp1_export(hf_dir)
         res[kind]["reference"] = reference if rank == 0 else None
+    res["dp2"] = _dp2_sync(rank, deep_dir)
     return res
+
+
+def _dp2_sync(rank, hf_dir):
+    """TP=1 PP=1 DP=2, engine on rank 0: the other replica has nothing to gather."""
+    from megatron_rpt.weight_sync import WeightSync
+
+    groups = _setup(1, 1)
+    built = _built(hf_dir, groups)
+    _perturb(built, groups)
+    engine = _hf_engine(hf_dir) if rank == 0 else None
+    return WeightSync(built, groups, engine, _cfg())(version=1)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +251,5 @@ def test_pp2_and_virtual_pp_sync_into_hf_engine(models):
     # The last stage's copy of the tied embedding is never pushed (nor gathered).
     assert r0["llama_tied"]["skipped"] == ("output_layer.weight",)
     assert r0["qwen3"]["skipped"] == ()
+    assert r0["dp2"].pushed and r0["dp2"].probe_max_abs_diff < 1e-4 and r0["dp2"].checked_tensors
+    assert not r1["dp2"].pushed and r1["dp2"].buckets == 0 and r1["dp2"].gather_seconds == 0
