@@ -21,14 +21,15 @@ class WeightSyncConfig:
     dtype (slime's default, 512 MiB). A tensor larger than this travels alone. The sync holds
     about one bucket beyond the model: set rollout.sglang.bucket_bytes no larger than this."""
     verify: VerifyMode = "probe"
-    """Check after every sync: 'none'; 'probe' (greedy log-probs of a fixed prompt from the
-    engine vs the trainer's forward, within probe_tolerance); 'checksum' (probe + fingerprints
+    """Check after every sync: 'none'; 'probe' (log-probs of the engine's greedy continuation
+    of a fixed prompt vs the trainer's forward, mean difference within probe_tolerance); 'checksum' (probe + fingerprints
     of the first checksum_rows rows of every pushed tensor vs what the engine holds); 'full'
     (probe + fingerprints of every byte of every pushed tensor). A failure raises
     WeightSyncError on every rank."""
     probe_tolerance: float = 0.1
-    """Largest allowed |engine log-prob - trainer log-prob| (nats) over the probe tokens.
-    bf16 kernels differ by a few 0.01; use ~1e-3 for fp32 engines."""
+    """Largest allowed mean |engine log-prob - trainer log-prob| (nats) over the probe tokens.
+    Healthy bf16 engines differ from the trainer by about 0.01-0.04 on average (ANCHORS.md
+    §4.5); broken weights by whole nats. Use ~1e-3 for fp32 on both sides."""
     probe_prompt_tokens: int = 16
     """Length of the fixed probe prompt (token ids drawn once from probe_seed)."""
     probe_new_tokens: int = 8

@@ -89,6 +89,9 @@ class SyncMetrics:
     """HF bytes handed to the engine."""
     max_bucket_bytes: int = 0
     probe_max_abs_diff: float | None = None
+    """Largest |engine - trainer| log-prob over the probe tokens."""
+    probe_mean_abs_diff: float | None = None
+    """Mean of the same (checked against weight_sync.probe_tolerance)."""
     checked_tensors: int = 0
     """Tensors whose fingerprints were compared."""
 
@@ -132,7 +135,8 @@ def sync_weights(
     """Push the trainer's current weights to ``engine`` and verify (collective, all ranks).
 
     Call after the optimizer step has finished writing the parameters. ``engine`` is the
-    engine object on the rank(s) that hold one and None elsewhere.
+    engine object on the rank(s) that hold one and None elsewhere. Bucket size and push dtype
+    are the plan's; ``cfg`` only chooses the checks.
     """
     cfg = cfg or WeightSyncConfig()
     start = time.perf_counter()
@@ -156,6 +160,7 @@ def sync_weights(
         probe, probe_error = _probe(built, groups, engine, engine_rank, cfg, skip=error is not None)
         if probe is not None:
             metrics.probe_max_abs_diff = probe.max_abs_diff
+            metrics.probe_mean_abs_diff = probe.mean_abs_diff
         error = error or probe_error
     metrics.verify_seconds += time.perf_counter() - t0
     _agree(error, version)
@@ -166,8 +171,9 @@ def sync_weights(
             "%.2f, verify %.2f)%s",
             version, metrics.tensors, metrics.bytes / 2**20, metrics.buckets, metrics.seconds,
             metrics.gather_seconds, metrics.push_seconds, metrics.verify_seconds,
-            "" if metrics.probe_max_abs_diff is None
-            else f"; probe max |dlogp| {metrics.probe_max_abs_diff:.2e}",
+            "" if metrics.probe_mean_abs_diff is None
+            else f"; probe |dlogp| mean {metrics.probe_mean_abs_diff:.2e} max "
+            f"{metrics.probe_max_abs_diff:.2e}",
         )  # fmt: skip
     return metrics
 
@@ -224,16 +230,16 @@ def _push(
     t0 = time.perf_counter()
     state = {"executor_error": None}
     error = None
+    stream = _stream(buckets, fingerprints, tamper, metrics, state)
     try:
-        report = engine.update_weights(
-            _stream(buckets, fingerprints, tamper, metrics, state), version=version
-        )
+        report = engine.update_weights(stream, version=version)
     except Exception as exc:  # noqa: BLE001 - any engine failure becomes a sync error
         if state["executor_error"] is not None:
             raise state["executor_error"] from None
         logger.exception("engine.update_weights failed; draining the stream for the peers")
         error = f"engine.update_weights raised {type(exc).__name__}: {exc}"
         report = None
+    stream.close()  # frees the bucket the engine stopped in before the drain gathers more
     left, seconds = _drain(buckets)
     metrics.gather_seconds += seconds
     if error is None and left:
