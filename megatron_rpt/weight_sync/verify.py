@@ -19,6 +19,11 @@ Two complementary checks (``weight_sync.verify``), because they catch different 
 
 A failed check raises ``WeightSyncError`` naming the tensors (fingerprints) or the worst token
 (probe); ``push.sync_weights`` makes every rank raise it.
+
+Fingerprints are exact for the HF engine and for SGLang at engine TP = 1. SGLang's
+``/get_weights_by_name`` answers with engine TP rank 0's shard, which equals the first rows of
+the full tensor only for weights split along dim 0 (rollout/sglang_engine.py); with engine
+TP > 1 use ``verify='probe'`` until per-shard fingerprints exist.
 """
 
 from __future__ import annotations
