@@ -34,7 +34,7 @@ def _setup(tp, pp, vpp=None):
     return groups
 
 
-def _built(hf_dir, groups):
+def _built(hf_dir, groups, dtype="fp32"):
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import build_pretrained
 
@@ -43,7 +43,7 @@ def _built(hf_dir, groups):
         pipeline_model_parallel_size=groups.pp_size,
         virtual_pipeline_model_parallel_size=groups.vpp_size,
     )
-    return build_pretrained(ModelConfig(hf_path=hf_dir, dtype="fp32"), parallel, groups)
+    return build_pretrained(ModelConfig(hf_path=hf_dir, dtype=dtype), parallel, groups)
 
 
 def _perturb(built, groups):
@@ -98,12 +98,12 @@ def _sync_and_compare(rank, hf_dir, groups, tokens):
     return out, built, sync
 
 
-def _tp1_export(hf_dir):
+def _tp1_export(hf_dir, dtype="fp32"):
     """The single-process reference: TP=1/PP=1, same noise, ``iter_hf_weights``."""
     from megatron_rpt.conversion.converter import iter_hf_weights
 
     groups = _setup(1, 1)
-    built = _built(hf_dir, groups)
+    built = _built(hf_dir, groups, dtype)
     _perturb(built, groups)
     return {n: t.clone() for n, t in iter_hf_weights(built.chunks, built.arch, built.vocab.padded)}
 
@@ -166,10 +166,25 @@ def _tp2_run(rank, world_size, dirs, tokens):
     crash = WeightSync(built, groups, crashing, _cfg(verify="probe"))
     res["crash"] = _expect_sync_error(lambda: crash(version=3))
     res["after_crash"] = sync(version=4).probe_max_abs_diff  # still in lockstep afterwards
+    res["bf16"] = _bf16_sync(rank, dirs["qwen2"], groups)
     for kind, hf_dir in dirs.items():  # collective (group creation): every rank takes part
         reference = _tp1_export(hf_dir)
         res[kind]["reference"] = reference if rank == 0 else None
+    reference = _tp1_export(dirs["qwen2"], "bf16")
+    res["bf16"]["reference"] = reference if rank == 0 else None
     return res
+
+
+def _bf16_sync(rank, hf_dir, groups):
+    """The training dtype: a bf16 (Float16Module) model at TP=2 into an fp32 engine."""
+    from megatron_rpt.weight_sync import WeightSync
+
+    built = _built(hf_dir, groups, "bf16")
+    _perturb(built, groups)
+    engine = _hf_engine(hf_dir) if rank == 0 else None
+    metrics = WeightSync(built, groups, engine, _cfg(probe_tolerance=0.05))(version=1)
+    state = None if engine is None else {n: p.clone() for n, p in engine.model.state_dict().items()}
+    return {"metrics": metrics, "engine_state": state}
 
 
 def _pp2_run(rank, world_size, dirs, deep_dir, tokens):
@@ -238,6 +253,11 @@ def test_tp2_sync_into_hf_engine(models):
         assert r["corrupt"] and "rank 0: 1 of" in r["corrupt"] and "differ" in r["corrupt"]
         assert r["crash"] and "simulated engine crash" in r["crash"]
     assert r0["after_crash"] < 1e-4
+    bf16 = r0["bf16"]
+    assert bf16["metrics"].checked_tensors == len(bf16["reference"]) and bf16["metrics"].buckets
+    for name, tensor in bf16["reference"].items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(bf16["engine_state"][name], tensor.float()), name
 
 
 def test_pp2_and_virtual_pp_sync_into_hf_engine(models):
