@@ -23,13 +23,14 @@ is fresh memory, or a read-only view of a parameter at TP = 1), so the adapter m
 it as long as it needs. The adapter holds up to ``rollout.sglang.bucket_bytes`` of our tensors
 before flattening, so keep that no larger than ``weight_sync.bucket_bytes``.
 
-Which trainer rank feeds which engine TP rank (colocated): the engine client lives on the first
-trainer rank of the engine's GPUs and pushes every tensor; the adapter serialises each flattened
-bucket once per engine TP rank as CUDA-IPC handles of *that rank's GPU* memory, so engine TP
-rank i copies its shard from the client's GPU over NVLink/PCIe. Because the executor leaves the
-full bucket on every rank of the model-parallel group (PP broadcast + TP all-gather), engine TP
-rank i could instead read from the trainer rank on its own GPU (slime gathers each rank's IPC
-handles to the client over a gloo group); that needs per-rank payloads in the adapter's
+Which trainer rank feeds which engine TP rank (colocated): the engine client lives on one
+trainer rank (the first of the engine's GPUs) and pushes every tensor; the adapter serialises
+each flattened bucket once per engine TP rank as CUDA-IPC handles of the *client's* GPU memory,
+so every engine TP rank copies its shard from that one GPU over NVLink/PCIe. The executor's
+collectives already bring every full tensor to every rank of the model-parallel group (the
+non-pushing ranks discard them, ``materialize=False``), so engine TP rank i could instead read
+a bucket built on the trainer rank that shares its GPU (slime gathers those ranks' IPC handles
+to the client over a gloo group). That needs per-rank payloads in the adapter's
 ``/update_weights_from_tensor`` request and is not implemented (no GPU to verify it here).
 """
 
