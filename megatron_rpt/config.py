@@ -34,6 +34,7 @@ from megatron_rpt.model.config import (
 )
 from megatron_rpt.reward.config import RewardConfig
 from megatron_rpt.rollout.config import RolloutConfig
+from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
 
 
 @dataclass(kw_only=True)
@@ -60,6 +61,7 @@ class RPTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -112,6 +114,11 @@ def _check_rollout(cfg: RPTConfig) -> None:
         raise ConfigError(
             "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
         )
+
+
+@rule
+def _check_weight_sync(cfg: RPTConfig) -> None:
+    validate_weight_sync_config(cfg.weight_sync)
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

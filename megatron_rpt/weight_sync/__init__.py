@@ -1,0 +1,29 @@
+"""Weight sync from the Megatron trainer to the rollout engine: plan once, then execute.
+
+``plan.py`` (pure planning; its docstring draws the whole path and the synchronization
+guarantees), ``gather.py`` (PP broadcast, TP all-gather, conversion, buckets), ``push.py``
+(feeding the engine, failure handling, metrics), ``verify.py`` (fingerprints and the log-prob
+probe), ``config.py`` (``cfg.weight_sync``).
+
+Usage, on every rank (the HF engine lives on global rank 0, None elsewhere)::
+
+    sync = WeightSync(built, groups, engine if rank == 0 else None, cfg.weight_sync)
+    ...
+    metrics = sync(version=step)  # after each optimizer step; raises WeightSyncError
+"""
+
+from megatron_rpt.weight_sync.config import WeightSyncConfig
+from megatron_rpt.weight_sync.plan import SyncPlan, make_plan
+from megatron_rpt.weight_sync.push import SyncMetrics, WeightSync, build_plan, sync_weights
+from megatron_rpt.weight_sync.verify import WeightSyncError
+
+__all__ = [
+    "SyncMetrics",
+    "SyncPlan",
+    "WeightSync",
+    "WeightSyncConfig",
+    "WeightSyncError",
+    "build_plan",
+    "make_plan",
+    "sync_weights",
+]

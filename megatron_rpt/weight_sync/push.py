@@ -1,0 +1,355 @@
+"""Run a sync: feed the executor's stream to the engine, verify, agree on the outcome.
+
+``sync_weights`` is collective over **all** ranks. Ranks holding an engine object (the HF
+engine lives on global rank 0; at most one engine per model-parallel group) feed the
+executor's stream to ``engine.update_weights``; the other ranks of their model-parallel group
+only join the collectives, and data-parallel replicas without an engine skip the gather.
+
+Failure handling (no rank may hang, none may carry on with a half-updated engine):
+
+* if the engine raises or stops reading mid-stream, the pushing rank *drains* the remaining
+  buckets so its peers complete their collectives, and records the error;
+* an exception inside the executor itself (a broken collective, a changed parameter) is
+  re-raised at once: the peers then fail in their own collectives or time out;
+* the probe's first collective carries a "skip" marker when the push already failed;
+* at the end every rank all-gathers the error messages (``all_gather_object`` over the world)
+  and every rank raises ``WeightSyncError`` if any message is set.
+
+SGLang (GPU): the ``SGLangEngine`` adapter re-buckets the stream per dtype, copies each bucket
+into a fresh ``FlattenedTensorBucket`` and keeps it alive until a fence proves the server's
+copies finished (rollout/sglang_engine.py, "bucket lifetime"). Nothing here duplicates that.
+What this side guarantees is that a tensor it hands out is never written again by the sync (it
+is fresh memory, or a read-only view of a parameter at TP = 1), so the adapter may hold on to
+it as long as it needs. The adapter holds up to ``rollout.sglang.bucket_bytes`` of our tensors
+before flattening, so keep that no larger than ``weight_sync.bucket_bytes``.
+
+Which trainer rank feeds which engine TP rank (colocated): the engine client lives on one
+trainer rank (the first of the engine's GPUs) and pushes every tensor; the adapter serialises
+each flattened bucket once per engine TP rank as CUDA-IPC handles of the *client's* GPU memory,
+so every engine TP rank copies its shard from that one GPU over NVLink/PCIe. The executor's
+collectives already bring every full tensor to every rank of the model-parallel group (the
+non-pushing ranks discard them, ``materialize=False``), so engine TP rank i could instead read
+a bucket built on the trainer rank that shares its GPU (slime gathers those ranks' IPC handles
+to the client over a gloo group). That needs per-rank payloads in the adapter's
+``/update_weights_from_tensor`` request and is not implemented (no GPU to verify it here).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpt.distributed import ParallelGroups
+from megatron_rpt.model.build import BuiltModel
+from megatron_rpt.rollout.types import RolloutEngine
+from megatron_rpt.weight_sync.config import WeightSyncConfig
+from megatron_rpt.weight_sync.gather import HFBucket, collect_metadata, iter_hf_buckets
+from megatron_rpt.weight_sync.plan import SyncPlan, make_plan
+from megatron_rpt.weight_sync.verify import (
+    ProbeResult,
+    StreamFingerprints,
+    WeightSyncError,
+    engine_probe,
+    probe_prompt,
+    trainer_logprobs,
+)
+
+logger = logging.getLogger(__name__)
+
+_PUSH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Tamper = Callable[[int, list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]]
+"""Test hook: (bucket index, tensors) -> tensors actually pushed, applied after fingerprints
+are recorded (see megatron_rpt.testing.faults)."""
+
+
+@dataclass
+class SyncMetrics:
+    """What one sync did on this rank (the pushing rank has every field)."""
+
+    version: int
+    pushed: bool
+    """This rank fed an engine."""
+    seconds: float = 0.0
+    """Wall time of the whole sync on this rank."""
+    gather_seconds: float = 0.0
+    """Inside the executor: collectives, unsharding and conversion."""
+    push_seconds: float = 0.0
+    """Inside the engine's update_weights, excluding the executor (pushing rank)."""
+    verify_seconds: float = 0.0
+    """Fingerprints (recording and comparing) and the probe."""
+    buckets: int = 0
+    tensors: int = 0
+    bytes: int = 0
+    """HF bytes handed to the engine."""
+    max_bucket_bytes: int = 0
+    probe_max_abs_diff: float | None = None
+    """Largest |engine - trainer| log-prob over the probe tokens."""
+    probe_mean_abs_diff: float | None = None
+    """Mean of the same (checked against weight_sync.probe_tolerance)."""
+    checked_tensors: int = 0
+    """Tensors whose fingerprints were compared."""
+
+    def as_dict(self, prefix: str = "weight_sync/") -> dict[str, Any]:
+        """Flat metrics for the logger."""
+        return {prefix + k: v for k, v in asdict(self).items() if v is not None}
+
+
+def build_plan(built: BuiltModel, groups: ParallelGroups, cfg: WeightSyncConfig) -> SyncPlan:
+    """Exchange metadata and plan (collective over all ranks; call once and keep the plan).
+
+    The plan digests of all ranks are compared; a mismatch raises WeightSyncError everywhere.
+    """
+    stages = collect_metadata(built.chunks, groups)
+    plan = make_plan(
+        stages,
+        built.arch,
+        padded_vocab=built.vocab.padded,
+        tp_size=groups.tp_size,
+        bucket_bytes=cfg.bucket_bytes,
+        push_dtype=None if cfg.dtype == "model" else _PUSH_DTYPES[cfg.dtype],
+    )
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, plan.digest())
+    if len(set(digests)) != 1:
+        raise WeightSyncError(f"weight-sync plans differ between ranks: {digests}")
+    logger.info("weight-sync plan: %s", plan.summary())
+    return plan
+
+
+def sync_weights(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    engine: RolloutEngine | None,
+    plan: SyncPlan,
+    *,
+    version: int,
+    cfg: WeightSyncConfig | None = None,
+    tamper: Tamper | None = None,
+) -> SyncMetrics:
+    """Push the trainer's current weights to ``engine`` and verify (collective, all ranks).
+
+    Call after the optimizer step has finished writing the parameters. ``engine`` is the
+    engine object on the rank(s) that hold one and None elsewhere. Bucket size and push dtype
+    are the plan's; ``cfg`` only chooses the checks.
+    """
+    cfg = cfg or WeightSyncConfig()
+    start = time.perf_counter()
+    metrics = SyncMetrics(version=version, pushed=engine is not None)
+    engine_rank = _engine_rank_of_my_mp_group(engine, groups)
+    buckets = iter_hf_buckets(
+        plan, built.chunks, groups, built.arch, built.vocab.padded, materialize=engine is not None
+    )
+    error: str | None = None
+    fingerprints = _fingerprints(cfg) if engine is not None else None
+    if engine is not None:
+        error = _push(engine, buckets, version, fingerprints, tamper, metrics)
+    elif engine_rank is not None:  # a peer of the pushing rank: join the collectives
+        metrics.gather_seconds = _drain(buckets)[1]
+    # else: a data-parallel replica without an engine has nothing to gather
+    t0 = time.perf_counter()
+    if engine is not None and error is None and fingerprints is not None:
+        error = fingerprints.check(engine)
+        metrics.checked_tensors = len(fingerprints.expected)
+    if cfg.verify != "none" and engine_rank is not None:
+        probe, probe_error = _probe(built, groups, engine, engine_rank, cfg, skip=error is not None)
+        if probe is not None:
+            metrics.probe_max_abs_diff = probe.max_abs_diff
+            metrics.probe_mean_abs_diff = probe.mean_abs_diff
+        error = error or probe_error
+    metrics.verify_seconds += time.perf_counter() - t0
+    _agree(error, version)
+    metrics.seconds = time.perf_counter() - start
+    if engine is not None:
+        logger.info(
+            "weight sync v%d: %d tensors, %.1f MiB in %d bucket(s), %.2f s (gather %.2f, push "
+            "%.2f, verify %.2f)%s",
+            version, metrics.tensors, metrics.bytes / 2**20, metrics.buckets, metrics.seconds,
+            metrics.gather_seconds, metrics.push_seconds, metrics.verify_seconds,
+            "" if metrics.probe_mean_abs_diff is None
+            else f"; probe |dlogp| mean {metrics.probe_mean_abs_diff:.2e} max "
+            f"{metrics.probe_max_abs_diff:.2e}",
+        )  # fmt: skip
+    return metrics
+
+
+class WeightSync:
+    """Plan once, sync at every step: ``sync = WeightSync(built, groups, engine, cfg)``,
+    then ``sync(version=step)`` on every rank after each optimizer step."""
+
+    def __init__(
+        self,
+        built: BuiltModel,
+        groups: ParallelGroups,
+        engine: RolloutEngine | None,
+        cfg: WeightSyncConfig | None = None,
+    ) -> None:
+        self.built, self.groups, self.engine = built, groups, engine
+        self.cfg = cfg or WeightSyncConfig()
+        self._plan: SyncPlan | None = None
+
+    @property
+    def plan(self) -> SyncPlan:
+        """The cached plan (built collectively on first use)."""
+        if self._plan is None:
+            self._plan = build_plan(self.built, self.groups, self.cfg)
+        return self._plan
+
+    def __call__(self, *, version: int, tamper: Tamper | None = None) -> SyncMetrics:
+        """One sync (see ``sync_weights``)."""
+        return sync_weights(
+            self.built, self.groups, self.engine, self.plan,
+            version=version, cfg=self.cfg, tamper=tamper,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- pushing rank
+
+
+def _fingerprints(cfg: WeightSyncConfig) -> StreamFingerprints | None:
+    if cfg.verify == "checksum":
+        return StreamFingerprints(cfg.checksum_rows)
+    if cfg.verify == "full":
+        return StreamFingerprints(None)
+    return None
+
+
+def _push(
+    engine: RolloutEngine,
+    buckets: Iterator[HFBucket],
+    version: int,
+    fingerprints: StreamFingerprints | None,
+    tamper: Tamper | None,
+    metrics: SyncMetrics,
+) -> str | None:
+    t0 = time.perf_counter()
+    state = {"executor_error": None}
+    error = None
+    stream = _stream(buckets, fingerprints, tamper, metrics, state)
+    try:
+        report = engine.update_weights(stream, version=version)
+    except Exception as exc:  # noqa: BLE001 - any engine failure becomes a sync error
+        if state["executor_error"] is not None:
+            raise state["executor_error"] from None
+        logger.exception("engine.update_weights failed; draining the stream for the peers")
+        error = f"engine.update_weights raised {type(exc).__name__}: {exc}"
+        report = None
+    stream.close()  # frees the bucket the engine stopped in before the drain gathers more
+    left, seconds = _drain(buckets)
+    metrics.gather_seconds += seconds
+    if error is None and left:
+        error = f"engine stopped reading the weight stream with {left} bucket(s) left"
+    missing = getattr(report, "not_updated", None)
+    if error is None and missing:
+        error = f"engine parameters not in the weight stream (left stale): {missing[:8]}"
+    metrics.push_seconds = (
+        time.perf_counter() - t0 - metrics.gather_seconds - metrics.verify_seconds
+    )
+    return error
+
+
+def _stream(
+    buckets: Iterator[HFBucket],
+    fingerprints: StreamFingerprints | None,
+    tamper: Tamper | None,
+    metrics: SyncMetrics,
+    state: dict,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Flatten buckets into (name, tensor), timing the executor and recording fingerprints.
+
+    Holds no reference to bucket i while the executor gathers bucket i + 1.
+    """
+    while True:
+        t0 = time.perf_counter()
+        try:
+            bucket = next(buckets)
+        except StopIteration:
+            return
+        except Exception as exc:
+            state["executor_error"] = exc
+            raise
+        metrics.gather_seconds += time.perf_counter() - t0
+        index, tensors = bucket.index, bucket.tensors
+        metrics.buckets += 1
+        metrics.tensors += len(tensors)
+        metrics.max_bucket_bytes = max(metrics.max_bucket_bytes, bucket.nbytes)
+        metrics.bytes += bucket.nbytes
+        del bucket
+        if fingerprints is not None:
+            t1 = time.perf_counter()
+            for name, tensor in tensors:
+                fingerprints.record(name, tensor)
+            metrics.verify_seconds += time.perf_counter() - t1
+        if tamper is not None:
+            tensors = list(tamper(index, tensors))
+        tensors.reverse()
+        while tensors:  # pop: the consumer's reference is the only one left
+            yield tensors.pop()
+
+
+def _drain(buckets: Iterator[HFBucket]) -> tuple[int, float]:
+    """Run the remaining buckets' collectives; (buckets left, seconds)."""
+    t0 = time.perf_counter()
+    left = sum(1 for _ in buckets)
+    return left, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- all ranks
+
+
+def _engine_rank_of_my_mp_group(engine: RolloutEngine | None, groups: ParallelGroups) -> int | None:
+    """Global rank of the engine holder in this rank's model-parallel group (None: no engine)."""
+    holders: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(holders, engine is not None)
+    mine = [r for r in dist.get_process_group_ranks(groups.pg_collection.mp) if holders[r]]
+    if len(mine) > 1:
+        raise WeightSyncError(f"ranks {mine} of one model-parallel group all hold an engine")
+    return mine[0] if mine else None
+
+
+def _probe(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    engine: RolloutEngine | None,
+    engine_rank: int,
+    cfg: WeightSyncConfig,
+    *,
+    skip: bool,
+) -> tuple[ProbeResult | None, str | None]:
+    """Engine greedy log-probs vs the trainer's (collective over the model-parallel group)."""
+    mp_group = groups.pg_collection.mp
+    payload: list[Any] = [None]
+    error = None
+    if engine is not None and not skip:
+        prompt = probe_prompt(built.arch.vocab_size, cfg.probe_prompt_tokens, cfg.probe_seed)
+        try:
+            response, engine_lps = engine_probe(engine, prompt, cfg.probe_new_tokens)
+            payload = [(prompt, response, engine_lps)]
+        except Exception as exc:  # noqa: BLE001 - reported through the agreement step
+            logger.exception("probe generation failed")
+            error = f"probe: engine.generate raised {type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(payload, src=engine_rank, group=mp_group)
+    if payload[0] is None:
+        return None, error
+    prompt, response, engine_lps = payload[0]
+    local = trainer_logprobs(built, groups, prompt, response)
+    gathered: list[Any] = [None] * dist.get_world_size(mp_group)
+    dist.all_gather_object(gathered, local, group=mp_group)
+    trainer_lps = next(x for x in gathered if x is not None)
+    result = ProbeResult(response, engine_lps, trainer_lps)
+    return result, result.error(cfg.probe_tolerance) if engine is not None else None
+
+
+def _agree(error: str | None, version: int) -> None:
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = {r: e for r, e in enumerate(errors) if e is not None}
+    if failed:
+        lines = "; ".join(f"rank {r}: {e}" for r, e in failed.items())
+        raise WeightSyncError(f"weight sync v{version} failed verification: {lines}")
