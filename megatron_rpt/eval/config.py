@@ -60,9 +60,10 @@ class EvalConfig:
     context_tokens: int | None = None
     """Context = the last N document tokens before the position; None: data.context_tokens of
     the prepared data (3840 by default)."""
-    engine: Literal["hf", "sglang"] = "hf"
-    """Reasoning-mode rollout engine: 'hf' (transformers, CPU or GPU) or 'sglang' (GPU; uses
-    rollout.sglang settings)."""
+    engine: Literal["auto", "hf", "sglang"] = "auto"
+    """Reasoning-mode rollout engine: 'hf' (transformers, CPU or GPU), 'sglang' (GPU; uses
+    rollout.sglang settings), or 'auto': SGLang when its runtime and a GPU are present, else
+    HF."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype for standard-mode forwards and the HF rollout engine."""
     device: str = "auto"

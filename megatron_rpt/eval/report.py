@@ -102,7 +102,7 @@ def run_to_json(run: EvalRun, *, models: list[Any], extra: dict | None = None) -
         "difficulty_thresholds": list(t),
         "buckets": "nested: a position is in every bucket whose threshold its entropy exceeds",
         "documents": int(len(set(s.doc_P.tolist()))),
-        "positions_standard": _positions(s, t),
+        "positions_standard": _positions(s, t) if run.has_standard else None,
         "positions_reasoning": _positions(run.reasoning_set, t) if run.reasoning_set else None,
         "context_tokens": s.context_tokens,
         "continuation_tokens": s.continuation_tokens,
@@ -125,6 +125,7 @@ def run_to_json(run: EvalRun, *, models: list[Any], extra: dict | None = None) -
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "device": run.device,
+        "engine": run.engine,
         "seconds": round(run.seconds, 2),
         "data": data,
         "models": [{"name": m.name, "path": m.path, "kind": m.kind} for m in models],
@@ -153,23 +154,26 @@ def markdown_table(run: EvalRun) -> str:
         mean = "–" if math.isnan(r.mean) else f"{100 * r.mean:.2f}"
         cells = " | ".join(_cell(r, b) for b in BUCKETS)
         lines.append(f"| {row_label(r)} | {r.model} | {cells} | {mean} |")
-    std = _positions(run.standard_set, t)
     lines += [
         "",
         f"Accuracy in %, [95 % Wilson interval over positions]. Buckets are nested: entropy > "
         f"{t[0]:g} / {t[1]:g} / {t[2]:g} nats under {run.standard_set.entropy_source}. "
         "mean = unweighted mean of Easy, Medium, Hard.",
-        f"Positions, standard: easy {std['easy']}, medium {std['medium']}, hard {std['hard']} "
-        f"(all {std['all']}) from {run.standard_set.source}.",
     ]
+    if run.has_standard:
+        std = _positions(run.standard_set, t)
+        lines.append(
+            f"Positions, standard: easy {std['easy']}, medium {std['medium']}, hard {std['hard']} "
+            f"(all {std['all']}) from {run.standard_set.source}."
+        )
     if run.reasoning_set is not None:
         rs = _positions(run.reasoning_set, t)
         c = run.config
         lines.append(
             f"Positions, reasoning: easy {rs['easy']}, medium {rs['medium']}, hard {rs['hard']} "
-            f"(all {rs['all']}); template {c.template or run.prompt.template}, {c.n_samples} "
-            f"samples at temperature {c.temperature:g}, max {c.max_new_tokens} new tokens, "
-            f"judge {c.judge}, seed {c.seed}."
+            f"(all {rs['all']}) from {run.standard_set.source}; template "
+            f"{c.template or run.prompt.template}, {c.n_samples} samples at temperature {c.temperature:g}, max {c.max_new_tokens} new tokens, "
+            f"judge {c.judge}, {run.engine} engine, seed {c.seed}."
         )
     return "\n".join(lines) + "\n"
 
@@ -196,9 +200,10 @@ def bar_chart(run: EvalRun, path: str | Path) -> None:
         err = np.nan_to_num(np.array([lo, hi]))
         x = np.arange(len(groups)) + (j - (len(rows) - 1) / 2) * width
         ax.bar(x, vals, width, color=colors(j % 10), label=f"{r.model}: {row_label(r)}")
-        ax.errorbar(x[:3], vals[:3], yerr=err[:, :3], fmt="none", ecolor="black", capsize=3, lw=1)
-        for xi, v, e in zip(x, vals, err[1], strict=True):
-            ax.text(xi, v + e + 0.6, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        ax.errorbar(x[:3], vals[:3], yerr=err[:, :3], fmt="none", ecolor="0.35", capsize=3, lw=0.8)
+        for xi, v in zip(x, vals, strict=True):  # the value sits on its bar, over the whisker
+            ax.text(xi, v + 0.4, f"{v:.1f}", ha="center", va="bottom", fontsize=7,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})  # fmt: skip
         top = max(top, max(v + e for v, e in zip(vals, err[1], strict=True)))
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("next-token accuracy (%)")

@@ -70,6 +70,13 @@ class EvalRun:
     prompt: PromptConfig
     seconds: float = 0.0
     device: str = "cpu"
+    engine: str = "none"
+    """Reasoning-mode engine actually used ('hf', 'sglang'; 'none' without reasoning)."""
+
+    @property
+    def has_standard(self) -> bool:
+        """Standard accuracy was measured."""
+        return any(r.mode == "standard" for r in self.results)
 
 
 def resolve_device(device: str) -> str:
@@ -77,6 +84,15 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def resolve_engine(engine: str) -> str:
+    """'auto' -> 'sglang' when the SGLang runtime and a GPU are usable, else 'hf'."""
+    if engine != "auto":
+        return engine
+    from megatron_rpt.capabilities import have_sglang_runtime
+
+    return "sglang" if have_sglang_runtime() else "hf"
 
 
 def select_positions(eval_set: EvalSet, cfg: EvalConfig) -> tuple[EvalSet, EvalSet | None]:
@@ -93,7 +109,7 @@ def default_engine_factory(cfg: EvalConfig, rollout_cfg: Any = None) -> EngineFa
     """HF engine over the already loaded model, or an SGLang server for ``eval.engine=sglang``."""
 
     def build(model: ResolvedModel, hf_model: Any, tokenizer: Any) -> RolloutEngine:
-        if cfg.engine == "hf":
+        if resolve_engine(cfg.engine) == "hf":
             from megatron_rpt.rollout.hf_engine import HFEngine
 
             if hf_model is None:
@@ -137,19 +153,28 @@ def evaluate(
         logger.info(
             "reasoning mode on %d positions (%s)", len(reason_set), _counts(reason_set, cfg)
         )
+        budget = len(reason_set) * cfg.n_samples * cfg.max_new_tokens
+        if resolve_device(cfg.device) == "cpu" and budget > 1_000_000:
+            logger.warning(
+                "reasoning mode may generate up to %.1fM tokens per model on CPU (positions x "
+                "n_samples x max_new_tokens); this can take hours. Lower "
+                "eval.reasoning_max_positions / n_samples / max_new_tokens for a quick check.",
+                budget / 1e6,
+            )
     factory = engine_factory or default_engine_factory(cfg)
     device = resolve_device(cfg.device)
-    run = EvalRun([], std_set, reason_set, cfg, prompt, device=device)
+    engine = resolve_engine(cfg.engine) if reason_set is not None else "none"
+    run = EvalRun([], std_set, reason_set, cfg, prompt, device=device, engine=engine)
     for model in models:
         tokenizer = load_tokenizer(str(model.hf_dir))
         hf_model = None
-        if cfg.mode in ("standard", "both") or cfg.engine == "hf":
+        if cfg.mode in ("standard", "both") or engine == "hf":
             from megatron_rpt.eval.next_token import load_causal_lm
 
             hf_model = load_causal_lm(model.hf_dir, dtype=cfg.dtype, device=device)
         if cfg.mode in ("standard", "both"):
             run.results.append(_standard(model, hf_model, std_set, reason_set, cfg))
-        if cfg.engine != "hf" and hf_model is not None:
+        if engine == "sglang" and hf_model is not None:
             hf_model = None  # free the accelerator for the SGLang server
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -365,5 +390,6 @@ __all__ = [
     "default_engine_factory",
     "evaluate",
     "resolve_device",
+    "resolve_engine",
     "select_positions",
 ]
