@@ -19,6 +19,7 @@ Letters: P positions, D documents.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ class EvalSet:
     """Exact bytes of every token id."""
     doc_ids: list[str]
     """Stable id of each document [D]."""
-    doc_tokens: list[np.ndarray]
-    """int64 token ids of each document [D][n_d]."""
+    doc_tokens: Sequence[np.ndarray]
+    """int64 token ids of each document [D][n_d] (read lazily from prepared data)."""
     doc_P: np.ndarray
     """int64 [P]: index into doc_ids/doc_tokens of each position's document."""
     position_P: np.ndarray
@@ -101,12 +102,40 @@ class EvalSet:
         """The context of position i as text (a character cut by left truncation is dropped)."""
         return decode_utf8_trimmed(b"".join(self.table[int(j)] for j in self.context_ids(i)))
 
+    def rows_by_doc(self) -> dict[int, np.ndarray]:
+        """Document -> indices of its positions (in order of position), one sort over P."""
+        order = np.lexsort((self.position_P, self.doc_P))
+        docs, starts = np.unique(self.doc_P[order], return_index=True)
+        return dict(zip(docs.tolist(), np.split(order, starts[1:]), strict=True))
+
     def target_ids(self) -> np.ndarray:
-        """int64 [P]: x_t of every position."""
-        return np.array(
-            [self.doc_tokens[d][t] for d, t in zip(self.doc_P, self.position_P, strict=True)],
-            dtype=np.int64,
-        )
+        """int64 [P]: x_t of every position (each document is read once)."""
+        out = np.empty(len(self), dtype=np.int64)
+        for d, rows in self.rows_by_doc().items():
+            out[rows] = self.doc_tokens[d][self.position_P[rows]]
+        return out
+
+
+class _IndexedDocs(Sequence):
+    """Documents of a Megatron ``IndexedDataset`` by local index, read on access (mmap).
+
+    The last few documents read are kept, since the windows and positions of one document are
+    visited together.
+    """
+
+    def __init__(self, dataset: Any, doc_indices: np.ndarray, cache: int = 16) -> None:
+        self.dataset = dataset
+        self.doc_indices = doc_indices
+        self._read = functools.lru_cache(maxsize=cache)(self._read_uncached)
+
+    def _read_uncached(self, d: int) -> np.ndarray:
+        return np.asarray(self.dataset[int(self.doc_indices[d])], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.doc_indices)
+
+    def __getitem__(self, d: int) -> np.ndarray:  # type: ignore[override]
+        return self._read(int(d))
 
 
 def _require_positions(n: int, where: str) -> None:
@@ -120,7 +149,11 @@ def _require_positions(n: int, where: str) -> None:
 def load_prepared_split(
     prepared_dir: str | Path, split: str = "valid", *, context_tokens: int | None = None
 ) -> EvalSet:
-    """Every position of ``split`` in a prepared directory (validation: every eligible one)."""
+    """Every position of ``split`` in a prepared directory (validation: every eligible one).
+
+    Position arrays are held in memory (about 20 bytes per position); document tokens are read
+    from the memory-mapped ``tokens.bin`` only when a document is evaluated.
+    """
     from megatron_rpt.data.store import SampleStore
 
     store = SampleStore.open(prepared_dir, split, context_tokens=context_tokens)  # type: ignore[arg-type]
@@ -128,7 +161,6 @@ def load_prepared_split(
     _require_positions(len(store), where)
     samples = np.asarray(store.samples)
     docs, doc_P = np.unique(samples["doc_index"].astype(np.int64), return_inverse=True)
-    doc_tokens = [np.asarray(store.tokens[int(d)], dtype=np.int64) for d in docs]
     meta = store.meta
     return EvalSet(
         source=where,
@@ -136,7 +168,7 @@ def load_prepared_split(
         tokenizer_digest=str(meta["tokenizer"]["byte_table_blake2b"]),
         table=store.table,
         doc_ids=[store.doc_ids[int(d)] for d in docs],
-        doc_tokens=doc_tokens,
+        doc_tokens=_IndexedDocs(store.tokens, docs),
         doc_P=doc_P.astype(np.int64),
         position_P=samples["position"].astype(np.int64),
         entropy_P=samples["entropy"].astype(np.float32),

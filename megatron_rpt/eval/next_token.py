@@ -197,10 +197,8 @@ def standard_correct(
     if window_tokens is None:
         window_tokens = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     window_overlap = min(window_overlap, window_tokens - 1)
-    needed = {
-        int(d): np.unique(eval_set.position_P[eval_set.doc_P == d])
-        for d in np.unique(eval_set.doc_P)
-    }
+    groups = eval_set.rows_by_doc()
+    needed = {d: np.unique(eval_set.position_P[rows]) for d, rows in groups.items()}
     preds = predict_next_tokens(
         model,
         eval_set.doc_tokens,
@@ -212,13 +210,9 @@ def standard_correct(
         logits_chunk_tokens=logits_chunk_tokens,
         stats=stats,
     )
-    pred_P = np.array(
-        [
-            preds[int(d)][np.searchsorted(needed[int(d)], t)]
-            for d, t in zip(eval_set.doc_P, eval_set.position_P, strict=True)
-        ],
-        dtype=np.int64,
-    )
+    pred_P = np.full(len(eval_set), -1, dtype=np.int64)
+    for d, rows in groups.items():
+        pred_P[rows] = preds[d][np.searchsorted(needed[d], eval_set.position_P[rows])]
     assert (pred_P >= 0).all(), "a position was not predicted"
     return pred_P == eval_set.target_ids()
 
