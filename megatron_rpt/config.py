@@ -25,6 +25,7 @@ from pathlib import Path
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig, validate_data_config
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.eval.config import EvalConfig, validate_eval_config
 from megatron_rpt.loss.config import LossConfig, validate_loss_config
 from megatron_rpt.model.config import (
     ModelConfig,
@@ -62,6 +63,7 @@ class RPTConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -91,6 +93,11 @@ def _check_model(cfg: RPTConfig) -> None:
 @rule
 def _check_data(cfg: RPTConfig) -> None:
     validate_data_config(cfg.data)
+
+
+@rule
+def _check_eval(cfg: RPTConfig) -> None:
+    validate_eval_config(cfg.eval)
 
 
 @rule
