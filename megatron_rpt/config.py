@@ -34,6 +34,12 @@ from megatron_rpt.model.config import (
 )
 from megatron_rpt.reward.config import RewardConfig
 from megatron_rpt.rollout.config import RolloutConfig
+from megatron_rpt.trainer.config import (
+    CheckpointConfig,
+    OptimizerConfig,
+    TrainConfig,
+    validate_trainer_configs,
+)
 
 
 @dataclass(kw_only=True)
@@ -60,6 +66,9 @@ class RPTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -111,6 +120,21 @@ def _check_rollout(cfg: RPTConfig) -> None:
     if r.sglang.tp_size < 1 or r.sglang.bucket_bytes < 1 or r.sglang.max_unfenced_buckets < 1:
         raise ConfigError(
             "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
+        )
+
+
+@rule
+def _check_trainer(cfg: RPTConfig) -> None:
+    validate_trainer_configs(cfg.optimizer, cfg.train, cfg.checkpoint)
+    if cfg.optimizer.optimizer == "sgd" and cfg.optimizer.use_distributed_optimizer:
+        raise ConfigError(
+            "optimizer.optimizer=sgd needs optimizer.use_distributed_optimizer=false "
+            "(Megatron's DistributedOptimizer supports Adam only)"
+        )
+    if cfg.rollout.temperature == 0:
+        raise ConfigError(
+            "rollout.temperature=0 (greedy) cannot be trained on: the policy gradient needs "
+            "the log-probs of softmax(logits / T) with T > 0"
         )
 
 
