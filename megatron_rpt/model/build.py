@@ -11,7 +11,8 @@ This is the ONE place that builds Megatron's ``TransformerConfig``
 * Training contract (trainer/step.py): ``calculate_per_token_loss=True`` so that Megatron
   neither divides micro-batch losses by their number nor averages gradients over DP (our
   losses carry global-batch denominators), and ``variable_seq_lengths=True`` so pipeline
-  stages exchange each micro-batch's shape (token-budget micro-batches differ in length).
+  stages exchange each micro-batch's shape (token-budget micro-batches differ in length);
+  not with virtual pipeline stages (see ``build_transformer_config``).
 * ``output="hidden"`` builds ``RPTGPTModel`` (model/rpt_gpt.py), whose last stage returns the
   final hidden states for the fused response-only log-prob; ``"logits"`` the stock GPTModel.
 * bf16: params in bf16 and the model wrapped in ``Float16Module`` (C5), as Megatron's DDP
@@ -162,10 +163,12 @@ def build_transformer_config(
     kwargs.update(_recompute_kwargs(model_cfg))
     kwargs.update(model_cfg.transformer_overrides)
     config = TransformerConfig(**kwargs)
-    if config.num_moe_experts is None:
+    if config.num_moe_experts is None and parallel.virtual_pipeline_model_parallel_size is None:
         # Set after construction: __post_init__ rejects variable_seq_lengths whenever the MoE
         # token dispatcher is 'allgather' (its default), even for a dense model that has no
-        # dispatcher. Only the pipeline p2p code reads it (to exchange tensor shapes).
+        # dispatcher. Only the pipeline p2p code reads it (to exchange tensor shapes). Not with
+        # the interleaved schedule: its shape exchange deadlocks at PP >= 4 in 0.16.1
+        # (Megatron-LM #5100); the trainer pads its micro-batches to one shape there instead.
         config.variable_seq_lengths = True
     return config
 
@@ -208,7 +211,9 @@ def build_model(
 
     if output not in ("logits", "hidden"):
         raise ValueError(f"output must be 'logits' or 'hidden', not {output!r}")
-    model_cls, extra = (GPTModel, {}) if output == "logits" else (RPTGPTModel, {"output_hidden_states": True})
+    model_cls, extra = (
+        (GPTModel, {}) if output == "logits" else (RPTGPTModel, {"output_hidden_states": True})
+    )
     _check_layout(parallel, groups)
     if not initialize and groups.tp_size > 1:
         raise ValueError("initialize=False needs TP=1 (Megatron then skips the TP attributes)")

@@ -124,7 +124,10 @@ class SDPACoreAttention(MegatronModule):
         with self._dropout_rng():
             for start, end in bounds:
                 # [L, N, D] -> [1, N, L, D]: one causal SDPA call per sequence.
-                q, k, v = (t[start:end].permute(1, 0, 2).unsqueeze(0) for t in (query_TND, key_TGD, value_TGD))
+                q, k, v = (
+                    t[start:end].permute(1, 0, 2).unsqueeze(0)
+                    for t in (query_TND, key_TGD, value_TGD)
+                )
                 outputs.append(self._sdpa(q, k, v, None)[0].permute(1, 0, 2))
         ctx_TND = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
         return ctx_TND.reshape(ctx_TND.shape[0], -1)
@@ -136,7 +139,10 @@ class SDPACoreAttention(MegatronModule):
         return contextlib.nullcontext()
 
     def _sdpa(
-        self, q_BNSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor,
+        self,
+        q_BNSD: torch.Tensor,
+        k_BGKD: torch.Tensor,
+        v_BGKD: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         return F.scaled_dot_product_attention(
@@ -164,12 +170,16 @@ def segment_bounds(packed_seq_params: object, total: int) -> list[tuple[int, int
         cu = packed_seq_params.cu_seqlens_q  # type: ignore[attr-defined]
     # One host read per layer; Megatron's own THD RoPE reads cu_seqlens the same way.
     cu_list = [int(x) for x in cu.tolist()]
-    if cu_list[0] != 0 or cu_list[-1] != total or any(b < a for a, b in zip(cu_list, cu_list[1:])):
+    if (
+        cu_list[0] != 0
+        or cu_list[-1] != total
+        or any(b < a for a, b in zip(cu_list, cu_list[1:], strict=False))
+    ):
         raise ValueError(
             f"packed_seq_params.cu_seqlens {cu_list[:8]}... must rise from 0 to the packed "
             f"length {total}"
         )
-    return [(a, b) for a, b in zip(cu_list, cu_list[1:]) if b > a]
+    return [(a, b) for a, b in zip(cu_list, cu_list[1:], strict=False) if b > a]
 
 
 def visible_mask(

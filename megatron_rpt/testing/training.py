@@ -92,7 +92,10 @@ def build_train_step(
         virtual_pipeline_model_parallel_size=vpp,
     )
     model_cfg = ModelConfig(
-        hf_path=hf_dir, dtype=dtype, spec="local", megatron_checkpoint=megatron_checkpoint  # type: ignore[arg-type]
+        hf_path=hf_dir,
+        dtype=dtype,
+        spec="local",
+        megatron_checkpoint=megatron_checkpoint,  # type: ignore[arg-type]
     )
     built = build_pretrained(model_cfg, parallel, groups, output="hidden")
     return TrainStep(

@@ -288,11 +288,14 @@ class MicroBatch:
             for name, value in self.__dict__.items()
         }
         moved["response"] = ResponseIndex(
-            *(t.to(device) for t in (
-                self.response.positions_T,
-                self.response.label_positions_T,
-                self.response.seq_ids_T,
-            ))
+            *(
+                t.to(device)
+                for t in (
+                    self.response.positions_T,
+                    self.response.label_positions_T,
+                    self.response.seq_ids_T,
+                )
+            )
         )
         return MicroBatch(**moved)
 
@@ -333,9 +336,7 @@ def make_micro_batch(batch: RolloutBatch, indices: Sequence[int], layout: str) -
         response=response,
         hidden_index_T=hidden_index_T,
         labels_T=tokens_BS.reshape(-1)[response.label_positions_T],
-        advantages_T=torch.cat(
-            [torch.full((s.response_ids.numel(),), s.advantage) for s in seqs]
-        ),
+        advantages_T=torch.cat([torch.full((s.response_ids.numel(),), s.advantage) for s in seqs]),
         rollout_logprobs_T=torch.cat([s.rollout_logprobs for s in seqs]),
         old_logprobs_T=_cat_optional(seqs, "old_logprobs"),
         ref_logprobs_T=_cat_optional(seqs, "ref_logprobs"),
@@ -353,9 +354,13 @@ def _cat_optional(seqs: list[TrainSequence], name: str) -> torch.Tensor | None:
 def _padding_micro_batch(batch: RolloutBatch, layout: str) -> MicroBatch:
     """Two tokens, one masked-out response token: a real forward/backward with zero gradient."""
     zeros_1 = torch.zeros(1)
-    optional = {name: zeros_1 if batch.has(name) else None for name in ("old_logprobs", "ref_logprobs")}
+    optional = {
+        name: zeros_1 if batch.has(name) else None for name in ("old_logprobs", "ref_logprobs")
+    }
     response = ResponseIndex(
-        torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+        torch.zeros(1, dtype=torch.long),
+        torch.ones(1, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
     )
     return MicroBatch(
         tokens=torch.zeros(1, 2, dtype=torch.long),
@@ -375,9 +380,47 @@ def _padding_micro_batch(batch: RolloutBatch, layout: str) -> MicroBatch:
     )
 
 
-def rank_micro_batches(batch: RolloutBatch, plan: BatchPlan, dp_rank: int, layout: str) -> list[MicroBatch]:
+def rank_micro_batches(
+    batch: RolloutBatch, plan: BatchPlan, dp_rank: int, layout: str
+) -> list[MicroBatch]:
     """This DP rank's micro-batches, in plan order."""
     return [make_micro_batch(batch, idx, layout) for idx in plan.micro_batches[dp_rank]]
+
+
+def pad_to_common_shape(micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+    """Pad every micro-batch to the same ``[B, S]`` (for schedules that need fixed shapes).
+
+    Packed: the row is extended by one extra segment of token 0 (its own causal segment, no
+    loss). Padded: rows and columns of token 0 are appended. Response tokens, labels and loss
+    inputs are unchanged; only positions into the larger tensors are recomputed.
+    """
+    rows = max(mb.tokens.shape[0] for mb in micro_batches)
+    width = max(mb.tokens.shape[1] for mb in micro_batches)
+    return [_pad_micro_batch(mb, rows, width) for mb in micro_batches]
+
+
+def _pad_micro_batch(mb: MicroBatch, rows: int, width: int) -> MicroBatch:
+    old_rows, old_width = mb.tokens.shape
+    if (old_rows, old_width) == (rows, width):
+        return mb
+    tokens = torch.zeros(rows, width, dtype=mb.tokens.dtype)
+    tokens[:old_rows, :old_width] = mb.tokens
+    fields = dict(mb.__dict__)
+    if mb.packed:
+        assert rows == old_rows == 1, "packed micro-batches have one row"
+        extra = width - old_width
+        fields["position_ids"] = torch.cat([mb.position_ids, torch.arange(extra)[None]], dim=1)
+        fields["cu_seqlens"] = torch.cat([mb.cu_seqlens, mb.cu_seqlens.new_tensor([width])])
+        fields["max_seqlen"] = max(mb.max_seqlen, extra)
+    else:
+        fields["position_ids"] = torch.arange(width).expand(rows, width).contiguous()
+        row_T = mb.response.positions_T // old_width
+        col_T = mb.response.positions_T % old_width
+        positions_T = row_T * width + col_T
+        fields["response"] = ResponseIndex(positions_T, positions_T + 1, mb.response.seq_ids_T)
+        fields["hidden_index_T"] = col_T * rows + row_T
+    fields["tokens"] = tokens
+    return MicroBatch(**fields)
 
 
 __all__ = [
@@ -386,6 +429,7 @@ __all__ = [
     "RolloutBatch",
     "TrainSequence",
     "make_micro_batch",
+    "pad_to_common_shape",
     "partition_dp",
     "plan_batch",
     "plan_micro_batches",

@@ -169,7 +169,9 @@ def _trainer_state(train_step: TrainStep, cfg: CheckpointConfig, extra: dict) ->
     }
 
 
-def prune_checkpoints(checkpoints_dir: Path, keep_last: int, *, keep: Path | None = None) -> list[Path]:
+def prune_checkpoints(
+    checkpoints_dir: Path, keep_last: int, *, keep: Path | None = None
+) -> list[Path]:
     """Delete complete ``step_*`` checkpoints beyond the newest ``keep_last`` (0: keep all)."""
     if keep_last <= 0:
         return []

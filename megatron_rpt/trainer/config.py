@@ -130,7 +130,9 @@ def validate_trainer_configs(
     for ok, name, what in checks:
         if not ok:
             section, field = name.split(".")
-            value = getattr({"optimizer": optimizer, "train": train, "checkpoint": checkpoint}[section], field)
+            value = getattr(
+                {"optimizer": optimizer, "train": train, "checkpoint": checkpoint}[section], field
+            )
             raise ConfigError(f"{name} {what}, got {value!r}")
 
 

@@ -186,8 +186,12 @@ def logprob_func(
     """Forward-only: the micro-batch's log-probs and entropy, keyed for reassembly."""
     logprobs_T, entropy_T = response_logprobs(hidden_SBH, mb, model, ctx)
     zero = hidden_SBH.new_zeros((), dtype=torch.float32)
-    out = {"logprobs_T": logprobs_T.detach().cpu(), "entropy_T": entropy_T.detach().cpu(),
-           "seq_ids_T": mb.response.seq_ids_T.cpu(), "seq_indices": mb.seq_indices}
+    out = {
+        "logprobs_T": logprobs_T.detach().cpu(),
+        "entropy_T": entropy_T.detach().cpu(),
+        "seq_ids_T": mb.response.seq_ids_T.cpu(),
+        "seq_indices": mb.seq_indices,
+    }
     return zero, torch.tensor(0, dtype=torch.int), out
 
 

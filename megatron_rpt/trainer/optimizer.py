@@ -131,7 +131,9 @@ def finalize_grads_without_token_scaling(
     from megatron.core.distributed import finalize_model_grads
 
     del num_tokens
-    finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+    finalize_model_grads(
+        model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce
+    )
 
 
 def attach_to_schedules(

@@ -35,7 +35,13 @@ from megatron_rpt.loss.config import LossConfig
 from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, finalize_metrics
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.trainer import optimizer as optim
-from megatron_rpt.trainer.batch import MicroBatch, RolloutBatch, plan_batch, rank_micro_batches
+from megatron_rpt.trainer.batch import (
+    MicroBatch,
+    RolloutBatch,
+    pad_to_common_shape,
+    plan_batch,
+    rank_micro_batches,
+)
 from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 from megatron_rpt.trainer.forward import LossContext, forward_step, logprob_step
 from megatron_rpt.trainer.metrics import StepMetrics, batch_statistics
@@ -61,7 +67,7 @@ class TrainStep:
         ``temperature`` is the rollout sampling temperature (log-probs use the same
         distribution as the sampler).
         """
-        _check_model(built, temperature)
+        _check_model(built, groups, temperature)
         self.built, self.groups = built, groups
         self.opt_cfg, self.train_cfg, self.loss_cfg = optimizer, train, loss
         self.temperature = float(temperature)
@@ -100,7 +106,9 @@ class TrainStep:
             rollout=dict(batch.info),
         )
         if not success:
-            logger.warning("step %d: optimizer skipped the update (grad norm %s)", self.step, grad_norm)
+            logger.warning(
+                "step %d: optimizer skipped the update (grad norm %s)", self.step, grad_norm
+            )
         return metrics
 
     @torch.no_grad()
@@ -154,7 +162,13 @@ class TrainStep:
             # The interleaved schedule needs a multiple of the pipeline size.
             multiple_of=g.pp_size if g.vpp_size else 1,
         )
-        return rank_micro_batches(batch, plan, g.dp_rank, self.train_cfg.micro_batch_layout)
+        micro_batches = rank_micro_batches(
+            batch, plan, g.dp_rank, self.train_cfg.micro_batch_layout
+        )
+        if not self.built.config.variable_seq_lengths and g.pp_size > 1:
+            # Fixed-shape p2p (the interleaved schedule): one shape for the whole step.
+            micro_batches = pad_to_common_shape(micro_batches)
+        return micro_batches
 
     def _context(self, batch: RolloutBatch) -> LossContext:
         return LossContext(
@@ -169,7 +183,12 @@ class TrainStep:
         )
 
     def _run_schedule(
-        self, step_fn: Any, micro_batches: list[MicroBatch], batch: RolloutBatch, *, forward_only: bool
+        self,
+        step_fn: Any,
+        micro_batches: list[MicroBatch],
+        batch: RolloutBatch,
+        *,
+        forward_only: bool,
     ) -> list[Any]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -179,9 +198,11 @@ class TrainStep:
         iterators = [iter(micro_batches) for _ in self.chunks]
         kwargs: dict[str, Any] = {}
         if g.pp_size > 1:
-            kwargs["p2p_communicator"] = P2PCommunicator(pp_group=g.pp_group, config=self.built.config)
-        # Shapes vary per micro-batch: variable_seq_lengths (model/build.py) makes the stages
-        # exchange them, so these two only need to be valid placeholders.
+            kwargs["p2p_communicator"] = P2PCommunicator(
+                pp_group=g.pp_group, config=self.built.config
+            )
+        # With variable_seq_lengths (model/build.py) the stages exchange each micro-batch's
+        # shape and these two are placeholders; otherwise all micro-batches have this shape.
         seq_length = max(mb.tokens.shape[1] for mb in micro_batches)
         micro_batch_size = max(mb.tokens.shape[0] for mb in micro_batches)
         with patches.cuda_device_mode():
@@ -234,9 +255,19 @@ class TrainStep:
         return dist.get_global_rank(self.groups.pp_group, self.groups.pp_size - 1)
 
 
-def _check_model(built: BuiltModel, temperature: float) -> None:
+def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) -> None:
     from megatron_rpt.model.rpt_gpt import RPTGPTModel
 
+    if groups.vpp_size and groups.pp_size == 2:
+        # With two stages the previous and next pipeline rank are the same process, and the
+        # interleaved schedule's bidirectional exchange pairs its two sends/receives in the
+        # wrong order: activations and gradients are swapped silently (measured here: a grad
+        # norm of 14.09 instead of 3.23). Megatron-LM PR #5271 / issue #5100.
+        raise ConfigError(
+            "parallel.virtual_pipeline_model_parallel_size needs "
+            "parallel.pipeline_model_parallel_size >= 3 for training: Megatron-Core 0.16.1's "
+            "interleaved schedule swaps activations and gradients at PP=2 (Megatron-LM #5271)"
+        )
     modules = [unwrap_model(chunk) for chunk in built.chunks]
     if not all(isinstance(m, RPTGPTModel) and m.output_hidden_states for m in modules):
         raise ValueError(
