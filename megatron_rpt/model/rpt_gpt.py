@@ -26,21 +26,19 @@ from typing import Any
 import torch
 from megatron.core.models.gpt import GPTModel
 
+from megatron_rpt.errors import ConfigError
+
 
 class RPTGPTModel(GPTModel):
     """``GPTModel`` whose last stage can return final hidden states instead of logits."""
 
-    def __init__(self, *args: Any, output_hidden_states: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.output_hidden_states = output_hidden_states
+    def __init__(
+        self, config: Any, *args: Any, output_hidden_states: bool = True, **kwargs: Any
+    ) -> None:
         if output_hidden_states:
-            if self.config.mtp_num_layers is not None:
-                raise ValueError("RPTGPTModel: hidden-state output does not support MTP layers")
-            if self.config.sequence_parallel:
-                raise ValueError(
-                    "RPTGPTModel: hidden-state output does not support sequence_parallel "
-                    "(the final hidden states would be split along the sequence over TP ranks)"
-                )
+            _check_hidden_output_supported(config)
+        super().__init__(config, *args, **kwargs)
+        self.output_hidden_states = output_hidden_states
 
     def _postprocess(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.output_hidden_states and self.post_process:
@@ -53,6 +51,22 @@ class RPTGPTModel(GPTModel):
         if self.share_embeddings_and_output_weights:
             return self.shared_embedding_or_output_weight()
         return self.output_layer.weight
+
+
+def _check_hidden_output_supported(config: Any) -> None:
+    if config.mtp_num_layers is not None:
+        raise ConfigError(
+            "model.transformer_overrides: mtp_num_layers is not supported by the RPT trainer "
+            "(RPTGPTModel's hidden-state output)"
+        )
+    if config.sequence_parallel:
+        # The fused loss would need gather_from_sequence_parallel_region (with
+        # logprobs_from_hidden(reduce_hidden_grad=False)) and packed rows padded to a multiple
+        # of TP; not implemented (and sequence parallelism cannot run on CPU to test it).
+        raise ConfigError(
+            "model.transformer_overrides: sequence_parallel is not supported by the RPT trainer "
+            "(RPTGPTModel's hidden-state output)"
+        )
 
 
 __all__ = ["RPTGPTModel"]

@@ -79,6 +79,25 @@ class TrainStep:
         """Optimizer steps completed."""
         self.device = next(self.chunks[0].parameters()).device
 
+    @classmethod
+    def from_config(cls, cfg: Any, groups: ParallelGroups) -> TrainStep:
+        """Build the model from ``cfg.model`` / ``cfg.parallel`` and wrap it (an ``RPTConfig``).
+
+        Initial weights come from ``model.hf_path`` or ``model.megatron_checkpoint``; resume
+        from a training checkpoint with ``trainer.checkpoint.load_training_checkpoint``.
+        """
+        from megatron_rpt.model.loading import build_pretrained
+
+        built = build_pretrained(cfg.model, cfg.parallel, groups, output="hidden")
+        return cls(
+            built,
+            groups,
+            optimizer=cfg.optimizer,
+            train=cfg.train,
+            loss=cfg.loss,
+            temperature=cfg.rollout.temperature,
+        )
+
     # ------------------------------------------------------------------ public API
 
     def train_step(self, batch: RolloutBatch) -> StepMetrics:

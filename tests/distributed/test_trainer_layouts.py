@@ -2,7 +2,8 @@
 log-probs and update at TP1/PP1/DP1 (computed here, in one process), TP2, PP2, DP2 (2 gloo
 ranks, one spawned run) and PP3 with 2 virtual stages per rank (3 ranks; the interleaved
 schedule with fixed-shape micro-batches, packed and padded). Plus the sign test at DP2 with
-Megatron's DistributedOptimizer (gradients reduce-scattered over DP), and the refusal of
+Megatron's DistributedOptimizer (gradients reduce-scattered over DP; also with the DP
+reduction and parameter all-gather overlapped), and the refusal of
 virtual stages at PP2 (Megatron 0.16.1 swaps activations and gradients there).
 
 Updates are compared with SGD at lr 1, no clipping and no weight decay, so the update is
@@ -25,7 +26,7 @@ from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
 BUDGET = 24  # tokens per micro-batch: 2-3 micro-batches per DP rank for the test batch
 
 
-def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed"):
+def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed", overlap=False):
     from megatron_rpt.testing.training import (
         build_train_step,
         gather_full_parameters,
@@ -34,7 +35,12 @@ def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed"):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 
     if adam:
-        opt = OptimizerConfig(lr=1e-3, use_distributed_optimizer=True)
+        opt = OptimizerConfig(
+            lr=1e-3,
+            use_distributed_optimizer=True,
+            overlap_grad_reduce=overlap,
+            overlap_param_gather=overlap,
+        )
     else:
         opt = OptimizerConfig(
             optimizer="sgd",
@@ -55,6 +61,7 @@ def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed"):
     logprobs = ts.compute_logprobs(batch)
     before = gather_full_parameters(ts.model_modules, ts.groups)
     metrics = ts.train_step(batch)
+    ts.finish_param_sync()  # overlap_param_gather defers the all-gather to the next forward
     after = gather_full_parameters(ts.model_modules, ts.groups)
     return {
         "loss": metrics.loss,
@@ -90,6 +97,7 @@ def _layouts(rank, world_size, hf_dir, deep_dir):
         "pp2": _run(hf_dir, pp=2),
         "dp2": _run(hf_dir),
         "dp2_adam_distopt": _run(hf_dir, adam=True),
+        "dp2_adam_distopt_overlap": _run(hf_dir, adam=True, overlap=True),
         "sign_dp2": _sign_test_dp2(hf_dir),
     }
     try:
@@ -152,8 +160,21 @@ def _check(got, ref, name, *, update=True, min_scale=1e-2, rtol=1e-6):
             )
 
 
-LAYOUTS = ["tp2", "pp2", "dp2", "pp3_vpp2", "pp3_vpp2_padded", "dp2_adam_distopt"]
-REFERENCE = {"pp3_vpp2": "deep", "pp3_vpp2_padded": "deep", "dp2_adam_distopt": "adam"}
+LAYOUTS = [
+    "tp2",
+    "pp2",
+    "dp2",
+    "pp3_vpp2",
+    "pp3_vpp2_padded",
+    "dp2_adam_distopt",
+    "dp2_adam_distopt_overlap",  # overlap_grad_reduce + overlap_param_gather
+]
+REFERENCE = {
+    "pp3_vpp2": "deep",
+    "pp3_vpp2_padded": "deep",
+    "dp2_adam_distopt": "adam",
+    "dp2_adam_distopt_overlap": "adam",
+}
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

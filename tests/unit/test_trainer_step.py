@@ -8,6 +8,8 @@
 * configuration errors.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -211,3 +213,80 @@ def test_configuration_errors(models, process_group):
         TrainStep(logits_model, groups, temperature=1.0, **kwargs)
     with pytest.raises(ConfigError, match="rollout.temperature=0"):
         build_train_step(models["qwen2"], temperature=0.0)
+    # Sequence parallelism needs TP > 1 (Megatron checks that first): flip it on a built config.
+    from megatron_rpt.model.arch import read_arch
+    from megatron_rpt.model.build import build_transformer_config
+    from megatron_rpt.model.rpt_gpt import RPTGPTModel
+    from megatron_rpt.model.specs import local_layer_spec
+
+    arch = read_arch(Path(models["qwen2"]))
+    config = build_transformer_config(arch, ModelConfig(dtype="fp32"), ParallelConfig())
+    config.sequence_parallel = True
+    with pytest.raises(ConfigError, match="sequence_parallel is not supported"):
+        RPTGPTModel(
+            config=config,
+            transformer_layer_spec=local_layer_spec(arch),
+            vocab_size=256,
+            max_sequence_length=64,
+            pg_collection=groups.pg_collection,
+        )
+
+
+def test_from_run_config(models, process_group):
+    from megatron_rpt.config import RPTConfig, validate
+    from megatron_rpt.config_utils import apply_overrides
+    from megatron_rpt.distributed import initialize_model_parallel
+    from megatron_rpt.trainer.step import TrainStep
+
+    cfg = validate(
+        apply_overrides(
+            RPTConfig(),
+            [
+                f"model.hf_path={models['qwen2']}",
+                "model.dtype=fp32",
+                "rollout.temperature=0.8",
+                "optimizer.lr=1e-5",
+                "train.micro_batch_layout=padded",
+            ],
+        )
+    )
+    ts = TrainStep.from_config(cfg, initialize_model_parallel(1, 1))
+    assert ts.temperature == 0.8 and ts.train_cfg.micro_batch_layout == "padded"
+    assert ts.train_step(random_rollout_batch(VOCAB)).lr == 1e-5
+
+
+def test_update_is_minus_the_gradient_of_the_documented_loss(models, process_group):
+    """SGD at lr 1 updates by -grad; compare with autograd through the HF model of the loss
+    -sum_t A_t * logp_t / N (on-policy PPO, token_mean): checks the scale, not only the sign."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_rpt.conversion.converter import WeightConverter
+
+    batch = random_rollout_batch(VOCAB, seed=5)
+    ts = build_train_step(
+        models["qwen2"],
+        optimizer=SGD,
+        train=TrainConfig(max_tokens_per_microbatch=24),
+        temperature=TEMPERATURE,
+    )
+    _, update = _update(ts, batch)
+    converter = WeightConverter(ts.built.arch, ts.built.vocab.padded)
+    hf_update = {}
+    for name, tensor in update.items():
+        hf_update.update(dict(converter.megatron_to_hf(name, tensor)))
+
+    model = AutoModelForCausalLM.from_pretrained(models["qwen2"], dtype=torch.float32)
+    num_tokens = sum(s.response_ids.numel() for s in batch.sequences)
+    loss = 0.0
+    for seq in batch.sequences:
+        tokens = torch.cat([seq.prompt_ids, seq.response_ids])[None]
+        logp = torch.log_softmax(model(tokens).logits[0] / TEMPERATURE, dim=-1)
+        p = seq.prompt_ids.numel()
+        token_logp = logp[p - 1 : -1].gather(1, seq.response_ids[:, None])[:, 0]
+        loss = loss - seq.advantage * token_logp.sum() / num_tokens
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert sorted(grads) == sorted(hf_update)
+    scale = max(g.abs().max().item() for g in grads.values())
+    for name, grad in grads.items():
+        assert (hf_update[name] + grad).abs().max().item() <= 1e-5 * scale, name
