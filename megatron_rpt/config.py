@@ -36,6 +36,12 @@ from megatron_rpt.model.config import (
 from megatron_rpt.reward.config import RewardConfig
 from megatron_rpt.rollout.config import RolloutConfig
 from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
+from megatron_rpt.trainer.config import (
+    CheckpointConfig,
+    OptimizerConfig,
+    TrainConfig,
+    validate_trainer_configs,
+)
 
 
 @dataclass(kw_only=True)
@@ -64,6 +70,9 @@ class RPTConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -126,6 +135,21 @@ def _check_rollout(cfg: RPTConfig) -> None:
 @rule
 def _check_weight_sync(cfg: RPTConfig) -> None:
     validate_weight_sync_config(cfg.weight_sync)
+
+
+@rule
+def _check_trainer(cfg: RPTConfig) -> None:
+    validate_trainer_configs(cfg.optimizer, cfg.train, cfg.checkpoint)
+    if cfg.optimizer.optimizer == "sgd" and cfg.optimizer.use_distributed_optimizer:
+        raise ConfigError(
+            "optimizer.optimizer=sgd needs optimizer.use_distributed_optimizer=false "
+            "(Megatron's DistributedOptimizer supports Adam only)"
+        )
+    if cfg.rollout.temperature == 0:
+        raise ConfigError(
+            "rollout.temperature=0 (greedy) cannot be trained on: the policy gradient needs "
+            "the log-probs of softmax(logits / T) with T > 0"
+        )
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

@@ -163,10 +163,11 @@ def single_process_group(timeout_s: float = 600.0) -> Iterator[bool]:
 
 
 def _apply_cpu_patches() -> None:
-    if not capabilities.have_cuda():
-        from megatron_rpt import patches
+    # CPU-only patches are skipped on GPU machines inside apply_cpu_patches; the optimizer
+    # checkpoint fixes apply wherever Megatron falls back to torch's Adam.
+    from megatron_rpt import patches
 
-        patches.apply_cpu_patches()
+    patches.apply_cpu_patches()
 
 
 __all__ = [

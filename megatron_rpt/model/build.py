@@ -8,6 +8,13 @@ This is the ONE place that builds Megatron's ``TransformerConfig``
   the HF base (and Llama-3 scaling), GQA via ``num_query_groups``, ``kv_channels = head_dim``;
   Qwen2 adds QKV biases, Qwen3 per-head Q/K RMSNorm; tied embeddings share the output layer.
 * CPU: ``use_cpu_initialization`` (MEGATRON_ON_CPU.md C1) and ``batch_p2p_sync=False`` (C4).
+* Training contract (trainer/step.py): ``calculate_per_token_loss=True`` so that Megatron
+  neither divides micro-batch losses by their number nor averages gradients over DP (our
+  losses carry global-batch denominators), and ``variable_seq_lengths=True`` so pipeline
+  stages exchange each micro-batch's shape (token-budget micro-batches differ in length);
+  not with virtual pipeline stages (see ``build_transformer_config``).
+* ``output="hidden"`` builds ``RPTGPTModel`` (model/rpt_gpt.py), whose last stage returns the
+  final hidden states for the fused response-only log-prob; ``"logits"`` the stock GPTModel.
 * bf16: params in bf16 and the model wrapped in ``Float16Module`` (C5), as Megatron's DDP
   training does; fp32 models are not wrapped.
 * Vocabulary padded to a multiple of ``make_vocab_size_divisible_by x TP`` unless a checkpoint
@@ -148,12 +155,22 @@ def build_transformer_config(
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=on_cpu,
         perform_initialization=initialize,
+        # See the module docstring (training contract); it changes no forward pass.
+        calculate_per_token_loss=True,
     )
     if on_cpu:
         kwargs["batch_p2p_sync"] = False
     kwargs.update(_recompute_kwargs(model_cfg))
     kwargs.update(model_cfg.transformer_overrides)
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    if config.num_moe_experts is None and parallel.virtual_pipeline_model_parallel_size is None:
+        # Set after construction: __post_init__ rejects variable_seq_lengths whenever the MoE
+        # token dispatcher is 'allgather' (its default), even for a dense model that has no
+        # dispatcher. Only the pipeline p2p code reads it (to exchange tensor shapes). Not with
+        # the interleaved schedule: its shape exchange deadlocks at PP >= 4 in 0.16.1
+        # (Megatron-LM #5100); the trainer pads its micro-batches to one shape there instead.
+        config.variable_seq_lengths = True
+    return config
 
 
 def _recompute_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -176,18 +193,27 @@ def build_model(
     *,
     padded_vocab: int | None = None,
     initialize: bool = True,
+    output: str = "logits",
 ) -> BuiltModel:
     """GPTModel chunk(s) of this rank's pipeline stage(s), in ``model_cfg.dtype``.
 
     ``padded_vocab`` forces the padded vocabulary (a checkpoint's); it must hold the true
     vocabulary and be divisible by TP. ``initialize=False`` (TP=1 only, see
     ``build_transformer_config``) leaves parameters uninitialised for a loader to fill.
+    ``output``: 'logits' (Megatron's GPTModel) or 'hidden' (``RPTGPTModel`` returning final
+    hidden states on the last stage, for the trainer's fused log-prob).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
     from megatron_rpt import patches
+    from megatron_rpt.model.rpt_gpt import RPTGPTModel
 
+    if output not in ("logits", "hidden"):
+        raise ValueError(f"output must be 'logits' or 'hidden', not {output!r}")
+    model_cls, extra = (
+        (GPTModel, {}) if output == "logits" else (RPTGPTModel, {"output_hidden_states": True})
+    )
     _check_layout(parallel, groups)
     if not initialize and groups.tp_size > 1:
         raise ValueError("initialize=False needs TP=1 (Megatron then skips the TP attributes)")
@@ -199,7 +225,7 @@ def build_model(
         pre, post = groups.stage_flags(vp_stage)
         # Tied embeddings over PP stages call `weight.data.cuda()` while building.
         with patches.cuda_device_mode():
-            model = GPTModel(
+            model = model_cls(
                 config=config,
                 transformer_layer_spec=spec.spec,
                 vocab_size=vocab.padded,
@@ -213,6 +239,7 @@ def build_model(
                 rope_scaling_factor=arch.rope_scaling_factor or 8.0,
                 pg_collection=groups.pg_collection,
                 vp_stage=vp_stage if groups.vpp_size else None,
+                **extra,
             )
         if config.bf16:
             model = Float16Module(config, model)

@@ -10,7 +10,8 @@ the trainer)::
       model/           Megatron dist_checkpointing save (torch_dist, fully reshardable) of the
                        model's sharded_state_dict: loads at any TP/PP/DP
       hf/              config.json, tokenizer files, generation_config.json of the source model
-      optimizer/ ...   (trainer checkpoints only)
+      optimizer/ ...   (trainer checkpoints only: trainer/checkpoint.py adds optimizer/, rng/
+                       and trainer_state.json through save_checkpoint's ``extra_writer``)
 
 A *checkpoints directory* of a run holds several of these; the one to resume from is named in
 its ``latest`` file, else it is the complete sub-directory with the highest trailing number.
@@ -29,6 +30,7 @@ import datetime
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,7 +203,11 @@ def _latest_in_run_dir(root: Path) -> Path | None:
 # ----------------------------------------------------------------------------- save / load
 
 
-def _sharded_state_dicts(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """The model's dist_checkpointing sharded state dict, in the layout this module saves.
+
+    One chunk: the chunk's own dict; virtual pipeline chunks: ``{'model0': ..., ...}``.
+    """
     from megatron_rpt.conversion.converter import unwrap_model
 
     if len(chunks) == 1:
@@ -218,11 +224,14 @@ def save_checkpoint(
     *,
     hf_source: Path | None,
     overwrite: bool = False,
+    extra_writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a checkpoint of the model (collective over all ranks), atomically.
 
     Rank 0 owns the temporary directory (renamed into place only after every rank saved) and
-    writes ``hf/`` and ``metadata.json``.
+    writes ``hf/`` and ``metadata.json``. ``extra_writer(tmp_dir)`` runs on every rank after the
+    model and before ``metadata.json`` (the trainer adds its optimizer and state there); if it
+    raises on any rank, nothing appears at ``path``.
     """
     from megatron.core import dist_checkpointing
 
@@ -233,7 +242,9 @@ def save_checkpoint(
     with _Rank0AtomicDir(path, overwrite) as tmp:
         tmp = Path(tmp)
         (tmp / MODEL_DIR).mkdir(exist_ok=True)
-        dist_checkpointing.save(_sharded_state_dicts(chunks), str(tmp / MODEL_DIR))
+        dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
+        if extra_writer is not None:
+            extra_writer(tmp)
         if rank == 0:
             if hf_source is not None:
                 (tmp / HF_DIR).mkdir()
@@ -296,7 +307,7 @@ def load_checkpoint(chunks: list[torch.nn.Module], ckpt: ResolvedCheckpoint) -> 
 
     from megatron_rpt.conversion.converter import unwrap_model
 
-    sharded = _sharded_state_dicts(chunks)
+    sharded = model_sharded_state_dict(chunks)
     check_shapes(sharded, ckpt.model_dir)
     try:
         state = dist_checkpointing.load(

@@ -41,6 +41,9 @@ RESERVED_OVERRIDES = frozenset(
         "pipeline_dtype",
         "use_cpu_initialization",
         "vocab_size",
+        # The trainer's loss normalisation and variable-length micro-batches rely on these.
+        "calculate_per_token_loss",
+        "variable_seq_lengths",
     }
 )
 

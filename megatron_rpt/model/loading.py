@@ -86,9 +86,16 @@ def _shape_fields(arch: ArchSpec) -> tuple:
 
 
 def build_pretrained(
-    model_cfg: ModelConfig, parallel: ParallelConfig, groups: ParallelGroups
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    groups: ParallelGroups,
+    *,
+    output: str = "logits",
 ) -> BuiltModel:
-    """Build this rank's chunks and load the initial weights (collective over all ranks)."""
+    """Build this rank's chunks and load the initial weights (collective over all ranks).
+
+    ``output='hidden'`` builds the trainer's ``RPTGPTModel`` (see ``build_model``).
+    """
     source = resolve_source(model_cfg)
     # Megatron sets the TP attributes of a parameter (tensor_model_parallel, partition_dim,
     # partition_stride) only inside its init functions; DDP, grad-norm and the TP sharding
@@ -100,6 +107,7 @@ def build_pretrained(
         groups,
         padded_vocab=source.padded_vocab,
         initialize=groups.tp_size > 1,
+        output=output,
     )
     built.hf_dir = source.hf_dir
     if source.checkpoint is not None:

@@ -21,8 +21,17 @@ Masking contract (the same for every caller):
 * A query row left with no visible key (e.g. a left-padding token) attends to itself only,
   so no NaN can appear and spread through later layers; such rows are meaningless and must be
   excluded from the loss by the caller.
-* ``packed_seq_params`` (THD packed sequences) is not supported yet and raises; so do
-  attention biases, sliding windows and non-vanilla softmax variants.
+* Packed sequences (``packed_seq_params.qkv_format == "thd"``): Megatron then passes
+  query ``[T, N, D]`` and key/value ``[T, G, D]`` (the batch dimension of 1 squeezed away) and
+  reshapes the ``[T, N*D]`` result itself. Attention is causal *within* each segment
+  ``[cu_seqlens[i], cu_seqlens[i+1])`` and never crosses segments: one causal SDPA call per
+  segment, so memory stays O(longest segment^2) and no dense ``T x T`` mask is ever built.
+  ``cu_seqlens_q_padded`` (segments padded for context parallelism) is honoured when given;
+  the padding slots then attend causally among themselves and must carry no loss. RoPE
+  restarts per segment in Megatron itself (``rope_utils._apply_rotary_pos_emb_thd``, from the
+  same ``cu_seqlens``), so positions inside each segment start at 0. ``attention_mask`` must
+  be None with packing (segments replace it).
+* Attention biases, sliding windows and non-vanilla softmax variants raise.
 """
 
 from __future__ import annotations
@@ -76,36 +85,101 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: object = None,
     ) -> torch.Tensor:
-        """query [S, B, N, D], key/value [K, B, G, D] -> context [S, B, N*D]."""
-        if packed_seq_params is not None:
-            raise NotImplementedError("SDPACoreAttention: packed sequences are not supported yet")
+        """query [S, B, N, D], key/value [K, B, G, D] -> context [S, B, N*D].
+
+        Packed (thd): query [T, N, D], key/value [T, G, D] -> context [T, N*D].
+        """
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: attention_bias is not supported")
+        if packed_seq_params is not None:
+            return self._forward_packed(query, key, value, attention_mask, packed_seq_params)
         q_BNSD, k_BGKD, v_BGKD = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         seq_q, seq_k = q_BNSD.shape[2], k_BGKD.shape[2]
         mask = None
         if attention_mask is not None or seq_q != seq_k:
             mask = visible_mask(seq_q, seq_k, attention_mask, device=q_BNSD.device)
-        dropout_p = self.dropout_p if self.training else 0.0
-        # Like Megatron's DotProductAttention: dropout draws from the model-parallel RNG.
-        rng = (
-            tensor_parallel.get_cuda_rng_tracker().fork()
-            if dropout_p > 0
-            else contextlib.nullcontext()
-        )
-        with rng:
-            ctx_BNSD = F.scaled_dot_product_attention(
-                q_BNSD,
-                k_BGKD,
-                v_BGKD,
-                attn_mask=mask,
-                dropout_p=dropout_p,
-                is_causal=mask is None,
-                scale=self.softmax_scale,
-                enable_gqa=q_BNSD.shape[1] != k_BGKD.shape[1],
-            )
+        with self._dropout_rng():
+            ctx_BNSD = self._sdpa(q_BNSD, k_BGKD, v_BGKD, mask)
         ctx_SBND = ctx_BNSD.permute(2, 0, 1, 3)
         return ctx_SBND.reshape(seq_q, ctx_SBND.shape[1], -1)
+
+    def _forward_packed(
+        self,
+        query_TND: torch.Tensor,
+        key_TGD: torch.Tensor,
+        value_TGD: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packed_seq_params: object,
+    ) -> torch.Tensor:
+        """Causal attention inside each ``cu_seqlens`` segment: [T, N, D] -> [T, N*D]."""
+        if getattr(packed_seq_params, "qkv_format", None) != "thd":
+            raise NotImplementedError(
+                "SDPACoreAttention: packed sequences need qkv_format='thd', got "
+                f"{getattr(packed_seq_params, 'qkv_format', None)!r}"
+            )
+        if attention_mask is not None:
+            raise ValueError("SDPACoreAttention: attention_mask must be None with packed sequences")
+        bounds = segment_bounds(packed_seq_params, query_TND.shape[0])
+        outputs = []
+        with self._dropout_rng():
+            for start, end in bounds:
+                # [L, N, D] -> [1, N, L, D]: one causal SDPA call per sequence.
+                q, k, v = (
+                    t[start:end].permute(1, 0, 2).unsqueeze(0)
+                    for t in (query_TND, key_TGD, value_TGD)
+                )
+                outputs.append(self._sdpa(q, k, v, None)[0].permute(1, 0, 2))
+        ctx_TND = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return ctx_TND.reshape(ctx_TND.shape[0], -1)
+
+    def _dropout_rng(self) -> contextlib.AbstractContextManager:
+        # Like Megatron's DotProductAttention: dropout draws from the model-parallel RNG.
+        if self.training and self.dropout_p > 0:
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
+
+    def _sdpa(
+        self,
+        q_BNSD: torch.Tensor,
+        k_BGKD: torch.Tensor,
+        v_BGKD: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q_BNSD,
+            k_BGKD,
+            v_BGKD,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
+            enable_gqa=q_BNSD.shape[1] != k_BGKD.shape[1],
+        )
+
+
+def segment_bounds(packed_seq_params: object, total: int) -> list[tuple[int, int]]:
+    """``[(start, end)]`` of the packed segments (``cu_seqlens_q_padded`` when given).
+
+    >>> from types import SimpleNamespace
+    >>> segment_bounds(SimpleNamespace(cu_seqlens_q=torch.tensor([0, 3, 5]),
+    ...                                cu_seqlens_q_padded=None), 5)
+    [(0, 3), (3, 5)]
+    """
+    cu = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q  # type: ignore[attr-defined]
+    # One host read per layer; Megatron's own THD RoPE reads cu_seqlens the same way.
+    cu_list = [int(x) for x in cu.tolist()]
+    if (
+        cu_list[0] != 0
+        or cu_list[-1] != total
+        or any(b < a for a, b in zip(cu_list, cu_list[1:], strict=False))
+    ):
+        raise ValueError(
+            f"packed_seq_params.cu_seqlens {cu_list[:8]}... must rise from 0 to the packed "
+            f"length {total}"
+        )
+    return [(a, b) for a, b in zip(cu_list, cu_list[1:], strict=False) if b > a]
 
 
 def visible_mask(

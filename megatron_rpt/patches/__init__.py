@@ -13,11 +13,19 @@ device     ``torch.cuda.current_device()`` -> cpu  RoPE ``get_emb``, PP p2p rece
 sync       ``torch.cuda.synchronize()`` -> no-op   dist_checkpointing ``torch_dist`` save
            (global, applied once)                  (``FileSystemWriterAsync.preload_tensors``)
 mode       ``device="cuda"`` -> cpu inside a       pipeline schedules' ``total_num_tokens``
-           ``cuda_device_mode()`` block only       (``torch.zeros(..., device="cuda")``)
+           ``cuda_device_mode()`` /                (``torch.zeros(..., device="cuda")``), the
+           ``optimizer_mode()`` block only         optimizer's flags/scalers, grad-norm buffers
+typestr    CPU ``Tensor.type()`` reports the       the optimizer's ``param.type()`` dtype checks
+           CUDA name, in ``optimizer_mode()``      (DistributedOptimizer, Float16 optimizer)
+           only
+optckpt    DistributedOptimizer checkpoint fixes   torch-Adam ``step`` state on checkpoint load
+           (global; whenever Megatron falls back   (MEGATRON_ON_CPU.md section 6: three bugs)
+           to torch Adam, i.e. without TE/Apex)
 =========  ======================================  ==============================================
 
 Rules: patches are applied only when no CUDA device is usable (``capabilities.have_cuda()``),
-by ``megatron_rpt.distributed.initialize_model_parallel``; each can be switched off with
+by ``megatron_rpt.distributed.initialize_model_parallel``; 'optckpt' also on a GPU machine
+whenever Megatron's optimizer uses torch's Adam (no TE/Apex: the bugs are in that path); each can be switched off with
 ``MEGATRON_RPT_CPU_PATCHES`` (comma-separated names to apply, ``none`` for none; default all).
 Every patch module states what it changes, why that is safe and when to remove it, and has a
 ``upstream_fails()`` probe that runs the unpatched upstream code path; tests/unit/test_patches.py
@@ -32,7 +40,13 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
-from megatron_rpt.patches import cuda_current_device, cuda_synchronize, cuda_to_cpu_mode
+from megatron_rpt.patches import (
+    cuda_current_device,
+    cuda_synchronize,
+    cuda_to_cpu_mode,
+    cuda_type_string,
+    dist_optimizer_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +54,8 @@ PATCHES: dict[str, ModuleType] = {
     "device": cuda_current_device,
     "sync": cuda_synchronize,
     "mode": cuda_to_cpu_mode,
+    "typestr": cuda_type_string,
+    "optckpt": dist_optimizer_checkpoint,
 }
 ENV_VAR = "MEGATRON_RPT_CPU_PATCHES"
 
@@ -59,15 +75,19 @@ def enabled_patches() -> list[str]:
 
 
 def apply_cpu_patches() -> list[str]:
-    """Apply the enabled global patches (idempotent); no-op when a GPU is usable."""
+    """Apply the enabled global patches that this machine needs (idempotent).
+
+    CPU-only patches are skipped when a GPU is usable; a patch module may decide for itself
+    with a ``needed()`` function ('optckpt': whenever Megatron uses torch's Adam).
+    """
     from megatron_rpt import capabilities
 
-    if capabilities.have_cuda():
-        return []
+    on_gpu = capabilities.have_cuda()
     applied = []
     for name in enabled_patches():
         module = PATCHES[name]
-        if getattr(module, "GLOBAL", False) and not module.is_applied():
+        needed = module.needed() if hasattr(module, "needed") else not on_gpu
+        if needed and getattr(module, "GLOBAL", False) and not module.is_applied():
             module.apply()
             applied.append(name)
     if applied:
@@ -85,6 +105,23 @@ def cuda_device_mode() -> contextlib.AbstractContextManager:
     if capabilities.have_cuda() or "mode" not in enabled_patches():
         return contextlib.nullcontext()
     return cuda_to_cpu_mode.CudaToCpuMode()
+
+
+def optimizer_mode() -> contextlib.AbstractContextManager:
+    """Context for Megatron optimizer calls on CPU: the 'mode' and 'typestr' patches.
+
+    A no-op on GPU machines; each part is skipped when switched off.
+    """
+    from megatron_rpt import capabilities
+
+    stack = contextlib.ExitStack()
+    if not capabilities.have_cuda():
+        names = enabled_patches()
+        if "mode" in names:
+            stack.enter_context(cuda_to_cpu_mode.CudaToCpuMode())
+        if "typestr" in names:
+            stack.enter_context(cuda_type_string.CudaTypeStringMode())
+    return stack
 
 
 @contextlib.contextmanager
@@ -109,4 +146,11 @@ def is_cuda_failure(exc: BaseException) -> bool:
     )
 
 
-__all__ = ["PATCHES", "apply_cpu_patches", "cuda_device_mode", "enabled_patches", "reverted"]
+__all__ = [
+    "PATCHES",
+    "apply_cpu_patches",
+    "cuda_device_mode",
+    "enabled_patches",
+    "optimizer_mode",
+    "reverted",
+]

@@ -48,3 +48,40 @@ def test_cuda_device_mode_is_scoped():
         assert t.device.type == "cpu" and t.cuda() is t and t.to("cuda").device.type == "cpu"
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def optimizer_checkpoint_bugs():
+    from megatron_rpt.patches import dist_optimizer_checkpoint
+
+    with patches.reverted("optckpt"):
+        return dist_optimizer_checkpoint.upstream_bugs()
+
+
+@pytest.mark.parametrize("bug", ["fresh_load_asserts", "step_overwritten", "step_shared"])
+def test_each_optimizer_checkpoint_bug_is_still_upstream(optimizer_checkpoint_bugs, bug):
+    assert optimizer_checkpoint_bugs[bug], (
+        f"DistributedOptimizer bug '{bug}' is fixed upstream: drop its fix from "
+        "megatron_rpt/patches/dist_optimizer_checkpoint.py"
+    )
+
+
+def test_optimizer_checkpoint_patch_fixes_all_three_bugs():
+    from megatron_rpt.patches import dist_optimizer_checkpoint
+
+    assert dist_optimizer_checkpoint.upstream_bugs(patched=True) == {
+        "fresh_load_asserts": False,
+        "step_overwritten": False,
+        "step_shared": False,
+    }
+    assert dist_optimizer_checkpoint.is_applied()
+
+
+def test_type_strings_are_scoped_to_the_optimizer():
+    t = torch.zeros(2)
+    with patches.optimizer_mode():
+        assert t.type() == "torch.cuda.FloatTensor"
+        assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        assert t.type(torch.float64).dtype == torch.float64  # a cast is not touched
+        assert torch.zeros(1, device="cuda").device.type == "cpu"  # 'mode' is active too
+    assert t.type() == "torch.FloatTensor"

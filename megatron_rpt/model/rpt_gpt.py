@@ -1,0 +1,72 @@
+"""``RPTGPTModel``: Megatron's ``GPTModel`` that can stop before the output layer.
+
+The RPT loss needs log-probs of the *response* tokens only, and computes them with the fused,
+chunked, vocab-parallel ``loss.logprobs_from_hidden`` (which applies the output layer itself,
+a chunk of tokens at a time, and recomputes the logits in backward). Running Megatron's output
+layer over every packed position first would build the ``[T, V/tp]`` logits that this avoids
+(context tokens, the bulk of an RPT sequence, carry no loss).
+
+With ``output_hidden_states = True`` (what ``build_model(..., output="hidden")`` sets) the last
+pipeline stage returns the decoder's final hidden states ``[S, B, H]`` (``[T, 1, H]`` for packed
+sequences), already through the final RMSNorm: in Megatron-Core the final norm belongs to the
+``TransformerBlock``, not to ``_postprocess``. Everything else (embedding, decoder, pipeline
+stages, checkpoint keys, the output layer's parameters and its tying to the embedding) is the
+stock ``GPTModel``: ``output_weight()`` hands the loss the weight Megatron itself would use.
+Switch ``output_hidden_states`` off to get ordinary logits (e.g. ``model/logits.py``).
+
+Not supported with hidden output: multi-token prediction (its heads live in ``_postprocess``)
+and sequence parallelism (the hidden states would be split over TP ranks along the sequence;
+``build_model`` refuses both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_rpt.errors import ConfigError
+
+
+class RPTGPTModel(GPTModel):
+    """``GPTModel`` whose last stage can return final hidden states instead of logits."""
+
+    def __init__(
+        self, config: Any, *args: Any, output_hidden_states: bool = True, **kwargs: Any
+    ) -> None:
+        if output_hidden_states:
+            _check_hidden_output_supported(config)
+        super().__init__(config, *args, **kwargs)
+        self.output_hidden_states = output_hidden_states
+
+    def _postprocess(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.output_hidden_states and self.post_process:
+            return hidden_states  # [S, B, H], final-normed by the TransformerBlock
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+    def output_weight(self) -> torch.Tensor:
+        """This TP rank's output-layer rows ``[V/tp, H]`` (the embedding when tied)."""
+        assert self.post_process, "output_weight() exists on the last pipeline stage only"
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+def _check_hidden_output_supported(config: Any) -> None:
+    if config.mtp_num_layers is not None:
+        raise ConfigError(
+            "model.transformer_overrides: mtp_num_layers is not supported by the RPT trainer "
+            "(RPTGPTModel's hidden-state output)"
+        )
+    if config.sequence_parallel:
+        # The fused loss would need gather_from_sequence_parallel_region (with
+        # logprobs_from_hidden(reduce_hidden_grad=False)) and packed rows padded to a multiple
+        # of TP; not implemented (and sequence parallelism cannot run on CPU to test it).
+        raise ConfigError(
+            "model.transformer_overrides: sequence_parallel is not supported by the RPT trainer "
+            "(RPTGPTModel's hidden-state output)"
+        )
+
+
+__all__ = ["RPTGPTModel"]
