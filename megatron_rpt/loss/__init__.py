@@ -10,7 +10,7 @@ Public API:
 * metrics: ``accumulate_metrics``, ``all_reduce_metrics``, ``finalize_metrics``
 * log-probs (vocab-parallel, explicit ``tp_group``): ``logprobs_from_hidden``,
   ``logprobs_from_logits``, ``naive_logprobs_entropy``, ``response_positions``,
-  ``ResponseIndex``
+  ``shared_prefix_response_positions``, ``ResponseIndex``
 """
 
 from megatron_rpt.loss.advantages import (
@@ -28,6 +28,7 @@ from megatron_rpt.loss.logprobs import (
     logprobs_from_logits,
     naive_logprobs_entropy,
     response_positions,
+    shared_prefix_response_positions,
 )
 from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, finalize_metrics
 from megatron_rpt.loss.policy_loss import (
@@ -60,6 +61,7 @@ __all__ = [
     "naive_logprobs_entropy",
     "policy_loss",
     "response_positions",
+    "shared_prefix_response_positions",
     "tis_weights",
     "validate_loss_config",
 ]

@@ -493,3 +493,44 @@ def response_positions(
     within_T = torch.arange(int(resp_S.sum()), device=cu_S1.device) - offset_S[seq_ids_T]
     positions_T = first_S[seq_ids_T] + within_T
     return ResponseIndex(positions_T, positions_T + 1, seq_ids_T)
+
+
+def shared_prefix_response_positions(
+    first_predictor_S: torch.Tensor,
+    response_start_S: torch.Tensor,
+    response_lens_S: torch.Tensor,
+) -> ResponseIndex:
+    """Positions predicting response tokens when a response need not follow its context.
+
+    In the shared-prefix layout (model/shared_prefix.py) the G responses of a group sit one
+    after another behind ONE copy of the context. Response s occupies packed slots
+    ``[start_s, start_s + R_s)``. Its first token is predicted by the context's last slot
+    ``first_predictor_S[s]``, which all G responses of the group share (the loss gathers that
+    hidden state G times, with G different labels; autograd sums the gradients); its token
+    ``k >= 1`` is predicted by slot ``start_s + k - 1``, as usual. The last slot of every
+    response predicts nothing we train on.
+
+    Args:
+        first_predictor_S: ``[S]`` slot of the last context token of each response's group.
+        response_start_S: ``[S]`` first slot of each response.
+        response_lens_S: ``[S]`` response tokens (>= 1).
+
+    >>> # ctx in slots 0-2, r_1 in 3-4, r_2 in 5-7
+    >>> idx = shared_prefix_response_positions(
+    ...     torch.tensor([2, 2]), torch.tensor([3, 5]), torch.tensor([2, 3]))
+    >>> idx.positions_T.tolist(), idx.label_positions_T.tolist(), idx.seq_ids_T.tolist()
+    ([2, 3, 2, 5, 6], [3, 4, 5, 6, 7], [0, 0, 1, 1, 1])
+    """
+    first_S, start_S, lens_S = (
+        t.long() for t in (first_predictor_S, response_start_S, response_lens_S)
+    )
+    if not (first_S.shape == start_S.shape == lens_S.shape) or first_S.dim() != 1:
+        raise ValueError("first_predictor_S, response_start_S and response_lens_S must be [S]")
+    if (lens_S < 1).any() or (first_S >= start_S).any():
+        raise ValueError("need R >= 1 and the context before its responses for every response")
+    seq_ids_T = torch.repeat_interleave(torch.arange(len(lens_S), device=lens_S.device), lens_S)
+    offset_S = torch.cumsum(lens_S, 0) - lens_S
+    within_T = torch.arange(int(lens_S.sum()), device=lens_S.device) - offset_S[seq_ids_T]
+    label_positions_T = start_S[seq_ids_T] + within_T
+    positions_T = torch.where(within_T == 0, first_S[seq_ids_T], label_positions_T - 1)
+    return ResponseIndex(positions_T, label_positions_T, seq_ids_T)

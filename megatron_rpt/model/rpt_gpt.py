@@ -14,6 +14,13 @@ stages, checkpoint keys, the output layer's parameters and its tying to the embe
 stock ``GPTModel``: ``output_weight()`` hands the loss the weight Megatron itself would use.
 Switch ``output_hidden_states`` off to get ordinary logits (e.g. ``model/logits.py``).
 
+Shared-prefix layout (model/shared_prefix.py): with ``SharedPrefixParams`` the rotary
+embedding follows the explicit ``position_ids`` (each response of a group continues from the
+context length although it does not follow the context in the packed row): ``_preprocess``
+swaps Megatron's rotary table ``[M, 1, 1, d]`` (``M = max_seqlen_kv``, the longest piece's
+keys, i.e. one past the largest position) for its rows at ``position_ids``, ``[T, 1, 1, d]``,
+which Megatron's attention applies row by row in the params' sbhd format.
+
 Not supported with hidden output: multi-token prediction (its heads live in ``_postprocess``)
 and sequence parallelism (the hidden states would be split over TP ranks along the sequence;
 ``build_model`` refuses both).
@@ -27,6 +34,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.model.shared_prefix import SharedPrefixParams, rotary_rows_at
 
 
 class RPTGPTModel(GPTModel):
@@ -39,6 +47,34 @@ class RPTGPTModel(GPTModel):
             _check_hidden_output_supported(config)
         super().__init__(config, *args, **kwargs)
         self.output_hidden_states = output_hidden_states
+
+    def _preprocess(self, *args: Any, **kwargs: Any) -> Any:
+        out = super()._preprocess(*args, **kwargs)
+        params = kwargs.get("packed_seq_params")
+        if isinstance(params, SharedPrefixParams):
+            out = self._rotary_per_token(out, kwargs.get("position_ids"), params)
+        return out
+
+    def _rotary_per_token(
+        self, preproc: tuple, position_ids: torch.Tensor | None, params: SharedPrefixParams
+    ) -> tuple:
+        """Replace the rotary table (preproc[1]) by its rows at ``position_ids``."""
+        if self.position_embedding_type in ("learned_absolute", "none"):
+            params.rotary_per_token = True  # positions enter through the embedding only
+            return preproc
+        table = preproc[1]
+        if (
+            self.position_embedding_type != "rope"
+            or self.config.multi_latent_attention
+            or table is None
+            or position_ids is None
+        ):
+            raise ConfigError(
+                "train.micro_batch_layout=shared_prefix supports RoPE (or learned/no position "
+                f"embeddings) without multi-latent attention, not {self.position_embedding_type!r}"
+            )
+        params.rotary_per_token = True
+        return (preproc[0], rotary_rows_at(table, position_ids), *preproc[2:])
 
     def _postprocess(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.output_hidden_states and self.post_process:

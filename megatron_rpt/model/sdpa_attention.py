@@ -31,6 +31,12 @@ Masking contract (the same for every caller):
   restarts per segment in Megatron itself (``rope_utils._apply_rotary_pos_emb_thd``, from the
   same ``cu_seqlens``), so positions inside each segment start at 0. ``attention_mask`` must
   be None with packing (segments replace it).
+* Shared-prefix layout (``SharedPrefixParams``, model/shared_prefix.py; qkv_format sbhd, query
+  ``[T, 1, N, D]``): one SDPA call per piece, its keys/values being the piece's prefix rows
+  followed by its own rows, with the bottom-right-aligned causal mask
+  (``torch.nn.attention.bias.causal_lower_right``: flash / memory-efficient kernels on GPU,
+  a ``[L, prefix + L]`` mask per piece on CPU). Gradients of prefix keys/values read by several
+  pieces are summed by autograd.
 * Attention biases, sliding windows and non-vanilla softmax variants raise.
 """
 
@@ -43,6 +49,9 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.nn.attention.bias import causal_lower_right
+
+from megatron_rpt.model.shared_prefix import SharedPrefixParams, check_attention_call
 
 
 class SDPACoreAttention(MegatronModule):
@@ -89,6 +98,10 @@ class SDPACoreAttention(MegatronModule):
 
         Packed (thd): query [T, N, D], key/value [T, G, D] -> context [T, N*D].
         """
+        if isinstance(packed_seq_params, SharedPrefixParams):
+            return self._forward_shared_prefix(
+                query, key, value, attention_mask, attention_bias, packed_seq_params
+            )
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention: attention_bias is not supported")
         if packed_seq_params is not None:
@@ -132,6 +145,35 @@ class SDPACoreAttention(MegatronModule):
         ctx_TND = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
         return ctx_TND.reshape(ctx_TND.shape[0], -1)
 
+    def _forward_shared_prefix(
+        self,
+        query_T1ND: torch.Tensor,
+        key_T1GD: torch.Tensor,
+        value_T1GD: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attention_bias: torch.Tensor | None,
+        params: SharedPrefixParams,
+    ) -> torch.Tensor:
+        """One SDPA per piece (prefix + own keys, bottom-right causal): -> [T, 1, N*D]."""
+        check_attention_call(params, query_T1ND, attention_mask, attention_bias)
+        q_TND, k_TGD, v_TGD = (t.squeeze(1) for t in (query_T1ND, key_T1GD, value_T1GD))
+        outputs = []
+        with self._dropout_rng():
+            for piece in params.pieces:
+                rows = slice(piece.start, piece.end)
+                k_KGD, v_KGD = k_TGD[rows], v_TGD[rows]
+                mask = None  # plain causal
+                if piece.has_prefix:
+                    prefix = slice(piece.prefix_start, piece.prefix_end)
+                    k_KGD = torch.cat([k_TGD[prefix], k_KGD])
+                    v_KGD = torch.cat([v_TGD[prefix], v_KGD])
+                    mask = causal_lower_right(piece.num_queries, piece.num_keys)
+                # [L, N, D] -> [1, N, L, D]
+                q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q_TND[rows], k_KGD, v_KGD))
+                outputs.append(self._sdpa(q, k, v, mask)[0].permute(1, 0, 2))
+        ctx_TND = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return ctx_TND.reshape(ctx_TND.shape[0], 1, -1)
+
     def _dropout_rng(self) -> contextlib.AbstractContextManager:
         # Like Megatron's DotProductAttention: dropout draws from the model-parallel RNG.
         if self.training and self.dropout_p > 0:
@@ -145,6 +187,7 @@ class SDPACoreAttention(MegatronModule):
         v_BGKD: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        # mask None: causal; a CausalBias (bottom-right) is applied by SDPA's own dispatch.
         return F.scaled_dot_product_attention(
             q_BNSD,
             k_BGKD,

@@ -2,7 +2,9 @@
 otherwise, chosen by ``ModelConfig.spec`` (auto | local | te) and logged.
 
 * ``te``: Megatron's ``get_gpt_layer_with_transformer_engine_spec`` (fused layernorm+linear,
-  TE attention; required for FP8). Needs a GPU and an importable Transformer Engine
+  TE attention; required for FP8), with its core attention subclassed to also run the
+  shared-prefix layout (``te_shared_prefix_attention``; any other call goes to Megatron's
+  ``TEDotProductAttention`` unchanged). Needs a GPU and an importable Transformer Engine
   (``capabilities.have_te()``); asking for it without them is a ConfigError, never a silent
   fallback.
 * ``local``: Megatron's ``get_gpt_layer_local_spec`` with RMSNorm, and its core attention
@@ -19,8 +21,9 @@ both.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from megatron_rpt import capabilities
 from megatron_rpt.errors import ConfigError
@@ -75,9 +78,83 @@ def local_layer_spec(arch: ArchSpec) -> object:
 
 
 def te_layer_spec(arch: ArchSpec) -> object:
-    """Megatron-Core's Transformer Engine spec (GPU only)."""
+    """Megatron-Core's Transformer Engine spec (GPU only), shared-prefix-capable attention."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    attention = spec.submodules.self_attention.submodules
+    shared_prefix_cls = te_shared_prefix_attention()
+    # The subclass extends TEDotProductAttention only; any other core attention would receive
+    # SharedPrefixParams it does not understand.
+    assert attention.core_attention is shared_prefix_cls.__base__, attention.core_attention
+    attention.core_attention = shared_prefix_cls
+    return spec
+
+
+@functools.cache
+def te_shared_prefix_attention() -> type:
+    """``TEDotProductAttention`` that also computes the shared-prefix layout (GPU, TE only).
+
+    With ``SharedPrefixParams`` (model/shared_prefix.py) the pieces become ONE variable-length
+    TE attention call: queries are the packed rows in thd format with ``cu_seqlens_q`` over
+    the pieces; keys/values are gathered into a buffer with each piece's prefix rows before
+    its own rows (``kv_index``, gradients scatter-added back by autograd) with
+    ``cu_seqlens_kv``; the mask is TE's ``padding_causal_bottom_right`` (query i of a piece
+    sees keys j <= i + K - L), which flash-attention and cuDNN implement natively. Megatron's
+    ``TEDotProductAttention.forward`` is bypassed for these calls because its mask-type enum
+    has no padding + bottom-right variant; TE's own ``DotProductAttention.forward`` is called.
+    Unverified here (no GPU on the development machine): tests/gpu/test_shared_prefix_te.py.
+    """
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    from megatron_rpt.model.shared_prefix import SharedPrefixParams, check_attention_call
+
+    class TESharedPrefixAttention(TEDotProductAttention):
+        def forward(  # noqa: D102
+            self,
+            query: Any,
+            key: Any,
+            value: Any,
+            attention_mask: Any,
+            attn_mask_type: Any,
+            attention_bias: Any = None,
+            packed_seq_params: Any = None,
+            **kwargs: Any,
+        ) -> Any:
+            if not isinstance(packed_seq_params, SharedPrefixParams):
+                return super().forward(
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    attn_mask_type,
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
+                    **kwargs,
+                )
+            params = packed_seq_params
+            check_attention_call(params, query, attention_mask, attention_bias)
+            if self.config.qk_clip or self.config.log_max_attention_logit:
+                raise ConfigError("shared-prefix attention does not support qk_clip on TE")
+            kv_index = params.kv_index
+            q_TND = query.squeeze(1).contiguous()
+            k_KGD = key.squeeze(1).index_select(0, kv_index)
+            v_KGD = value.squeeze(1).index_select(0, kv_index)
+            # transformer_engine.pytorch.DotProductAttention.forward (TE's, not Megatron's)
+            out = super(TEDotProductAttention, self).forward(
+                q_TND,
+                k_KGD,
+                v_KGD,
+                None,
+                qkv_format="thd",
+                cu_seqlens_q=params.cu_seqlens_q,
+                cu_seqlens_kv=params.cu_seqlens_kv,
+                max_seqlen_q=params.max_seqlen_q,
+                max_seqlen_kv=params.max_seqlen_kv,
+                attn_mask_type="padding_causal_bottom_right",
+            )
+            return out.reshape(q_TND.shape[0], 1, -1)  # [T, N*D] -> sbhd [T, 1, N*D]
+
+    return TESharedPrefixAttention

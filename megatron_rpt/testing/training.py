@@ -2,8 +2,10 @@
 
 * ``random_rollout_batch``: sequences of uneven prompt/response lengths with fixed advantages
   (half positive, half negative) and given rollout log-probs, from a seed.
-* ``gather_full_parameters``: this pipeline stage's parameters under canonical (global-layer)
-  names, TP shards gathered into full tensors; merge the dicts of all stages for the model.
+* ``random_group_batch``: GRPO-shaped groups (G responses sharing one prompt), random sizes.
+* ``gather_full_parameters`` / ``gather_full_gradients``: this pipeline stage's parameters
+  (or their reduced gradients) under canonical (global-layer) names, TP shards gathered into
+  full tensors; merge the dicts of all stages for the model.
 * ``build_train_step``: model from an HF dir + ``TrainStep`` at the current layout.
 """
 
@@ -45,14 +47,69 @@ def random_rollout_batch(
     return RolloutBatch(sequences)
 
 
+def random_group_batch(
+    vocab: int,
+    *,
+    num_groups: int = 4,
+    prompt_lens: tuple[int, int] = (3, 14),
+    group_sizes: tuple[int, int] = (1, 4),
+    response_lens: tuple[int, int] = (1, 8),
+    old_logprob: float | None = None,
+    seed: int = 0,
+) -> RolloutBatch:
+    """``num_groups`` contexts, each with G responses (sizes drawn uniformly from the inclusive
+    ranges); the G sequences of a group share one prompt tensor's ids and its ``group_id``.
+    Advantages are standard normal, rollout log-probs -1; ``old_logprob`` (e.g. log(1/V))
+    makes the step off-policy, so that the loss value depends on the model (on-policy, the
+    PPO ratio is 1 and the loss is -mean(advantage)). Groups are interleaved in the batch
+    (response j of every group, then j + 1, ...), as no loop is required to keep them together.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(lo_hi: tuple[int, int]) -> int:
+        return int(torch.randint(lo_hi[0], lo_hi[1] + 1, (1,), generator=gen))
+
+    groups = []
+    for g in range(num_groups):
+        prompt = torch.randint(0, vocab, (draw(prompt_lens),), generator=gen)
+        members = []
+        for _ in range(draw(group_sizes)):
+            r = draw(response_lens)
+            members.append(
+                TrainSequence(
+                    prompt_ids=prompt.clone(),
+                    response_ids=torch.randint(0, vocab, (r,), generator=gen),
+                    rollout_logprobs=torch.full((r,), -1.0),
+                    advantage=float(torch.randn((), generator=gen)),
+                    group_id=g,
+                    old_logprobs=None if old_logprob is None else torch.full((r,), old_logprob),
+                )
+            )
+        groups.append(members)
+    width = max(len(m) for m in groups)
+    return RolloutBatch([m[j] for j in range(width) for m in groups if j < len(m)])
+
+
 def gather_full_parameters(modules: list[torch.nn.Module], groups: Any) -> dict[str, torch.Tensor]:
     """{canonical name: full fp32 CPU tensor} of this stage's parameters (TP shards gathered)."""
+    return _gather_full(modules, groups, lambda param: param.detach())
+
+
+def gather_full_gradients(modules: list[torch.nn.Module], groups: Any) -> dict[str, torch.Tensor]:
+    """Like ``gather_full_parameters`` for the gradients Megatron's DDP reduced into
+    ``param.main_grad`` during the last ``train_step`` (kept until the next one zeroes them;
+    not clipped when ``optimizer.clip_grad`` = 0). Needs the non-distributed optimizer (the
+    DistributedOptimizer leaves each DP rank only its shard)."""
+    return _gather_full(modules, groups, lambda param: param.main_grad)
+
+
+def _gather_full(modules: list[torch.nn.Module], groups: Any, pick: Any) -> dict[str, torch.Tensor]:
     from megatron_rpt.conversion.converter import named_global_parameters
     from megatron_rpt.conversion.tp_sharding import partitioning, tp_unshard
 
     out = {}
     for name, param in named_global_parameters(modules):
-        tensor = param.detach().float()
+        tensor = pick(param).detach().float()
         part = partitioning(param)
         if part is not None and groups.tp_size > 1:
             shards = [torch.empty_like(tensor) for _ in range(groups.tp_size)]
@@ -69,6 +126,7 @@ def build_train_step(
     pp: int = 1,
     vpp: int | None = None,
     dtype: str = "fp32",
+    spec: str = "local",
     optimizer: Any = None,
     train: Any = None,
     loss: Any = None,
@@ -94,7 +152,7 @@ def build_train_step(
     model_cfg = ModelConfig(
         hf_path=hf_dir,
         dtype=dtype,
-        spec="local",
+        spec=spec,
         megatron_checkpoint=megatron_checkpoint,  # type: ignore[arg-type]
     )
     built = build_pretrained(model_cfg, parallel, groups, output="hidden")
@@ -108,4 +166,10 @@ def build_train_step(
     )
 
 
-__all__ = ["build_train_step", "gather_full_parameters", "random_rollout_batch"]
+__all__ = [
+    "build_train_step",
+    "gather_full_gradients",
+    "gather_full_parameters",
+    "random_group_batch",
+    "random_rollout_batch",
+]

@@ -27,6 +27,12 @@ which spans DP ranks) must be issued the same number of times on every rank or t
 
 **Layouts** (``make_micro_batch``):
 
+* shared_prefix (default): like packed, but the responses that share a prompt (a GRPO group)
+  are laid out behind ONE copy of it, ``[ctx; r_1; ...; r_G]``, with per-piece attention and
+  positions continuing from the context length in every response (trainer/prefix_layout.py,
+  model/shared_prefix.py). The DP partition and the micro-batches take whole groups (a group
+  is never split) and count the tokens of this layout. Loss and gradients equal the packed
+  layout's (tests/distributed/test_shared_prefix.py).
 * packed: one ``[1, T_total]`` row; ``cu_seqlens`` gives the segments (Megatron's
   ``PackedSeqParams``, qkv_format thd); position ids restart at 0 in each sequence.
 * padded: ``[B, S]`` right-padded with token 0; positions ``0..S-1``. Causal attention means
@@ -44,15 +50,18 @@ import heapq
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from megatron_rpt.errors import DataError
 from megatron_rpt.loss.logprobs import ResponseIndex, response_positions
+from megatron_rpt.model.shared_prefix import Piece
+from megatron_rpt.trainer.prefix_layout import group_tokens, prefix_groups, shared_prefix_row
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("packed", "padded")
+LAYOUTS = ("shared_prefix", "packed", "padded")
 
 
 @dataclass
@@ -161,13 +170,16 @@ def partition_dp(token_counts: Sequence[int], dp_size: int) -> list[list[int]]:
 
 
 def _cost(lengths: Sequence[int], layout: str) -> int:
-    return sum(lengths) if layout == "packed" else len(lengths) * max(lengths, default=0)
+    return len(lengths) * max(lengths, default=0) if layout == "padded" else sum(lengths)
 
 
 def plan_micro_batches(
     indices: Sequence[int], token_counts: Sequence[int], max_tokens: int, layout: str
 ) -> list[list[int]]:
     """Split ``indices`` into micro-batches under ``max_tokens`` (first-fit decreasing).
+
+    The indices are micro-batching units: sequences, or shared-prefix groups whose
+    ``token_counts`` are their segment lengths.
 
     >>> plan_micro_batches([0, 1, 2, 3], [6, 3, 5, 2], 8, "packed")
     [[0, 3], [2, 1]]
@@ -181,7 +193,7 @@ def plan_micro_batches(
     for i in order:
         if token_counts[i] > max_tokens:
             logger.warning(
-                "sequence %d has %d tokens, more than train.max_tokens_per_microbatch=%d: "
+                "sequence/group %d has %d tokens, more than train.max_tokens_per_microbatch=%d: "
                 "it gets a micro-batch of its own",
                 i,
                 token_counts[i],
@@ -206,6 +218,9 @@ class BatchPlan:
     """Per DP rank, its micro-batches as lists of sequence indices ([] = padding)."""
     global_num_tokens: int
     global_num_seqs: int
+    layout_tokens: int = 0
+    """Tokens the forward/backward passes process over all DP ranks (padding excluded): prompt +
+    response per sequence, or for shared_prefix each group's prompt once plus its responses."""
 
     @property
     def num_micro_batches(self) -> int:
@@ -224,17 +239,27 @@ def plan_batch(
     """Partition over DP, split into micro-batches, pad every rank to the same count.
 
     ``multiple_of``: the count is also rounded up to a multiple of this (the PP size for the
-    interleaved pipeline schedule).
+    interleaved pipeline schedule). With ``shared_prefix`` the units partitioned and packed are
+    the prompt groups (never split); micro-batches list their sequences group by group.
     """
-    counts = [s.num_tokens for s in batch.sequences]
+    seqs = batch.sequences
+    if layout == "shared_prefix":
+        units = prefix_groups(seqs, range(len(seqs)))
+        counts = [group_tokens(seqs, unit) for unit in units]
+    else:
+        units = [[i] for i in range(len(seqs))]
+        counts = [s.num_tokens for s in seqs]
     per_rank = [
-        plan_micro_batches(part, counts, max_tokens, layout)
+        [
+            [i for u in mb for i in units[u]]
+            for mb in plan_micro_batches(part, counts, max_tokens, layout)
+        ]
         for part in partition_dp(counts, dp_size)
     ]
     num = max(1, max(len(mbs) for mbs in per_rank))
     num = -(-num // multiple_of) * multiple_of
     padded = [mbs + [[] for _ in range(num - len(mbs))] for mbs in per_rank]
-    return BatchPlan(padded, batch.global_num_tokens, batch.global_num_seqs)
+    return BatchPlan(padded, batch.global_num_tokens, batch.global_num_seqs, sum(counts))
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -267,9 +292,13 @@ class MicroBatch:
     loss_mask_T: torch.Tensor
     """[T] 1 for real response tokens, 0 in padding micro-batches."""
     seq_indices: tuple[int, ...]
-    """Indices into ``RolloutBatch.sequences`` of the n sequences (empty: padding)."""
+    """Indices into ``RolloutBatch.sequences`` of the n sequences, in the order of their
+    tokens in ``labels_T`` (``response.seq_ids_T`` indexes this; empty: padding)."""
     num_tokens: int
-    """Real (prompt + response) tokens."""
+    """Real tokens of the row(s): prompt + response per sequence (shared_prefix: each group's
+    prompt once)."""
+    pieces: tuple[Piece, ...] | None = None
+    """Shared-prefix attention pieces tiling the packed row (shared_prefix layout only)."""
 
     @property
     def is_padding(self) -> bool:
@@ -278,8 +307,13 @@ class MicroBatch:
 
     @property
     def packed(self) -> bool:
-        """Packed (THD) layout."""
+        """One packed row (packed THD or shared_prefix)."""
         return self.cu_seqlens is not None
+
+    @property
+    def shared_prefix(self) -> bool:
+        """Shared-prefix layout (attention by ``pieces``)."""
+        return self.pieces is not None
 
     def to(self, device: torch.device | str) -> MicroBatch:
         """A copy with every tensor on ``device``."""
@@ -301,9 +335,15 @@ class MicroBatch:
 
 
 def make_micro_batch(batch: RolloutBatch, indices: Sequence[int], layout: str) -> MicroBatch:
-    """Tensorize the sequences ``indices`` of ``batch`` (``[]``: a padding micro-batch)."""
+    """Tensorize the sequences ``indices`` of ``batch`` (``[]``: a padding micro-batch).
+
+    With ``shared_prefix`` the sequences are regrouped by prompt (``seq_indices`` gives the
+    resulting order).
+    """
     if not indices:
         return _padding_micro_batch(batch, layout)
+    if layout == "shared_prefix":
+        return _shared_prefix_micro_batch(batch, indices)
     seqs = [batch.sequences[i] for i in indices]
     rows = [torch.cat([s.prompt_ids, s.response_ids]) for s in seqs]
     lens_n = torch.tensor([r.numel() for r in rows])
@@ -328,21 +368,47 @@ def make_micro_batch(batch: RolloutBatch, indices: Sequence[int], layout: str) -
         cu_seqlens = None
     else:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return MicroBatch(
+    return _micro_batch(
+        seqs,
+        indices,
         tokens=tokens_BS,
         position_ids=position_ids_BS,
         cu_seqlens=cu_seqlens,
         max_seqlen=int(lens_n.max()),
         response=response,
         hidden_index_T=hidden_index_T,
-        labels_T=tokens_BS.reshape(-1)[response.label_positions_T],
+        num_tokens=int(lens_n.sum()),
+    )
+
+
+def _shared_prefix_micro_batch(batch: RolloutBatch, indices: Sequence[int]) -> MicroBatch:
+    row = shared_prefix_row(batch.sequences, prefix_groups(batch.sequences, indices))
+    return _micro_batch(
+        [batch.sequences[i] for i in row.order],
+        row.order,
+        tokens=row.tokens_T.unsqueeze(0),
+        position_ids=row.position_ids_T.unsqueeze(0),
+        cu_seqlens=row.cu_seqlens,
+        max_seqlen=row.max_seqlen,
+        response=row.response,
+        hidden_index_T=row.response.positions_T,  # one row: [S, 1] order == row order
+        num_tokens=row.tokens_T.numel(),
+        pieces=row.pieces,
+    )
+
+
+def _micro_batch(seqs: list[TrainSequence], indices: Sequence[int], **layout: Any) -> MicroBatch:
+    """The per-token loss inputs of ``seqs`` (in order) around a laid-out row."""
+    response: ResponseIndex = layout["response"]
+    return MicroBatch(
+        labels_T=layout["tokens"].reshape(-1)[response.label_positions_T],
         advantages_T=torch.cat([torch.full((s.response_ids.numel(),), s.advantage) for s in seqs]),
         rollout_logprobs_T=torch.cat([s.rollout_logprobs for s in seqs]),
         old_logprobs_T=_cat_optional(seqs, "old_logprobs"),
         ref_logprobs_T=_cat_optional(seqs, "ref_logprobs"),
         loss_mask_T=torch.ones(response.positions_T.numel()),
         seq_indices=tuple(indices),
-        num_tokens=int(lens_n.sum()),
+        **layout,
     )
 
 
@@ -365,7 +431,7 @@ def _padding_micro_batch(batch: RolloutBatch, layout: str) -> MicroBatch:
     return MicroBatch(
         tokens=torch.zeros(1, 2, dtype=torch.long),
         position_ids=torch.arange(2).unsqueeze(0),
-        cu_seqlens=torch.tensor([0, 2], dtype=torch.int32) if layout == "packed" else None,
+        cu_seqlens=torch.tensor([0, 2], dtype=torch.int32) if layout != "padded" else None,
         max_seqlen=2,
         response=response,
         hidden_index_T=torch.zeros(1, dtype=torch.long),
@@ -377,6 +443,7 @@ def _padding_micro_batch(batch: RolloutBatch, layout: str) -> MicroBatch:
         loss_mask_T=zeros_1,
         seq_indices=(),
         num_tokens=0,
+        pieces=(Piece(0, 2),) if layout == "shared_prefix" else None,
     )
 
 
@@ -412,6 +479,8 @@ def _pad_micro_batch(mb: MicroBatch, rows: int, width: int) -> MicroBatch:
         fields["position_ids"] = torch.cat([mb.position_ids, torch.arange(extra)[None]], dim=1)
         fields["cu_seqlens"] = torch.cat([mb.cu_seqlens, mb.cu_seqlens.new_tensor([width])])
         fields["max_seqlen"] = max(mb.max_seqlen, extra)
+        if mb.shared_prefix:
+            fields["pieces"] = (*mb.pieces, Piece(old_width, width))
     else:
         fields["position_ids"] = torch.arange(width).expand(rows, width).contiguous()
         row_T = mb.response.positions_T // old_width

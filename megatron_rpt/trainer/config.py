@@ -61,13 +61,17 @@ class TrainConfig:
     """Contexts (prompts) per step; each contributes rollout.n_samples responses (paper: 256
     x 8 = 2048 sequences per optimizer step)."""
     max_tokens_per_microbatch: int = 16384
-    """Token budget of one micro-batch per DP rank (prompt + response tokens; for the padded
-    layout: rows x longest row). A sequence longer than the budget gets a micro-batch of its
-    own (with a warning)."""
-    micro_batch_layout: Literal["packed", "padded"] = "packed"
-    """'packed': the sequences of a micro-batch are concatenated into one row with Megatron's
-    PackedSeqParams (THD; attention never crosses sequences), no padding; 'padded': a
-    [rows, longest] right-padded batch (causal attention needs no mask for real tokens)."""
+    """Token budget of one micro-batch per DP rank (prompt + response tokens; shared_prefix:
+    each group's prompt once plus its responses; padded: rows x longest row). A sequence (or
+    group) longer than the budget gets a micro-batch of its own (with a warning)."""
+    micro_batch_layout: Literal["shared_prefix", "packed", "padded"] = "shared_prefix"
+    """'shared_prefix': packed, and the responses that share a prompt (a GRPO group) are laid
+    out behind ONE copy of it, [ctx; r_1; ...; r_G], each response attending to the context and
+    itself (same loss and gradients as 'packed'; the context's forward/backward runs once
+    instead of G times; a group is never split over micro-batches); 'packed': the sequences of
+    a micro-batch are concatenated into one row with Megatron's PackedSeqParams (THD; attention
+    never crosses sequences), no padding; 'padded': a [rows, longest] right-padded batch
+    (causal attention needs no mask for real tokens)."""
     log_interval: int = 1
     """Log step metrics every this many steps."""
 

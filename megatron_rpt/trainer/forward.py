@@ -5,7 +5,8 @@ micro-batch on every pipeline stage; on the last stage it then calls the returne
 ``loss_func(output)`` and back-propagates what it returns. Here:
 
 * ``forward_step`` takes the next ``MicroBatch``, runs the (DDP-wrapped) ``RPTGPTModel`` chunk
-  on its tokens (packed: with ``PackedSeqParams``, qkv_format thd) and returns the chunk's
+  on its tokens (packed: with ``PackedSeqParams``, qkv_format thd; shared_prefix: with
+  ``SharedPrefixParams``, model/shared_prefix.py) and returns the chunk's
   output (the hidden states to send on, or on the last stage the final hidden states
   ``[S, B, H]``) with ``partial(loss_func, micro_batch)``.
 * ``loss_func`` selects the hidden states of the positions that predict response tokens,
@@ -62,8 +63,14 @@ class LossContext:
 
 
 def packed_seq_params(mb: MicroBatch) -> Any:
-    """Megatron ``PackedSeqParams`` (thd) of a packed micro-batch already on its device."""
+    """Megatron ``PackedSeqParams`` of a packed micro-batch already on its device: thd
+    segments, or ``SharedPrefixParams`` for the shared-prefix layout."""
     from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_rpt.model.shared_prefix import SharedPrefixParams
+
+    if mb.shared_prefix:
+        return SharedPrefixParams.from_pieces(mb.pieces, device=mb.tokens.device)
 
     return PackedSeqParams(
         qkv_format="thd",

@@ -36,6 +36,7 @@ from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, fi
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.trainer import optimizer as optim
 from megatron_rpt.trainer.batch import (
+    BatchPlan,
     MicroBatch,
     RolloutBatch,
     pad_to_common_shape,
@@ -68,6 +69,8 @@ class TrainStep:
         distribution as the sampler).
         """
         _check_model(built, groups, temperature)
+        if train.micro_batch_layout == "shared_prefix":
+            _check_shared_prefix(built)
         self.built, self.groups = built, groups
         self.opt_cfg, self.train_cfg, self.loss_cfg = optimizer, train, loss
         self.temperature = float(temperature)
@@ -103,7 +106,7 @@ class TrainStep:
     def train_step(self, batch: RolloutBatch) -> StepMetrics:
         """One optimizer step on the global batch (collective over all ranks)."""
         start = time.perf_counter()
-        micro_batches = self._micro_batches(batch)
+        plan, micro_batches = self._micro_batches(batch)
         for chunk in self.chunks:
             chunk.train()
         optim.zero_grads(self.chunks, self.optimizer)
@@ -113,6 +116,7 @@ class TrainStep:
         self.step += 1
         stats = batch_statistics(batch.sequences)
         stats["micro_batches"] = float(len(micro_batches))
+        stats["layout_tokens"] = float(plan.layout_tokens)
         metrics = StepMetrics(
             step=self.step,
             loss=train_metrics.pop("loss"),
@@ -139,7 +143,7 @@ class TrainStep:
         Uses the sampling temperature and the current weights, in eval mode (no dropout).
         With ``return_entropy`` also the per-token entropies.
         """
-        micro_batches = self._micro_batches(batch)
+        _, micro_batches = self._micro_batches(batch)
         modes = [chunk.training for chunk in self.chunks]
         for chunk in self.chunks:
             chunk.eval()
@@ -171,7 +175,7 @@ class TrainStep:
 
     # ------------------------------------------------------------------ internals
 
-    def _micro_batches(self, batch: RolloutBatch) -> list[MicroBatch]:
+    def _micro_batches(self, batch: RolloutBatch) -> tuple[BatchPlan, list[MicroBatch]]:
         g = self.groups
         plan = plan_batch(
             batch,
@@ -187,7 +191,7 @@ class TrainStep:
         if not self.built.config.variable_seq_lengths and g.pp_size > 1:
             # Fixed-shape p2p (the interleaved schedule): one shape for the whole step.
             micro_batches = pad_to_common_shape(micro_batches)
-        return micro_batches
+        return plan, micro_batches
 
     def _context(self, batch: RolloutBatch) -> LossContext:
         return LossContext(
@@ -297,6 +301,31 @@ def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) 
         raise ConfigError(
             f"rollout.temperature={temperature}: training needs the sampling distribution "
             "softmax(logits / T) with T > 0 (greedy rollouts have no log-probs to train on)"
+        )
+
+
+def _check_shared_prefix(built: BuiltModel) -> None:
+    """Refuse model settings the shared-prefix layout does not implement (ConfigError)."""
+    cfg = built.config
+    unsupported = {
+        "context_parallel_size > 1": cfg.context_parallel_size > 1,
+        "fused_single_qkv_rope": cfg.fused_single_qkv_rope,
+        "multi_latent_attention": cfg.multi_latent_attention,
+        "window_size (sliding-window attention)": cfg.window_size is not None,
+        "sequence_parallel": cfg.sequence_parallel,
+    }
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+        raise ConfigError(
+            f"train.micro_batch_layout=shared_prefix does not support {', '.join(bad)} "
+            "(model.transformer_overrides / parallel); use train.micro_batch_layout=packed"
+        )
+    if built.spec == "te":
+        logger.warning(
+            "train.micro_batch_layout=shared_prefix on the Transformer Engine spec uses one "
+            "variable-length TE attention call with a bottom-right causal mask; this path has "
+            "not been run on a GPU in this repository yet (tests/gpu/test_shared_prefix_te.py "
+            "checks it). train.micro_batch_layout=packed is the verified fallback."
         )
 
 

@@ -187,7 +187,9 @@ def test_padding_micro_batches_contribute_nothing(models, process_group):
     def with_padding(b):
         from megatron_rpt.trainer.batch import make_micro_batch
 
-        return [make_micro_batch(b, [], "packed"), *original(b), make_micro_batch(b, [], "packed")]
+        plan, mbs = original(b)
+        pad = make_micro_batch(b, [], ts.train_cfg.micro_batch_layout)
+        return plan, [pad, *mbs, pad]
 
     ts._micro_batches = with_padding
     metrics, update = _update(ts, batch)
