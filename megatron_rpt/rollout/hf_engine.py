@@ -158,13 +158,13 @@ class HFEngine:
             )  # fmt: skip
             logits_BV = out.logits[:, -1].float()
             next_pos_B = next_pos_B + 1
-        return [self._completion(t, lp, r or "length", params) for t, lp, r in zip(toks, lps, reasons)]
+        return [self._completion(t, lp, r or "length", params) for t, lp, r in zip(toks, lps, reasons, strict=True)]
 
     def _record(self, rows, tok, lp, toks, lps, reasons, params, box) -> list[int]:  # noqa: ANN001
         """Append this step's token to every live row; return the positions still live."""
         keep = []
         stop_ids = self._eos_ids | set(params.stop_token_ids)
-        for pos, (row, t, p) in enumerate(zip(rows, tok, lp)):
+        for pos, (row, t, p) in enumerate(zip(rows, tok, lp, strict=True)):
             toks[row].append(t)
             lps[row].append(p)
             if t in stop_ids:

@@ -47,8 +47,8 @@ def final_box_stop_regex(max_gap_chars: int = 32, max_box_chars: int = 32) -> st
         raise ValueError("max_gap_chars must be >= 0 and max_box_chars >= 1")
     # Inside the box: any char but braces/backslash, or a backslash escape (\{ \} \\ ...),
     # mirroring extract_prediction's scanner. [\s\S] lets the gap span newlines.
-    content = r"(?:[^{}\\]|\\[\s\S])" + "{0,%d}" % max_box_chars
-    return re.escape(THINK_CLOSE) + r"[\s\S]{0,%d}?" % max_gap_chars + r"\\boxed\{" + content + r"\}"
+    content = r"(?:[^{}\\]|\\[\s\S])" + f"{{0,{max_box_chars}}}"
+    return re.escape(THINK_CLOSE) + rf"[\s\S]{{0,{max_gap_chars}}}?" + r"\\boxed\{" + content + r"\}"
 
 
 class FinalBoxStop:

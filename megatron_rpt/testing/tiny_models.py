@@ -23,6 +23,8 @@ exactly testable.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -95,9 +97,6 @@ def hf_logits(model_dir: str | Path, tokens_BS: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- with a real tokenizer
 
 
-
-import shutil
-from pathlib import Path
 
 _TOKENIZER_FILES = (
     "tokenizer.json",

@@ -105,7 +105,7 @@ class FakeSGLangServer:
             "completion_tokens": len(c.token_ids), "weight_version": self.version,
         }  # fmt: skip
         if c.logprobs is not None:
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids)]
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
         return {"text": c.text, "output_ids": c.token_ids, "meta_info": meta}
 
     def _update_weights_from_tensor(self, req) -> tuple[int, Any]:  # noqa: ANN001

@@ -57,7 +57,7 @@ def chain_weights(model, chain: list[int]) -> list[tuple[str, torch.Tensor]]:  #
                 t[tok, i] = 1.0
         elif name == "lm_head.weight":
             t = torch.zeros_like(t)
-            for i, (_, nxt) in enumerate(zip(chain, chain[1:])):
+            for i, (_, nxt) in enumerate(zip(chain, chain[1:], strict=False)):
                 t[nxt, i] = 10.0
         out.append((name, t))
     return out

@@ -52,7 +52,7 @@ def _push(engine, ref, version):  # noqa: ANN001, ANN202
 def _check_equal_to_reference(engine, ref, tok):  # noqa: ANN001, ANN202
     prompts = [tok.encode(t) for t in ["The derivative of x squared is", "Let n be", "Hi there"]]
     out = engine.generate(prompts, SamplingParams(n=2, temperature=0.0, max_new_tokens=8))
-    for prompt, group in zip(prompts, out):
+    for prompt, group in zip(prompts, out, strict=True):
         assert group[0].token_ids == group[1].token_ids
         ids = list(prompt)
         for t in group[0].token_ids:  # the reference's greedy path, step by step
@@ -61,7 +61,7 @@ def _check_equal_to_reference(engine, ref, tok):  # noqa: ANN001, ANN202
             ids.append(t)
         expected = teacher_forced_logprobs(ref.cpu(), prompt, group[0].token_ids, 0.0)
         ref.cuda()
-        assert max(abs(a - b) for a, b in zip(expected, group[0].logprobs)) < LOGPROB_TOL
+        assert max(abs(a - b) for a, b in zip(expected, group[0].logprobs, strict=True)) < LOGPROB_TOL
     names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.q_proj.weight"]
     table = dict(ref.named_parameters())
     from megatron_rpt.rollout.types import tensor_fingerprint

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_rpt.errors import ConfigError
 from megatron_rpt.reward import (
     RewardTarget,
     extract_prediction,
@@ -24,7 +25,6 @@ from megatron_rpt.reward import (
     prefix_match_reward,
     reward_names,
 )
-from megatron_rpt.errors import ConfigError
 
 
 def paper_reference_reward(pred: str | None, token_bytes: list[bytes]) -> float:

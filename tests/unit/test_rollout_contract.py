@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from megatron_rpt.errors import InputError
-from megatron_rpt.rollout.types import FINISH_REASONS, RolloutEngine, SamplingParams, tensor_fingerprint
+from megatron_rpt.rollout.types import (
+    FINISH_REASONS,
+    RolloutEngine,
+    SamplingParams,
+    tensor_fingerprint,
+)
 from tests._stubs.rollout_helpers import (
     chain_weights,
     require_sglang_protocol,
@@ -84,7 +89,7 @@ def test_shapes_order_and_logprobs_match_teacher_forcing(harness):
     params = SamplingParams(n=3, max_new_tokens=6, seed=7, temperature=0.8)
     out = harness.engine.generate(prompts, params)
     assert len(out) == len(prompts) and all(len(g) == 3 for g in out)
-    for prompt, group in zip(prompts, out):
+    for prompt, group in zip(prompts, out, strict=True):
         for c in group:
             assert 1 <= len(c.token_ids) <= 6
             assert c.finish_reason in FINISH_REASONS
@@ -92,14 +97,14 @@ def test_shapes_order_and_logprobs_match_teacher_forcing(harness):
             assert len(c.logprobs) == len(c.token_ids)
             assert all(math.isfinite(x) and x <= 0 for x in c.logprobs)
             ref = teacher_forced_logprobs(harness.ref, prompt, c.token_ids, 0.8)
-            assert max(abs(a - b) for a, b in zip(ref, c.logprobs)) < harness.tol
+            assert max(abs(a - b) for a, b in zip(ref, c.logprobs, strict=True)) < harness.tol
             assert c.text == harness.tok.decode(c.token_ids, skip_special_tokens=True)
 
 
 def test_greedy_is_the_reference_argmax_path(harness):
     prompts = harness.prompts()
     out = harness.engine.generate(prompts, SamplingParams(n=2, temperature=0.0, max_new_tokens=5))
-    for prompt, group in zip(prompts, out):
+    for prompt, group in zip(prompts, out, strict=True):
         assert group[0].token_ids == group[1].token_ids  # greedy samples agree
         ids = list(prompt)
         for tok_id in group[0].token_ids:
@@ -108,7 +113,7 @@ def test_greedy_is_the_reference_argmax_path(harness):
             assert tok_id == int(logits.argmax())
             ids.append(tok_id)
         ref = teacher_forced_logprobs(harness.ref, prompt, group[0].token_ids, 0.0)
-        assert max(abs(a - b) for a, b in zip(ref, group[0].logprobs)) < harness.tol
+        assert max(abs(a - b) for a, b in zip(ref, group[0].logprobs, strict=True)) < harness.tol
 
 
 def test_seeded_sampling_is_deterministic_and_samples_differ(harness):
@@ -155,13 +160,13 @@ def test_update_weights_changes_outputs_and_checksums(harness):
     new = [(n, t + 0.05 * torch.randn_like(t)) for n, t in harness.state()]
     harness.engine.update_weights(new, version=3)
     with torch.no_grad():
-        for (name, t), (_, p) in zip(new, harness.ref.named_parameters()):
+        for (_, t), (_, p) in zip(new, harness.ref.named_parameters(), strict=True):
             p.copy_(t)
     assert harness.engine.weight_version == 3
     after = harness.engine.generate(prompts, greedy)[0]
     assert after[0].token_ids != before
     ref = teacher_forced_logprobs(harness.ref, prompts[0], after[0].token_ids, 0.0)
-    assert max(abs(a - b) for a, b in zip(ref, after[0].logprobs)) < harness.tol
+    assert max(abs(a - b) for a, b in zip(ref, after[0].logprobs, strict=True)) < harness.tol
     names = ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"]
     sums = harness.engine.weight_checksums(names, max_rows=4)
     assert sums == {n: tensor_fingerprint(dict(new)[n], 4) for n in names}

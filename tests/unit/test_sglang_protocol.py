@@ -111,7 +111,7 @@ def _item(ids, lps, finish, cached=3):  # noqa: ANN001, ANN202
         "output_ids": ids,
         "meta_info": {
             "finish_reason": finish, "prompt_tokens": 5, "cached_tokens": cached,
-            "output_token_logprobs": [[lp, i, None] for lp, i in zip(lps, ids if len(lps) == len(ids) else ids + [2])],
+            "output_token_logprobs": [[lp, i, None] for lp, i in zip(lps, ids if len(lps) == len(ids) else ids + [2], strict=False)],
         },
     }  # fmt: skip
 
