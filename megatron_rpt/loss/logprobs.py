@@ -186,17 +186,9 @@ class _HiddenLogprobs(torch.autograd.Function):
             z_CV = (h_CH @ w_vH.t()).to(md)
             if opts.temperature != 1.0:
                 z_CV.div_(opts.temperature)
-            grad_CV = _chunk_grad_logits(
-                z_CV,
-                labels_T[s:e],
-                opts.vocab_start,
-                lse_T[s:e],
-                None if grad_logprob_T is None else grad_logprob_T[s:e].to(md),
-                None if grad_entropy_T is None else grad_entropy_T[s:e].to(md),
-                entropy_T[s:e] if grad_entropy_T is not None else None,
+            grad_CV = _tempered_chunk_grad(
+                z_CV, s, e, labels_T, lse_T, grad_logprob_T, grad_entropy_T, entropy_T, opts
             )
-            if opts.temperature != 1.0:
-                grad_CV.div_(opts.temperature)
             grad_CV = grad_CV.to(weight_VH.dtype)
             if want_h:
                 grad_h_TH[s:e] = grad_CV @ w_vH
@@ -254,19 +246,28 @@ class _LogitsLogprobs(torch.autograd.Function):
             z_CV = logits_TV[s:e, : opts.num_valid].to(md, copy=True)
             if opts.temperature != 1.0:
                 z_CV.div_(opts.temperature)
-            grad_CV = _chunk_grad_logits(
-                z_CV,
-                labels_T[s:e],
-                opts.vocab_start,
-                lse_T[s:e],
-                None if grad_logprob_T is None else grad_logprob_T[s:e].to(md),
-                None if grad_entropy_T is None else grad_entropy_T[s:e].to(md),
-                entropy_T[s:e] if grad_entropy_T is not None else None,
+            grad_CV = _tempered_chunk_grad(
+                z_CV, s, e, labels_T, lse_T, grad_logprob_T, grad_entropy_T, entropy_T, opts
             )
-            if opts.temperature != 1.0:
-                grad_CV.div_(opts.temperature)
             grad_TV[s:e, : opts.num_valid] = grad_CV.to(logits_TV.dtype)
         return grad_TV, None, None
+
+
+def _tempered_chunk_grad(z_CV, s, e, labels_T, lse_T, grad_logprob_T, grad_entropy_T, entropy_T, opts):  # noqa: ANN001, ANN202
+    """d(loss)/d(raw logits) of rows [s, e): the tempered-logit gradient divided by T. [C, V/tp]"""
+    md = z_CV.dtype
+    grad_CV = _chunk_grad_logits(
+        z_CV,
+        labels_T[s:e],
+        opts.vocab_start,
+        lse_T[s:e],
+        None if grad_logprob_T is None else grad_logprob_T[s:e].to(md),
+        None if grad_entropy_T is None else grad_entropy_T[s:e].to(md),
+        entropy_T[s:e] if grad_entropy_T is not None else None,
+    )
+    if opts.temperature != 1.0:
+        grad_CV.div_(opts.temperature)
+    return grad_CV
 
 
 @dataclass(frozen=True)
