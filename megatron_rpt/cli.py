@@ -1,11 +1,15 @@
 """Shared plumbing for the thin CLIs in tools/ and the training entry point.
 
 ``run_cli(main)`` turns ``InputError`` into a one-line ``error: ...`` on stderr with exit status
-2 (no traceback for a user mistake), and sets up logging once.
+2 (no traceback for a user mistake), and sets up logging once. ``doc_parser``,
+``add_config_options`` and ``config_option_overrides`` give a tool one ``--FIELD`` option per
+field of a config dataclass (type, default and docstring in ``--help``), turned back into
+``section.FIELD=VALUE`` overrides so the config tree validates them in one place.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -38,3 +42,46 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)  # noqa: T201
         sys.exit(130)
     sys.exit(status or 0)
+
+
+def doc_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A parser whose description is ``doc``'s first paragraph and epilog the rest, verbatim."""
+    head, _, tail = (doc or "").partition("\n\n")
+    return argparse.ArgumentParser(
+        prog=prog, description=head, epilog=tail or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+
+
+def _metavar(type_name: str) -> str:
+    """'int | NoneType' -> 'INT|none'; 'tuple[float, float, float]' -> 'FLOAT,FLOAT,FLOAT'.
+
+    >>> _metavar("int | NoneType"), _metavar("tuple[float, float]")
+    ('INT|none', 'FLOAT,FLOAT')
+    """
+    if type_name.startswith("tuple["):
+        return ",".join(a.strip().upper() for a in type_name[6:-1].split(","))
+    if type_name.startswith("{"):
+        return type_name.split(" | ")[0] + ("|none" if "NoneType" in type_name else "")
+    return "|".join("none" if p == "NoneType" else p.upper() for p in type_name.split(" | "))
+
+
+def add_config_options(parser: argparse.ArgumentParser, cfg: object, title: str) -> None:
+    """One ``--KEY`` option per leaf field of the dataclass ``cfg``, in its own help group."""
+    from megatron_rpt.config_utils import describe
+
+    group = parser.add_argument_group(title)
+    for key, tp, value, doc in describe(cfg):
+        group.add_argument(
+            f"--{key}", dest=f"field_{key}", metavar=_metavar(tp), default=None,
+            help=f"{doc} (default: {value})".replace("%", "%%"),
+        )  # fmt: skip
+
+
+def config_option_overrides(args: argparse.Namespace, section: str) -> list[str]:
+    """The ``--KEY`` options the user gave, as ``section.KEY=VALUE`` overrides."""
+    return [
+        f"{section}.{k[len('field_') :]}={v}"
+        for k, v in vars(args).items()
+        if k.startswith("field_") and v is not None
+    ]

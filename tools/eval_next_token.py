@@ -35,27 +35,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")  # megatron on CPU
 
-from megatron_rpt.cli import run_cli  # noqa: E402
-from megatron_rpt.config_utils import describe  # noqa: E402
+from megatron_rpt.cli import (  # noqa: E402
+    add_config_options,
+    config_option_overrides,
+    doc_parser,
+    run_cli,
+)
 from megatron_rpt.eval.config import EvalConfig  # noqa: E402
-
-
-def _metavar(type_name: str) -> str:
-    if type_name.startswith("tuple["):
-        return ",".join(a.strip().upper() for a in type_name[6:-1].split(","))
-    if type_name.startswith("{"):
-        return type_name.split(" | ")[0] + ("|none" if "NoneType" in type_name else "")
-    return "|".join("none" if p == "NoneType" else p.upper() for p in type_name.split(" | "))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Fixed options plus one option per EvalConfig field (type, default and docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="eval_next_token.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("eval_next_token.py", __doc__)
     add = parser.add_argument
     add("--model", action="append", default=[], metavar="NAME=PATH", required=True,
         help="a model to evaluate (repeatable; NAME labels its rows)")  # fmt: skip
@@ -74,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recipe", metavar="MODULE:FN", help="recipe function returning an RPTConfig")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="dotted config override, e.g. eval.n_samples=4 or prompt.chat_template=false")  # fmt: skip
-    group = parser.add_argument_group("evaluation options (EvalConfig fields)")
-    for key, tp, value, doc in describe(EvalConfig()):
-        group.add_argument(
-            f"--{key}", dest=f"field_{key}", metavar=_metavar(tp), default=None,
-            help=f"{doc} (default: {value})".replace("%", "%%"),
-        )  # fmt: skip
+    add_config_options(parser, EvalConfig(), "evaluation options (EvalConfig fields)")
     return parser
 
 
@@ -93,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    fields = [
-        f"eval.{k[len('field_') :]}={v}"
-        for k, v in vars(args).items()
-        if k.startswith("field_") and v is not None
-    ]
+    fields = config_option_overrides(args, "eval")
     cfg = build_config(args.recipe, [*args.overrides, *fields])
     refs = parse_model_args(args.model)
     out = check_output_dir(args.out, overwrite=args.overwrite)

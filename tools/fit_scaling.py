@@ -23,17 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from megatron_rpt.cli import run_cli  # noqa: E402
+from megatron_rpt.cli import doc_parser, run_cli  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="fit_scaling.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("fit_scaling.py", __doc__)
     add = parser.add_argument
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--metrics", metavar="JSONL", help="trainer metrics.jsonl")

@@ -27,28 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")  # megatron on CPU
 
-from megatron_rpt.cli import run_cli  # noqa: E402
-from megatron_rpt.config_utils import describe  # noqa: E402
+from megatron_rpt.cli import (  # noqa: E402
+    add_config_options,
+    config_option_overrides,
+    doc_parser,
+    run_cli,
+)
 from megatron_rpt.data.config import DataConfig  # noqa: E402
-
-
-def _metavar(type_name: str) -> str:
-    """'int | NoneType' -> 'INT|none'; 'tuple[float, float, float]' -> 'FLOAT,FLOAT,FLOAT'."""
-    if type_name.startswith("tuple["):
-        return ",".join(a.strip().upper() for a in type_name[6:-1].split(","))
-    if type_name.startswith("{"):
-        return type_name
-    return "|".join("none" if p == "NoneType" else p.upper() for p in type_name.split(" | "))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Options generated from DataConfig's fields (type, default and docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="prepare_rpt_data.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = doc_parser("prepare_rpt_data.py", __doc__)
     parser.add_argument(
         "--out", metavar="DIR", default=None, help="output directory (default: data.prepared_dir)"
     )
@@ -71,15 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dotted config override, e.g. data.entropy_top_k=8",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the scoring progress bar")
-    group = parser.add_argument_group("data options (DataConfig fields)")
-    for key, tp, value, doc in describe(DataConfig()):
-        group.add_argument(
-            f"--{key}",
-            dest=f"field_{key}",
-            metavar=_metavar(tp),
-            default=None,
-            help=f"{doc} (default: {value})".replace("%", "%%"),
-        )
+    add_config_options(parser, DataConfig(), "data options (DataConfig fields)")
     return parser
 
 
@@ -90,11 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # IndexedDataset chatter
-    fields = [
-        f"data.{k[len('field_') :]}={v}"
-        for k, v in vars(args).items()
-        if k.startswith("field_") and v is not None
-    ]
+    fields = config_option_overrides(args, "data")
     cfg = build_config(args.recipe, [*args.overrides, *fields])
     out = Path(args.out or cfg.data.prepared_dir)
     summary = prepare_data(

@@ -81,8 +81,12 @@ def plan_windows(n_tokens: int, window: int, overlap: int) -> list[Window]:
         start, score_from = end - overlap, end
 
 
-def _pack(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Group row indices (longest first) into batches with rows * longest <= batch_tokens."""
+def pack_by_length(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group row indices (longest first) into batches with rows * longest <= batch_tokens.
+
+    >>> pack_by_length([3, 5, 2, 5], 10)
+    [[1, 3], [0, 2]]
+    """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
@@ -170,7 +174,7 @@ class EntropyScorer:
             for w in plan_windows(len(doc), self.window_tokens, self.window_overlap)
         ]
         rows = [docs[d][s:e] for d, (s, e, _) in jobs]
-        for batch in _pack([len(r) for r in rows], self.batch_tokens):
+        for batch in pack_by_length([len(r) for r in rows], self.batch_tokens):
             for j, ent_L in zip(batch, self._forward([rows[j] for j in batch]), strict=True):
                 d, (start, end, score_from) = jobs[j]
                 # row position i predicts document position start + i + 1

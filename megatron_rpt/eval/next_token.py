@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_rpt.data.entropy import plan_windows
+from megatron_rpt.data.entropy import pack_by_length, plan_windows
 from megatron_rpt.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -91,18 +91,6 @@ def _plan(
     return out
 
 
-def _pack(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Row indices (longest first) grouped so that rows * longest <= batch_tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 @torch.inference_mode()
 def _argmax_batch(
     model: torch.nn.Module,
@@ -162,7 +150,7 @@ def predict_next_tokens(
     t0 = time.perf_counter()
     windows = _plan(doc_tokens, needed, window_tokens, window_overlap)
     out = {d: np.full(len(p), -1, dtype=np.int64) for d, p in needed.items()}
-    for batch in _pack([w.end - w.start for w in windows], max(batch_tokens, window_tokens)):
+    for batch in pack_by_length([w.end - w.start for w in windows], max(batch_tokens, window_tokens)):
         chosen = [windows[i] for i in batch]
         preds = _argmax_batch(
             model, doc_tokens, chosen, vocab_size=vocab_size, chunk=logits_chunk_tokens

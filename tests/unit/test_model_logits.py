@@ -13,20 +13,6 @@ from megatron_rpt.testing.tiny_models import KINDS, VOCAB, hf_logits, save_tiny_
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-
-    with single_process_group():
-        groups = initialize_model_parallel(1, 1)
-        seed_model_parallel(0, groups)
-        yield groups
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_hf_fp32(kind, tmp_path, groups):
     from megatron_rpt.model.loading import build_pretrained

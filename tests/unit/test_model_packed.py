@@ -19,20 +19,6 @@ from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-
-    with single_process_group():
-        groups = initialize_model_parallel(1, 1)
-        seed_model_parallel(0, groups)
-        yield groups
-
-
 def _packed(lengths):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     return PackedSeqParams(

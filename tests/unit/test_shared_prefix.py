@@ -174,20 +174,6 @@ def test_params_and_pieces_are_validated():
         group_pieces(0, 0, [1])
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-
-    with single_process_group():
-        groups = initialize_model_parallel(1, 1)
-        seed_model_parallel(0, groups)
-        yield groups
-
-
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_model_hidden_states_equal_per_sequence_hidden_states(kind, tmp_path, groups):
     from megatron_rpt.model.config import ModelConfig, ParallelConfig

@@ -30,20 +30,6 @@ _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
 @pytest.fixture(scope="module")
-def groups():
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-
-    with single_process_group():
-        groups = initialize_model_parallel(1, 1)
-        seed_model_parallel(0, groups)
-        yield groups
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {kind: save_tiny_model(kind, root / kind) for kind in KINDS}
