@@ -61,9 +61,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not gpu" --min-passed=$(MIN_PASSED) $(PYTEST_ARGS) tests megatron_rpt
 
+# The GPU tier (tests/gpu: TE spec and FP8, SGLang, weight sync on a real GPU). On a machine with
+# a CUDA GPU, fewer than MIN_PASSED_GPU passing tests fail the run (skips and deselection cannot
+# look green); without a GPU every test is skipped with its reason and the target says so.
+MIN_PASSED_GPU ?= 5
 test-gpu: $(STAMP)
-	$(PY) -m pytest -m gpu --min-passed=1 $(PYTEST_ARGS) tests/gpu
+	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(PY) -m pytest -m gpu --min-passed=$(MIN_PASSED_GPU) $(PYTEST_ARGS) tests/gpu; \
+	else \
+	  $(PY) -m pytest -m gpu $(PYTEST_ARGS) tests/gpu && \
+	  echo "test-gpu: no CUDA GPU on this machine: the GPU tier was skipped, nothing verified"; \
+	fi
 
+# Every benchmark with its defaults (CPU sizes here, GPU sizes where a GPU is present); each
+# prints a table and writes bench/results/<name>.json. docs/BENCHMARKS.md has the numbers.
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 

@@ -8,6 +8,9 @@ the scored positions. Prints a table and writes ``bench/results/bench_entropy.js
     python bench/bench_entropy.py                      # CPU, 32 documents, 2 threads
     python bench/bench_entropy.py --documents 270      # the whole corpus (quantiles)
     python bench/bench_entropy.py --device cuda --threads 0
+
+``--device auto`` (the default) scores on the GPU when one is present, writing
+``bench/results/bench_entropy_cuda.json`` there.
 """
 
 from __future__ import annotations
@@ -54,10 +57,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--documents", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: leave as is)")
-    parser.add_argument("--out", default=str(RESULTS / "bench_entropy.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/bench_entropy[_cuda].json")
     args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    suffix = "" if args.device == "cpu" else "_cuda"
+    args.out = args.out or str(RESULTS / f"bench_entropy{suffix}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -178,9 +178,11 @@ def sync_weights(
     metrics.seconds = time.perf_counter() - start
     if engine is not None:
         logger.info(
-            "weight sync v%d: %d tensors, %.1f MiB in %d bucket(s), %.2f s (gather %.2f, push "
-            "%.2f, verify %.2f)%s",
-            version, metrics.tensors, metrics.bytes / 2**20, metrics.buckets, metrics.seconds,
+            "weight sync v%d: %d tensors%s, %.1f MiB in %d bucket(s), %.2f s (gather %.2f, "
+            "push %.2f, verify %.2f)%s",
+            version, metrics.tensors,
+            f" ({metrics.fp8_tensors} in FP8)" if metrics.fp8_tensors else "",
+            metrics.bytes / 2**20, metrics.buckets, metrics.seconds,
             metrics.gather_seconds, metrics.push_seconds, metrics.verify_seconds,
             "" if metrics.probe_mean_abs_diff is None
             else f"; probe |dlogp| mean {metrics.probe_mean_abs_diff:.2e} max "
