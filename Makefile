@@ -40,7 +40,7 @@ export PYTHONUNBUFFERED := 1
 MIN_PASSED ?= 50
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu test-all bench lint clean
+.PHONY: install demo test test-gpu test-all bench bench-quick lint clean
 
 install: $(STAMP)
 
@@ -75,8 +75,20 @@ test-gpu: $(STAMP)
 
 # Every benchmark with its defaults (CPU sizes here, GPU sizes where a GPU is present); each
 # prints a table and writes bench/results/<name>.json. docs/BENCHMARKS.md has the numbers.
+# On the 2-core CPU machine this takes about 15 minutes; `make bench-quick` runs every script
+# at small sizes (about 4 minutes on CPU) into bench/results/quick/, to check they all work.
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+BENCH_QUICK_ARGS_bench_entropy := --documents 4 --batch-tokens 2048
+BENCH_QUICK_ARGS_bench_fp8_rollout := --docs 2 --tokens 128
+BENCH_QUICK_ARGS_bench_logprobs := --tokens 512 --vocab 32768 --reps 1
+BENCH_QUICK_ARGS_bench_rollout := --prompts 1 --samples 4 --new-tokens 8 --repeats 1
+BENCH_QUICK_ARGS_bench_train_step := --steps 1
+BENCH_QUICK_ARGS_bench_weight_sync := --quick
+bench-quick: $(STAMP)
+	@set -e; $(foreach b,$(wildcard bench/bench_*.py),echo "== $(b) (quick)"; \
+	  RPT_BENCH_RESULTS=bench/results/quick $(PY) $(b) $(BENCH_QUICK_ARGS_$(basename $(notdir $(b))));)
 
 lint: $(STAMP)
 	$(PIP) install -q ruff && $(VENV)/bin/ruff check megatron_rpt tools tests bench examples

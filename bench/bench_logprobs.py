@@ -146,7 +146,10 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         return _child(args)
-    args.out = args.out or str(ROOT / f"bench/results/logprobs_{args.device}.json")
+    sys.path.insert(0, str(ROOT))
+    from bench.common import RESULTS
+
+    args.out = args.out or str(RESULTS / f"logprobs_{args.device}.json")
 
     chunks = [int(c) for c in args.chunks.split(",")]
     plan = [("naive", 0), ("logits_chunked", chunks[-1])] + [("fused", c) for c in chunks]

@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
-from megatron_rpt.reward import extract_prediction, get_reward, RewardTarget  # noqa: E402
+from megatron_rpt.reward import RewardTarget, extract_prediction, get_reward  # noqa: E402
 
 
 def make_response(rng: random.Random, n_chars: int, answer: str) -> str:

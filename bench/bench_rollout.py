@@ -18,7 +18,7 @@ is the median of the per-round ratios, so load that drifts on a shared machine a
 sides of a ratio alike; CPU seconds are less sensitive to other jobs than wall time.
 SmolLM2-135M-Instruct (the embedded model) in fp32 on CPU, bf16 on GPU.
 
-    python bench/bench_rollout.py                       # CPU: 4 prompts x 8 samples x 64 tokens
+    python bench/bench_rollout.py                       # CPU: 2 prompts x 8 samples x 32 tokens
     python bench/bench_rollout.py --prompts 64 --new-tokens 512   # GPU sizes
 """
 
@@ -97,11 +97,11 @@ def main() -> None:
     from megatron_rpt.rollout.types import SamplingParams
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--samples", type=int, default=8, help="G")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU torch threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -8,8 +8,9 @@ achieved model TFLOP/s from ``megatron_rpt.eval.flops`` (forward + backward over
 output layer on response tokens only, causal attention), MFU against the device's dense peak
 for the row's precision (bf16 peak for bf16 rows, FP8 peak for FP8 rows; only TE's linear
 layers run in FP8, so FP8 MFU understates the GEMM utilisation), the speed-up over the first
-row of the same run (the reference), peak device memory on GPU, and the PPO loss of the last
-step (a sanity check that FP8 trains the same thing).
+row of the same run (the reference), peak device memory on GPU, and the PPO loss and gradient
+norm of the last step (a sanity check that FP8 trains the same thing: the loss of these
+on-policy steps is -mean(advantage) whatever the weights, the gradient norm is not).
 
 FP8 needs Transformer Engine and a capable GPU: recipes TE does not support here are listed as
 skipped with TE's reason. On CPU the rows are fp32 (reference) and bf16 at a tiny size.
@@ -139,6 +140,7 @@ def _measure(hf_dir: Path, dtype: str, recipe: str | None, args, batch) -> dict:
         "tokens_per_s": (sum(prompts) + sum(responses)) / seconds,
         "tflops": flops / seconds / 1e12,
         "loss": metrics.loss,
+        "grad_norm": metrics.grad_norm,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
     del step, built
@@ -200,7 +202,8 @@ def main() -> None:
             r["speedup_vs_" + ref["precision"]] = r["tokens_per_s"] / ref["tokens_per_s"]
     print()
     print_table([{k: r.get(k) for k in ("precision", "status", "tokens_per_s", "tflops", "mfu",
-                                        "speedup_vs_" + ref["precision"], "loss", "peak_mem_gib")}
+                                        "speedup_vs_" + ref["precision"], "loss", "grad_norm",
+                                        "peak_mem_gib")}
                  for r in rows])  # fmt: skip
     if not cuda:
         print("FP8 rows need Transformer Engine and a CUDA GPU: not measured on this machine.")

@@ -20,7 +20,8 @@ copy of a flat buffer of the same bytes, timings are CUDA-synchronised, and the 
 ``torch.cuda.max_memory_allocated`` above the level before the sync. TP/PP > 1 need one GPU
 per rank and NCCL, which ``run_distributed`` (gloo) does not set up.
 
-Run: ``python bench/bench_weight_sync.py`` (writes bench/results/weight_sync[_gpu].json).
+Run: ``python bench/bench_weight_sync.py`` (writes bench/results/weight_sync[_gpu].json);
+``--quick`` runs the first layout only.
 """
 
 from __future__ import annotations
@@ -267,15 +268,21 @@ _ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def main() -> None:
+    import argparse
+
     import torch
 
     from megatron_rpt.assets import smollm2_dir
     from megatron_rpt.testing.distributed import run_distributed
 
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only the first layout (TP=1 PP=1)")
+    args = p.parse_args()
     smollm2_dir()  # materialise the embedded model once, before the ranks start
     cuda = torch.cuda.is_available()
+    setups = GPU_SETUPS if cuda else SETUPS
     rows = []
-    for tp, pp, bucket_mib in GPU_SETUPS if cuda else SETUPS:
+    for tp, pp, bucket_mib in setups[:1] if args.quick else setups:
         t0 = time.perf_counter()
         world = tp * pp
         ranks = run_distributed(_run, world, args=(tp, pp, bucket_mib), timeout=900, env=_ENV)
