@@ -40,7 +40,7 @@ export PYTHONUNBUFFERED := 1
 MIN_PASSED ?= 50
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu test-all bench lint clean
+.PHONY: install demo test test-gpu test-all bench bench-quick lint clean
 
 install: $(STAMP)
 
@@ -61,11 +61,34 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not gpu" --min-passed=$(MIN_PASSED) $(PYTEST_ARGS) tests megatron_rpt
 
+# The GPU tier (tests/gpu: TE spec and FP8, SGLang, weight sync on a real GPU). On a machine with
+# a CUDA GPU, fewer than MIN_PASSED_GPU passing tests fail the run (skips and deselection cannot
+# look green); without a GPU every test is skipped with its reason and the target says so.
+MIN_PASSED_GPU ?= 5
 test-gpu: $(STAMP)
-	$(PY) -m pytest -m gpu --min-passed=1 $(PYTEST_ARGS) tests/gpu
+	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(PY) -m pytest -m gpu --min-passed=$(MIN_PASSED_GPU) $(PYTEST_ARGS) tests/gpu; \
+	else \
+	  $(PY) -m pytest -m gpu $(PYTEST_ARGS) tests/gpu && \
+	  echo "test-gpu: no CUDA GPU on this machine: the GPU tier was skipped, nothing verified"; \
+	fi
 
+# Every benchmark with its defaults (CPU sizes here, GPU sizes where a GPU is present); each
+# prints a table and writes bench/results/<name>.json. docs/BENCHMARKS.md has the numbers.
+# On the 2-core CPU machine this takes about 15 minutes; `make bench-quick` runs every script
+# at small sizes (about 4 minutes on CPU) into bench/results/quick/, to check they all work.
 bench: $(STAMP)
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+BENCH_QUICK_ARGS_bench_entropy := --documents 4 --batch-tokens 2048
+BENCH_QUICK_ARGS_bench_fp8_rollout := --docs 2 --tokens 128
+BENCH_QUICK_ARGS_bench_logprobs := --tokens 512 --vocab 32768 --reps 1
+BENCH_QUICK_ARGS_bench_rollout := --prompts 1 --samples 4 --new-tokens 8 --repeats 1
+BENCH_QUICK_ARGS_bench_train_step := --steps 1
+BENCH_QUICK_ARGS_bench_weight_sync := --quick
+bench-quick: $(STAMP)
+	@set -e; $(foreach b,$(wildcard bench/bench_*.py),echo "== $(b) (quick)"; \
+	  RPT_BENCH_RESULTS=bench/results/quick $(PY) $(b) $(BENCH_QUICK_ARGS_$(basename $(notdir $(b))));)
 
 lint: $(STAMP)
 	$(PIP) install -q ruff && $(VENV)/bin/ruff check megatron_rpt tools tests bench examples

@@ -2,12 +2,17 @@
 """Entropy-scoring throughput (tokens/s): SmolLM2-135M scoring the first N CHAMP documents.
 
 Measures ``EntropyScorer.score_documents`` alone (model already loaded, one warm-up call), for
-a few ``entropy_batch_tokens`` budgets, and also reports the top-16 entropy distribution of
-the scored positions. Prints a table and writes ``bench/results/bench_entropy.json``.
+a few ``entropy_batch_tokens`` budgets, against the reference measured in the same run: the
+same scorer called once per document (one forward per document, no packing; the scores must
+agree, ``max_abs_diff_vs_per_document``). Also reports the top-16 entropy distribution of the
+scored positions. Prints a table and writes ``bench/results/bench_entropy.json``.
 
     python bench/bench_entropy.py                      # CPU, 32 documents, 2 threads
     python bench/bench_entropy.py --documents 270      # the whole corpus (quantiles)
     python bench/bench_entropy.py --device cuda --threads 0
+
+``--device auto`` (the default) scores on the GPU when one is present, writing
+``bench/results/bench_entropy_cuda.json`` there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.common import RESULTS  # noqa: E402
 
 
 def machine() -> dict:
@@ -54,10 +59,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--documents", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0: leave as is)")
-    parser.add_argument("--out", default=str(RESULTS / "bench_entropy.json"))
+    parser.add_argument(
+        "--out", default=None, help="default: bench/results/bench_entropy[_cuda].json"
+    )
     args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    suffix = "" if args.device == "cpu" else "_cuda"
+    args.out = args.out or str(RESULTS / f"bench_entropy{suffix}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -71,15 +82,24 @@ def main() -> int:
     texts = [d.text for d in champ_documents()[: args.documents]]
     docs = [np.asarray(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     n_tokens = sum(len(d) for d in docs)
-    rows, scores = [], None
-    for budget in args.batch_tokens:
+    rows, scores, ref_scores = [], None, None
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    # The reference (first row): one forward per document, no packing; same scorer code.
+    for budget in ["per_document", *args.batch_tokens]:
         scorer = EntropyScorer.from_pretrained(
-            smollm2_dir(), vocab_size=len(tok), device=args.device, batch_tokens=budget
-        )
+            smollm2_dir(), vocab_size=len(tok), device=args.device,
+            batch_tokens=2048 if budget == "per_document" else budget,
+        )  # fmt: skip
         scorer.score_documents(docs[:1])  # warm-up
+        sync()
         start = time.perf_counter()
-        scores = scorer.score_documents(docs)
+        if budget == "per_document":
+            scores = [s for d in docs for s in scorer.score_documents([d])]
+        else:
+            scores = scorer.score_documents(docs)
+        sync()
         seconds = time.perf_counter() - start
+        ref_scores = ref_scores or scores
         rows.append(
             {
                 "batch_tokens": budget,
@@ -88,6 +108,13 @@ def main() -> int:
                 "seconds": round(seconds, 2),
                 "tokens_per_second": round(n_tokens / seconds, 1),
                 "forward_calls": scorer.forward_calls - 1,
+                "vs_per_document": round(rows[0]["seconds"] / seconds, 3) if rows else 1.0,
+                "max_abs_diff_vs_per_document": float(
+                    max(
+                        np.nanmax(np.abs(a - b), initial=0.0)
+                        for a, b in zip(scores, ref_scores, strict=True)
+                    )
+                ),
             }
         )
     values = np.concatenate([s[np.isfinite(s)] for s in scores])
@@ -121,11 +148,11 @@ def main() -> int:
         f"entropy scoring, SmolLM2-135M fp32, top-16, device {args.device}, "
         f"{torch.get_num_threads()} threads, {len(docs)} CHAMP documents ({n_tokens} tokens)"
     )
-    print(f"{'batch_tokens':>12} {'seconds':>8} {'tokens/s':>9} {'forwards':>8}")
+    print(f"{'batch_tokens':>12} {'seconds':>8} {'tokens/s':>9} {'forwards':>8} {'vs per-doc':>10}")
     for r in rows:
         print(
             f"{r['batch_tokens']:>12} {r['seconds']:>8.2f} {r['tokens_per_second']:>9.1f} "
-            f"{r['forward_calls']:>8}"
+            f"{r['forward_calls']:>8} {r['vs_per_document']:>10.2f}"
         )
     print(
         "entropy quantiles (nats): "

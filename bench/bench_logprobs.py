@@ -10,13 +10,15 @@ Variants, each in a fresh subprocess so that its peak resident memory is its own
 
 Peak memory is ``ru_maxrss`` of the subprocess minus its resident memory right before the
 first forward (inputs, weight and imports excluded; the weight gradient, ``[V, H]`` fp32, is
-included in every variant). Large tensors are mmapped by glibc and
+included in every variant); on a GPU (``--device cuda``, the default when one is present) it
+is ``torch.cuda.max_memory_allocated`` above the allocation before the first forward. Large tensors are mmapped by glibc and
 torch's CPU allocator does not cache, so RSS follows live tensor memory. Time is the median
 forward+backward over ``--reps`` runs after one warm-up. All variants must agree: the script
 checks log-probs, entropy and the hidden/weight gradients against the naive ones.
 
-Usage: ``python bench/bench_logprobs.py [--tokens 2048 --vocab 151936 --hidden 128]``.
-Writes ``bench/results/logprobs_cpu.json`` and prints a table.
+Usage: ``python bench/bench_logprobs.py [--tokens 2048 --vocab 151936 --hidden 128]``
+(on a GPU e.g. ``--tokens 8192 --hidden 5120``). Writes ``bench/results/logprobs_<device>.json``
+and prints a table.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def _child(args: argparse.Namespace) -> None:
     )
 
     torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(args.tokens, args.hidden, generator=g) / args.hidden**0.5
-    weight = torch.randn(args.vocab, args.hidden, generator=g)
-    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g)
-    g_lp = torch.randn(args.tokens, generator=g)
+    hidden = (torch.randn(args.tokens, args.hidden, generator=g) / args.hidden**0.5).to(args.device)
+    weight = torch.randn(args.vocab, args.hidden, generator=g).to(args.device)
+    labels = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(args.device)
+    g_lp = torch.randn(args.tokens, generator=g).to(args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def run(h, w, labels, g_lp):
         h.grad = w.grad = None
@@ -73,14 +77,24 @@ def _child(args: argparse.Namespace) -> None:
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     base_rss = psutil.Process().memory_info().rss
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base_rss = torch.cuda.memory_allocated()
     times, out = [], None
     for _ in range(args.reps + 1):  # the first run is a warm-up
         out = None
+        sync()
         start = time.perf_counter()
         out = run(hidden, weight, labels, g_lp)
+        sync()
         times.append(time.perf_counter() - start)
     times = times[1:]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    out = tuple(t.cpu() for t in out)
     torch.save(dict(zip(("lp", "ent", "gh", "gw"), out, strict=True)), args.dump)
     json.dump(
         {"peak_extra_bytes": peak - base_rss, "base_rss_bytes": base_rss,
@@ -94,6 +108,7 @@ def _run_variant(args: argparse.Namespace, variant: str, chunk: int, dump: Path)
         sys.executable, __file__, "--child", "--variant", variant, "--chunk", str(chunk),
         "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
         "--reps", str(args.reps), "--threads", str(args.threads), "--dump", str(dump),
+        "--device", args.device,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -118,14 +133,23 @@ def main() -> None:
     p.add_argument("--chunks", default="256,1024", help="chunk sizes of the fused variant")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "bench/results/logprobs_cpu.json"))
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--out", default=None, help="default: bench/results/logprobs_<device>.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="naive", help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--dump", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
         return _child(args)
+    sys.path.insert(0, str(ROOT))
+    from bench.common import RESULTS
+
+    args.out = args.out or str(RESULTS / f"logprobs_{args.device}.json")
 
     chunks = [int(c) for c in args.chunks.split(",")]
     plan = [("naive", 0), ("logits_chunked", chunks[-1])] + [("fused", c) for c in chunks]
@@ -147,6 +171,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
                    f"{args.threads}",
+        "device": args.device if args.device == "cpu" else __import__("torch").cuda.get_device_name(0),
         "torch": __import__("torch").__version__,
         "shape": {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden},
         "full_logits_fp32_bytes": args.tokens * args.vocab * 4,

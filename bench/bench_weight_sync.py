@@ -14,7 +14,14 @@ run (``run_distributed``; the engine on rank 0, 1 torch thread per rank):
 5. records each rank's peak resident memory above its level before one more sync (a sampling
    thread; see ``_PeakRSS``): the sync's extra memory.
 
-Run: ``python bench/bench_weight_sync.py`` (writes bench/results/weight_sync.json).
+On a GPU machine (CUDA available) the same script runs the TP=1 layouts on the GPU (one
+process; the model, the HF engine and the floors on ``cuda:0``): the floor is then a device
+copy of a flat buffer of the same bytes, timings are CUDA-synchronised, and the extra memory is
+``torch.cuda.max_memory_allocated`` above the level before the sync. TP/PP > 1 need one GPU
+per rank and NCCL, which ``run_distributed`` (gloo) does not set up.
+
+Run: ``python bench/bench_weight_sync.py`` (writes bench/results/weight_sync[_gpu].json);
+``--quick`` runs the first layout only.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ SETUPS = [  # (tp, pp, bucket MiB)
     (1, 2, 64),
     (3, 1, 512),
 ]
+GPU_SETUPS = [(1, 1, 512), (1, 1, 64)]
 
 
 class _PeakRSS:
@@ -111,13 +119,48 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * PAGE
 
 
+def _device_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        _device_sync()
         t0 = time.perf_counter()
         fn()
+        _device_sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+class _CudaPeak:
+    """GPU counterpart of ``_PeakRSS``: peak allocated device memory above the entry level."""
+
+    def __enter__(self) -> _CudaPeak:
+        import torch
+
+        _device_sync()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        return self
+
+    def sample(self) -> None:
+        """Nothing to sample: the allocator tracks the peak."""
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        _device_sync()
+        self.peak = torch.cuda.max_memory_allocated()
+
+    @property
+    def extra(self) -> int:
+        """Bytes above the entry level at the peak."""
+        return self.peak - self.base
 
 
 def _run(rank, world_size, tp, pp, bucket_mib):
@@ -130,14 +173,19 @@ def _run(rank, world_size, tp, pp, bucket_mib):
     from megatron_rpt.testing.updates import perturb_parameters
     from megatron_rpt.weight_sync import WeightSyncConfig, build_plan, sync_weights
 
-    _track_large_allocations()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(0)
+    else:
+        _track_large_allocations()
     groups = initialize_model_parallel(tp, pp)
     seed_model_parallel(0, groups)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     built = build_pretrained(
         ModelConfig(hf_path="embedded:smollm2", dtype="fp32"), parallel, groups
     )
-    engine = HFEngine.from_pretrained("embedded:smollm2", device="cpu") if rank == 0 else None
+    device = "cuda" if cuda else "cpu"
+    engine = HFEngine.from_pretrained("embedded:smollm2", device=device) if rank == 0 else None
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, groups.tp_rank, tp)
 
     def cfg(verify):
@@ -151,21 +199,23 @@ def _run(rank, world_size, tp, pp, bucket_mib):
         return sync_weights(built, groups, target, plan, version=version, cfg=cfg(verify))
 
     checked = sync(1, "full")  # correctness gate (raises WeightSyncError on a mismatch)
-    runs = [sync(2 + i, "none") for i in range(REPEATS)]
+    runs = [_synced(lambda i=i: sync(2 + i, "none")) for i in range(REPEATS)]
     probed = sync(10, "probe")
-    with _PeakRSS() as mem:
+    with _CudaPeak() if cuda else _PeakRSS() as mem:
         sync(11, "none", None if engine is None else _SampledEngine(engine, mem))
     nbytes = plan.hf_bytes
     bcast, allgather = _transport_floors(nbytes, world_size) if world_size > 1 else (None, None)
     if engine is None:
         return {"peak_extra_mib": mem.extra / MIB}
-    src = torch.randn(nbytes // 4)
+    src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     memcpy = _time(lambda: dst.copy_(src), REPEATS)
     ready = [(n, t.clone()) for n, t in engine.model.state_dict().items() if n != "lm_head.weight"]
     copy_in = _time(lambda: engine.update_weights(iter(ready), version=99), REPEATS)
-    median = statistics.median(r.seconds for r in runs)
+    median = statistics.median(wall for _, wall in runs)
+    runs = [r for r, _ in runs]
     return {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "layout": f"TP={tp} PP={pp}",
         "bucket_mib": bucket_mib,
         "buckets": checked.buckets,
@@ -184,6 +234,16 @@ def _run(rank, world_size, tp, pp, bucket_mib):
         "probe_max_abs_dlogp": checked.probe_max_abs_diff,
         "peak_extra_mib": mem.extra / MIB,
     }
+
+
+def _synced(fn):  # noqa: ANN001, ANN202
+    """(result, wall seconds until the device finished): CUDA copies into the engine are
+    asynchronous, so the sync's own clock can stop before they are done."""
+    _device_sync()
+    t0 = time.perf_counter()
+    result = fn()
+    _device_sync()
+    return result, time.perf_counter() - t0
 
 
 def _transport_floors(nbytes: int, world: int) -> tuple[float, float]:
@@ -208,12 +268,21 @@ _ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def main() -> None:
+    import argparse
+
+    import torch
+
     from megatron_rpt.assets import smollm2_dir
     from megatron_rpt.testing.distributed import run_distributed
 
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only the first layout (TP=1 PP=1)")
+    args = p.parse_args()
     smollm2_dir()  # materialise the embedded model once, before the ranks start
+    cuda = torch.cuda.is_available()
+    setups = GPU_SETUPS if cuda else SETUPS
     rows = []
-    for tp, pp, bucket_mib in SETUPS:
+    for tp, pp, bucket_mib in setups[:1] if args.quick else setups:
         t0 = time.perf_counter()
         world = tp * pp
         ranks = run_distributed(_run, world, args=(tp, pp, bucket_mib), timeout=900, env=_ENV)
@@ -225,10 +294,10 @@ def main() -> None:
     print()
     print_table(rows)
     path = write_result(
-        "weight_sync",
+        "weight_sync_gpu" if cuda else "weight_sync",
         rows,
         model="SmolLM2-135M-Instruct (fp32)",
-        engine="HFEngine on rank 0 (CPU)",
+        engine="HFEngine on rank 0 (" + ("cuda:0" if cuda else "CPU") + ")",
         repeats=REPEATS,
     )
     print(f"wrote {path}")

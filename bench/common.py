@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# ``RPT_BENCH_RESULTS`` redirects every script's JSON (``make bench-quick`` writes its small-size
+# runs to bench/results/quick/ so they never overwrite the numbers docs/BENCHMARKS.md cites).
+RESULTS = Path(os.environ.get("RPT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,18 +31,22 @@ from megatron_rpt.loss.config import LossConfig, validate_loss_config
 from megatron_rpt.model.config import (
     ModelConfig,
     ParallelConfig,
+    PrecisionConfig,
     check_model_config,
     check_parallel_config,
+    check_precision_config,
 )
 from megatron_rpt.reward.config import RewardConfig
 from megatron_rpt.rollout.config import RolloutConfig
-from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
 from megatron_rpt.trainer.config import (
     CheckpointConfig,
     OptimizerConfig,
     TrainConfig,
     validate_trainer_configs,
 )
+from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -67,6 +72,7 @@ class RPTConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -150,6 +156,41 @@ def _check_trainer(cfg: RPTConfig) -> None:
             "rollout.temperature=0 (greedy) cannot be trained on: the policy gradient needs "
             "the log-probs of softmax(logits / T) with T > 0"
         )
+
+
+@rule
+def _check_precision(cfg: RPTConfig) -> None:
+    check_precision_config(cfg.precision)
+    if cfg.precision.fp8 != "none" and cfg.model.spec == "local":
+        raise ConfigError(
+            f"precision.fp8={cfg.precision.fp8} needs the Transformer Engine layer spec; "
+            "model.spec=local cannot run FP8 (use te or auto)"
+        )
+    if cfg.precision.rollout_fp8 and cfg.rollout.engine == "hf":
+        if cfg.weight_sync.verify in ("checksum", "full"):
+            raise ConfigError(
+                f"weight_sync.verify={cfg.weight_sync.verify} cannot check FP8 rollout weights on "
+                "the HF engine (it holds them dequantized); use weight_sync.verify=probe"
+            )
+    resolve_tis(cfg)
+
+
+def resolve_tis(cfg: RPTConfig) -> RPTConfig:
+    """Set ``loss.tis`` when it is None: on when rollout and training precisions differ."""
+    if cfg.loss.tis is not None:
+        return cfg
+    from megatron_rpt.model.fp8 import training_precision
+    from megatron_rpt.weight_sync.fp8 import rollout_precision
+
+    train = training_precision(cfg.model.dtype, cfg.precision)
+    rollout = rollout_precision(cfg.rollout, cfg.precision)
+    cfg.loss.tis = rollout != train
+    logger.info(
+        "loss.tis resolved to %s: training computes in %s, the rollout engine in %s%s",
+        cfg.loss.tis, train, rollout or "an unknown precision (dtype 'auto')",
+        f" (token TIS, cap {cfg.loss.tis_cap})" if cfg.loss.tis else "",
+    )  # fmt: skip
+    return cfg
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:

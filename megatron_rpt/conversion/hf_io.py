@@ -54,6 +54,7 @@ _DTYPE_CODES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",  # FP8 rollout checkpoints (weight_sync/fp8.py)
 }
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 

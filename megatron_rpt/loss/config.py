@@ -54,9 +54,13 @@ class LossConfig:
     sum). Denominators are counted over the whole global batch, so the loss does not depend on
     the micro-batch split or the parallel layout."""
 
-    tis: bool = False
+    tis: bool | None = None
     """Token-level truncated importance sampling: weight each token's policy-gradient term by
-    min(pi_old / pi_rollout, tis_cap), correcting for the rollout engine's numerics."""
+    min(pi_old / pi_rollout, tis_cap), correcting for the rollout engine's numerics. None
+    (default): decided when the run config is validated - on exactly when the rollout engine's
+    precision differs from the trainer's or is unknown (e.g. precision.rollout_fp8, bf16
+    training vs an fp32 HF engine, SGLang dtype 'auto'); the choice is logged and written to
+    the resolved config. Library code handed None applies no TIS."""
     tis_cap: float = 2.0
     """Upper truncation of the TIS weight (verl/slime default 2)."""
     mismatch_ratio_threshold: float = 2.0

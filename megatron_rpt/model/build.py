@@ -17,6 +17,8 @@ This is the ONE place that builds Megatron's ``TransformerConfig``
   final hidden states for the fused response-only log-prob; ``"logits"`` the stock GPTModel.
 * bf16: params in bf16 and the model wrapped in ``Float16Module`` (C5), as Megatron's DDP
   training does; fp32 models are not wrapped.
+* FP8 (``precision.fp8``): the TE recipe fields from ``model/fp8.py``, after checking TE, the
+  GPU and the TE layer spec; the resolved recipe is logged. Parameters keep ``model.dtype``.
 * Vocabulary padded to a multiple of ``make_vocab_size_divisible_by x TP`` unless a checkpoint
   dictates its padded size. ``VocabSizes`` carries both sizes; logits beyond the true
   vocabulary must go through ``model/logits.py`` before anything reads them.
@@ -37,14 +39,17 @@ import torch
 from megatron_rpt import capabilities
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.model import fp8
 from megatron_rpt.model.arch import ArchSpec
 from megatron_rpt.model.config import (
     ModelConfig,
     ParallelConfig,
+    PrecisionConfig,
     check_model_config,
     check_parallel_config,
+    check_precision_config,
 )
-from megatron_rpt.model.specs import layer_spec
+from megatron_rpt.model.specs import layer_spec, resolve_spec_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +114,18 @@ def check_parallel_fit(arch: ArchSpec, parallel: ParallelConfig) -> None:
 
 
 def build_transformer_config(
-    arch: ArchSpec, model_cfg: ModelConfig, parallel: ParallelConfig, *, initialize: bool = True
+    arch: ArchSpec,
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    initialize: bool = True,
+    precision: PrecisionConfig | None = None,
 ) -> Any:
     """The one place a megatron.core ``TransformerConfig`` is built (see module docstring).
 
     ``initialize=False`` skips Megatron's random initialisation (weights are loaded next).
     Megatron then also skips setting the TP attributes of parameters, so use it at TP=1 only.
+    ``precision`` (``cfg.precision``) switches on FP8 training (model/fp8.py).
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
@@ -161,8 +172,11 @@ def build_transformer_config(
     if on_cpu:
         kwargs["batch_p2p_sync"] = False
     kwargs.update(_recompute_kwargs(model_cfg))
+    kwargs.update(_fp8_kwargs(arch, model_cfg, parallel, precision))
     kwargs.update(model_cfg.transformer_overrides)
     config = TransformerConfig(**kwargs)
+    if config.fp8:
+        logger.info("%s", fp8.describe(config))
     if config.num_moe_experts is None and parallel.virtual_pipeline_model_parallel_size is None:
         # Set after construction: __post_init__ rejects variable_seq_lengths whenever the MoE
         # token dispatcher is 'allgather' (its default), even for a dense model that has no
@@ -171,6 +185,22 @@ def build_transformer_config(
         # (Megatron-LM #5100); the trainer pads its micro-batches to one shape there instead.
         config.variable_seq_lengths = True
     return config
+
+
+def _fp8_kwargs(
+    arch: ArchSpec,
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig | None,
+) -> dict[str, Any]:
+    if not fp8.fp8_enabled(precision):
+        return {}
+    assert precision is not None
+    check_precision_config(precision)
+    fp8.check_fp8_runtime(precision, resolve_spec_name(model_cfg.spec))
+    return fp8.fp8_transformer_kwargs(
+        precision, num_layers=arch.num_layers, pipeline_size=parallel.pipeline_model_parallel_size
+    )
 
 
 def _recompute_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
@@ -194,6 +224,7 @@ def build_model(
     padded_vocab: int | None = None,
     initialize: bool = True,
     output: str = "logits",
+    precision: PrecisionConfig | None = None,
 ) -> BuiltModel:
     """GPTModel chunk(s) of this rank's pipeline stage(s), in ``model_cfg.dtype``.
 
@@ -201,7 +232,8 @@ def build_model(
     vocabulary and be divisible by TP. ``initialize=False`` (TP=1 only, see
     ``build_transformer_config``) leaves parameters uninitialised for a loader to fill.
     ``output``: 'logits' (Megatron's GPTModel) or 'hidden' (``RPTGPTModel`` returning final
-    hidden states on the last stage, for the trainer's fused log-prob).
+    hidden states on the last stage, for the trainer's fused log-prob). ``precision``: FP8
+    training (``build_transformer_config``).
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
@@ -217,7 +249,9 @@ def build_model(
     _check_layout(parallel, groups)
     if not initialize and groups.tp_size > 1:
         raise ValueError("initialize=False needs TP=1 (Megatron then skips the TP attributes)")
-    config = build_transformer_config(arch, model_cfg, parallel, initialize=initialize)
+    config = build_transformer_config(
+        arch, model_cfg, parallel, initialize=initialize, precision=precision
+    )
     vocab = _vocab_sizes(arch, model_cfg, parallel, padded_vocab)
     spec = layer_spec(model_cfg.spec, arch)
     chunks: list[torch.nn.Module] = []

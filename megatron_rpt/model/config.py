@@ -47,6 +47,24 @@ RESERVED_OVERRIDES = frozenset(
     }
 )
 
+# TransformerConfig fields set from ``precision.*`` (model/fp8.py): overriding them would bypass
+# the TE/GPU capability check and the resolved-recipe log.
+PRECISION_OVERRIDES = frozenset(
+    {
+        "fp8",
+        "fp8_recipe",
+        "fp8_param",
+        "fp8_margin",
+        "fp8_amax_history_len",
+        "fp8_amax_compute_algo",
+        "first_last_layers_bf16",
+        "num_layers_at_start_in_bf16",
+        "num_layers_at_end_in_bf16",
+    }
+)
+
+FP8Recipe = Literal["none", "delayed", "tensorwise", "blockwise", "mxfp8"]
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -91,6 +109,67 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B); None for one chunk."""
 
 
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    """Low-precision training (Transformer Engine FP8) and FP8 rollout weights (docs/FP8.md).
+
+    Master weights, optimizer state, checkpoints and HF exports stay in model.dtype (bf16 or
+    fp32; fp32 main parameters in the optimizer): FP8 only changes how TE's linear layers compute.
+    """
+
+    fp8: FP8Recipe = "none"
+    """FP8 training recipe of the TE linear layers: 'none' (model.dtype only), 'delayed'
+    (per-tensor scales from an amax history), 'tensorwise' (per-tensor current scaling),
+    'blockwise' (1x128 activation / 128x128 weight tiles; Hopper, CUDA >= 12.9) or 'mxfp8'
+    (32-element blocks with power-of-two scales; Blackwell). Needs Transformer Engine, a
+    capable GPU and the TE layer spec (model.spec te or auto)."""
+    fp8_format: Literal["e4m3", "hybrid"] = "e4m3"
+    """FP8 dtypes: 'e4m3' everywhere, or 'hybrid' (e4m3 forward, e5m2 for gradients; common for
+    delayed/tensorwise). 'e4m3' works with every recipe."""
+    first_last_layers_bf16: bool = False
+    """Keep the first num_layers_at_start_in_bf16 and last num_layers_at_end_in_bf16
+    transformer layers out of FP8 (not with 'delayed': Megatron refuses it)."""
+    num_layers_at_start_in_bf16: int = 1
+    """Layers at the start kept in model.dtype when first_last_layers_bf16 is set."""
+    num_layers_at_end_in_bf16: int = 1
+    """Layers at the end kept in model.dtype when first_last_layers_bf16 is set."""
+    fp8_amax_history_len: int = 1024
+    """'delayed' only: length of the amax history the scale is computed from (TE's default)."""
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """'delayed' only: scale from the largest amax of the history or the most recent one."""
+    fp8_margin: int = 0
+    """'delayed' only: scale = 2^-margin * fp8_max / amax (headroom against growth)."""
+    rollout_fp8: bool = False
+    """Quantize the linear weights of the decoder layers to blockwise FP8 (e4m3, square
+    blocks, fp32 *.weight_scale_inv) during each weight sync, for an FP8-served SGLang model
+    (tools/convert_hf_to_fp8.py writes its initial checkpoint). Embeddings, lm_head, norms and
+    biases stay in the pushed dtype."""
+    rollout_fp8_block_size: int = 128
+    """Side of the square quantization block (SGLang/DeepGEMM kernels expect 128)."""
+    rollout_fp8_pow2_scales: bool = False
+    """Round every block scale up to a power of two (the 'ue8m0' scale format of
+    DeepSeek-V3.1-style checkpoints / DeepGEMM on Blackwell)."""
+
+
+def check_precision_config(precision: PrecisionConfig, prefix: str = "precision") -> None:
+    """Field ranges and recipe combinations; raise ConfigError naming the field."""
+    if precision.fp8 not in ("none", "delayed", "tensorwise", "blockwise", "mxfp8"):
+        raise ConfigError(f"{prefix}.fp8: {precision.fp8!r} is not a known FP8 recipe")
+    for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16", "fp8_margin"):
+        if getattr(precision, name) < 0:
+            raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(precision, name)}")
+    if precision.fp8_amax_history_len < 1:
+        raise ConfigError(f"{prefix}.fp8_amax_history_len must be >= 1")
+    if precision.rollout_fp8_block_size < 1:
+        raise ConfigError(f"{prefix}.rollout_fp8_block_size must be >= 1")
+    if precision.first_last_layers_bf16 and precision.fp8 == "delayed":
+        raise ConfigError(
+            f"{prefix}.first_last_layers_bf16 does not work with {prefix}.fp8=delayed "
+            "(Megatron-Core refuses it: per-layer autocast breaks the amax reduction); use "
+            "tensorwise or blockwise"
+        )
+
+
 def check_model_config(model: ModelConfig) -> None:
     """Checks that need no architecture; raise ConfigError naming the field."""
     if model.make_vocab_size_divisible_by < 1:
@@ -114,6 +193,16 @@ def check_transformer_overrides(overrides: dict[str, Any]) -> None:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
                 f"model.transformer_overrides: '{key}' is not a TransformerConfig field{hint}"
+            )
+        if key == "fp8_param":
+            raise ConfigError(
+                "model.transformer_overrides: 'fp8_param' (FP8 parameters) is not supported: "
+                "weight sync, checkpoints and HF export read parameters as plain tensors"
+            )
+        if key in PRECISION_OVERRIDES:
+            raise ConfigError(
+                f"model.transformer_overrides: '{key}' is set from the precision.* config "
+                "(precision.fp8, precision.fp8_format, ...); set it there"
             )
         if key in RESERVED_OVERRIDES:
             raise ConfigError(
@@ -141,7 +230,9 @@ def check_parallel_config(parallel: ParallelConfig) -> None:
 __all__ = [
     "ModelConfig",
     "ParallelConfig",
+    "PrecisionConfig",
     "check_model_config",
+    "check_precision_config",
     "check_parallel_config",
     "check_transformer_overrides",
 ]

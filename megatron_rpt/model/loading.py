@@ -31,7 +31,7 @@ from megatron_rpt.model.checkpoint_io import (
     find_checkpoint,
     load_checkpoint,
 )
-from megatron_rpt.model.config import ModelConfig, ParallelConfig
+from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,12 @@ def build_pretrained(
     groups: ParallelGroups,
     *,
     output: str = "logits",
+    precision: PrecisionConfig | None = None,
 ) -> BuiltModel:
     """Build this rank's chunks and load the initial weights (collective over all ranks).
 
-    ``output='hidden'`` builds the trainer's ``RPTGPTModel`` (see ``build_model``).
+    ``output='hidden'`` builds the trainer's ``RPTGPTModel`` (see ``build_model``);
+    ``precision`` switches on FP8 training (weights are loaded in ``model.dtype`` either way).
     """
     source = resolve_source(model_cfg)
     # Megatron sets the TP attributes of a parameter (tensor_model_parallel, partition_dim,
@@ -108,6 +110,7 @@ def build_pretrained(
         padded_vocab=source.padded_vocab,
         initialize=groups.tp_size > 1,
         output=output,
+        precision=precision,
     )
     built.hf_dir = source.hf_dir
     if source.checkpoint is not None:

@@ -133,8 +133,13 @@ def build_train_step(
     temperature: float = 1.0,
     seed: int = 0,
     megatron_checkpoint: str | None = None,
+    spec: str = "local",
+    precision: Any = None,
 ) -> Any:
-    """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``."""
+    """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``.
+
+    ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU).
+    """
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.loss.config import LossConfig
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
@@ -152,10 +157,10 @@ def build_train_step(
     model_cfg = ModelConfig(
         hf_path=hf_dir,
         dtype=dtype,
-        spec=spec,
+        spec=spec,  # type: ignore[arg-type]
         megatron_checkpoint=megatron_checkpoint,  # type: ignore[arg-type]
     )
-    built = build_pretrained(model_cfg, parallel, groups, output="hidden")
+    built = build_pretrained(model_cfg, parallel, groups, output="hidden", precision=precision)
     return TrainStep(
         built,
         groups,

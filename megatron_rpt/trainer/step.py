@@ -34,11 +34,13 @@ from megatron_rpt.errors import ConfigError
 from megatron_rpt.loss.config import LossConfig
 from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, finalize_metrics
 from megatron_rpt.model.build import BuiltModel
+from megatron_rpt.model.fp8 import token_alignment
 from megatron_rpt.trainer import optimizer as optim
 from megatron_rpt.trainer.batch import (
     BatchPlan,
     MicroBatch,
     RolloutBatch,
+    _pad_micro_batch,
     pad_to_common_shape,
     plan_batch,
     rank_micro_batches,
@@ -81,6 +83,8 @@ class TrainStep:
         self.step = 0
         """Optimizer steps completed."""
         self.device = next(self.chunks[0].parameters()).device
+        self.token_alignment = token_alignment(built.config)
+        """Micro-batch token counts are padded to a multiple of this (FP8 GEMMs: 16 or 32)."""
 
     @classmethod
     def from_config(cls, cfg: Any, groups: ParallelGroups) -> TrainStep:
@@ -89,9 +93,13 @@ class TrainStep:
         Initial weights come from ``model.hf_path`` or ``model.megatron_checkpoint``; resume
         from a training checkpoint with ``trainer.checkpoint.load_training_checkpoint``.
         """
+        from megatron_rpt.config import resolve_tis
         from megatron_rpt.model.loading import build_pretrained
 
-        built = build_pretrained(cfg.model, cfg.parallel, groups, output="hidden")
+        resolve_tis(cfg)  # loss.tis=None: decided by the precision settings (logged)
+        built = build_pretrained(
+            cfg.model, cfg.parallel, groups, output="hidden", precision=cfg.precision
+        )
         return cls(
             built,
             groups,
@@ -188,6 +196,8 @@ class TrainStep:
         micro_batches = rank_micro_batches(
             batch, plan, g.dp_rank, self.train_cfg.micro_batch_layout
         )
+        if self.token_alignment > 1:
+            micro_batches = [_align_width(mb, self.token_alignment) for mb in micro_batches]
         if not self.built.config.variable_seq_lengths and g.pp_size > 1:
             # Fixed-shape p2p (the interleaved schedule): one shape for the whole step.
             micro_batches = pad_to_common_shape(micro_batches)
@@ -276,6 +286,13 @@ class TrainStep:
 
     def _last_stage_rank(self) -> int:
         return dist.get_global_rank(self.groups.pp_group, self.groups.pp_size - 1)
+
+
+def _align_width(mb: MicroBatch, multiple: int) -> MicroBatch:
+    """Pad a micro-batch's length to a multiple of ``multiple`` (FP8 GEMMs need the token
+    dimension aligned). Packed: one extra zero-loss segment; padded: columns of token 0."""
+    rows, width = mb.tokens.shape
+    return _pad_micro_batch(mb, rows, -(-width // multiple) * multiple)
 
 
 def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) -> None:

@@ -14,7 +14,8 @@ same collectives in the same order:
    the full tensor from ``partition_dim`` / ``partition_stride``.
 4. **Convert** each full tensor with the name table (``WeightConverter.megatron_to_hf``: QKV
    and gate/up split, vocabulary padding rows dropped, the tied output layer never emitted)
-   and cast to the push dtype.
+   and cast to the push dtype; with the plan's FP8 quantization, decoder linear weights are
+   quantized from the full-precision tensor instead (fp8.py), each followed by its scale.
 5. **Yield** one ``HFBucket``; the next bucket's collectives start only when the consumer asks
    for it.
 
@@ -39,6 +40,7 @@ from megatron_rpt.conversion.converter import WeightConverter, named_global_para
 from megatron_rpt.conversion.tp_sharding import partitioning, tp_unshard
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.weight_sync.fp8 import BlockFP8
 from megatron_rpt.weight_sync.plan import Bucket, ParamMeta, ParamTask, SyncPlan
 
 
@@ -112,7 +114,10 @@ def iter_hf_buckets(
     for bucket in plan.buckets:
         # `yield <call>` keeps no local reference to the bucket once it is handed out.
         yield HFBucket(
-            bucket.index, _gather_convert(bucket, params, groups, converter, device, materialize)
+            bucket.index,
+            _gather_convert(
+                bucket, params, groups, converter, device, materialize, plan.quantization
+            ),
         )
 
 
@@ -123,6 +128,7 @@ def _gather_convert(
     converter: WeightConverter,
     device: torch.device,
     materialize: bool,
+    quantization: BlockFP8 | None,
 ) -> list[tuple[str, torch.Tensor]]:
     with torch.no_grad():
         shards = [_local_shard(task, params, groups.pp_rank, device) for task in bucket.tasks]
@@ -137,7 +143,7 @@ def _gather_convert(
             parts, pieces[i] = pieces[i], None  # free this parameter's pieces once converted
             full = parts[0] if task.partition_dim is None else _unshard(parts, task)
             del parts
-            out.extend(_convert(task, full, converter))
+            out.extend(_convert(task, full, converter, quantization))
             del full
         return out
 
@@ -195,9 +201,14 @@ def _unshard(parts: list[torch.Tensor], task: ParamTask) -> torch.Tensor:
 
 
 def _convert(
-    task: ParamTask, full: torch.Tensor, converter: WeightConverter
+    task: ParamTask,
+    full: torch.Tensor,
+    converter: WeightConverter,
+    quantization: BlockFP8 | None,
 ) -> list[tuple[str, torch.Tensor]]:
     converted = converter.megatron_to_hf(task.name, full)
+    if quantization is not None:
+        converted = [pair for n, t in converted for pair in quantization.quantize(n, t)]
     assert [n for n, _ in converted] == [o.name for o in task.outputs], task.name
     out = []
     for (name, tensor), spec in zip(converted, task.outputs, strict=True):

@@ -9,7 +9,8 @@ The path of one sync (plan once, then execute at every step)::
     PP broadcast   the owner stage's shard -> the same TP rank of every stage
     TP all-gather  every TP rank's shard -> full tensor (partition_dim / partition_stride)
     convert        the name table: QKV and gate/up split, vocabulary padding rows dropped,
-                   tied output layer never emitted; cast to the push dtype
+                   tied output layer never emitted; cast to the push dtype, or (rollout FP8)
+                   blockwise FP8 + weight_scale_inv for decoder linear weights (fp8.py)
     bucket         yield one HFBucket; nothing of it is kept once the consumer drops it
     ---------- on the rank holding the engine (push.py) -----------------------------------
     push           engine.update_weights(stream of (hf_name, tensor))
@@ -41,7 +42,9 @@ Rules:
 * HF shapes come from running the conversion transform on meta tensors (vocabulary padding
   rows are dropped there); every HF name must be produced exactly once;
 * buckets are filled greedily in plan order up to ``bucket_bytes`` of full Megatron tensors in
-  the model dtype (what the executor materialises); a larger tensor gets a bucket of its own.
+  the model dtype (what the executor materialises); a larger tensor gets a bucket of its own;
+* with a ``BlockFP8`` quantization, each quantized HF weight is listed in FP8 and followed by
+  its ``*.weight_scale_inv`` (fp32); other tensors keep the push dtype.
 
 >>> import torch
 >>> from megatron_rpt.model.arch import arch_from_dict
@@ -71,6 +74,7 @@ import torch
 
 from megatron_rpt.conversion.converter import WeightConverter
 from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.weight_sync.fp8 import BlockFP8
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ class SyncPlan:
     bucket_bytes: int
     skipped: tuple[str, ...]
     """Megatron parameters that export to no HF tensor (the tied output layer at PP > 1)."""
+    quantization: BlockFP8 | None = None
+    """Blockwise FP8 rollout weights (precision.rollout_fp8), applied after conversion."""
 
     def hf_tensors(self) -> list[HFTensorSpec]:
         """Every pushed HF tensor, in stream order."""
@@ -164,7 +170,10 @@ class SyncPlan:
 
     def digest(self) -> str:
         """Hash of everything that decides the collectives (compared across ranks)."""
-        text = repr((self.tp_size, self.pp_size, self.bucket_bytes, self.skipped, self.buckets))
+        text = repr(
+            (self.tp_size, self.pp_size, self.bucket_bytes, self.skipped, self.buckets)
+            + (self.quantization,)
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def summary(self) -> str:
@@ -175,7 +184,14 @@ class SyncPlan:
             f"{sum(len(b.tasks) for b in self.buckets)} Megatron parameters in "
             f"{len(self.buckets)} bucket(s) (largest {big / 2**20:.1f} MiB) at "
             f"TP={self.tp_size} PP={self.pp_size}"
+            + ("" if self.quantization is None else f"; {self._fp8_summary()}")
         )
+
+    def _fp8_summary(self) -> str:
+        assert self.quantization is not None
+        n = sum(o.dtype == torch.float8_e4m3fn for o in self.hf_tensors())
+        b = self.quantization.block_size
+        return f"{n} weights in blockwise FP8 ({b}x{b}, e4m3, weight_scale_inv)"
 
 
 def make_plan(
@@ -186,8 +202,12 @@ def make_plan(
     tp_size: int,
     bucket_bytes: int,
     push_dtype: torch.dtype | None = None,
+    quantization: BlockFP8 | None = None,
 ) -> SyncPlan:
-    """The plan for metadata ``stages`` (one list per PP rank, each in that rank's order)."""
+    """The plan for metadata ``stages`` (one list per PP rank, each in that rank's order).
+
+    ``quantization``: blockwise FP8 rollout weights (see fp8.py).
+    """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
     converter = WeightConverter(arch, padded_vocab)
@@ -196,7 +216,7 @@ def make_plan(
     skipped: list[str] = []
     produced: dict[str, str] = {}
     for meta in metas:
-        task = _task(meta, converter, tp_size, push_dtype)
+        task = _task(meta, converter, tp_size, push_dtype, quantization)
         if not task.outputs:
             skipped.append(meta.name)
             continue
@@ -214,6 +234,7 @@ def make_plan(
         pp_size=len(stages),
         bucket_bytes=bucket_bytes,
         skipped=tuple(skipped),
+        quantization=quantization,
     )
 
 
@@ -241,19 +262,25 @@ def _merge_stages(stages: Sequence[Sequence[ParamMeta]]) -> list[ParamMeta]:
 
 
 def _task(
-    meta: ParamMeta, converter: WeightConverter, tp_size: int, push_dtype: torch.dtype | None
+    meta: ParamMeta,
+    converter: WeightConverter,
+    tp_size: int,
+    push_dtype: torch.dtype | None,
+    quantization: BlockFP8 | None,
 ) -> ParamTask:
     full = list(meta.local_shape)
     if meta.partition_dim is not None:
         full[meta.partition_dim] *= tp_size
     row, _ = converter.row(meta.name)  # CheckpointError for a parameter without a row
     dtype = push_dtype or meta.dtype
-    outputs = tuple(
-        HFTensorSpec(hf_name, tuple(t.shape), dtype)
-        for hf_name, t in converter.megatron_to_hf(
-            meta.name, torch.empty(full, dtype=meta.dtype, device="meta")
-        )
+    converted = converter.megatron_to_hf(
+        meta.name, torch.empty(full, dtype=meta.dtype, device="meta")
     )
+    if quantization is None:
+        specs = [(hf_name, tuple(t.shape), dtype) for hf_name, t in converted]
+    else:
+        specs = [s for n, t in converted for s in quantization.output_specs(n, t.shape, dtype)]
+    outputs = tuple(HFTensorSpec(*spec) for spec in specs)
     return ParamTask(
         name=meta.name,
         owner_pp_rank=meta.pp_rank,

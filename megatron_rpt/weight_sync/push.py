@@ -49,6 +49,7 @@ from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.rollout.types import RolloutEngine
 from megatron_rpt.weight_sync.config import WeightSyncConfig
+from megatron_rpt.weight_sync.fp8 import FP8_DTYPE, BlockFP8
 from megatron_rpt.weight_sync.gather import HFBucket, collect_metadata, iter_hf_buckets
 from megatron_rpt.weight_sync.plan import SyncPlan, make_plan
 from megatron_rpt.weight_sync.verify import (
@@ -89,6 +90,8 @@ class SyncMetrics:
     bytes: int = 0
     """HF bytes handed to the engine."""
     max_bucket_bytes: int = 0
+    fp8_tensors: int = 0
+    """Weights pushed in blockwise FP8 (precision.rollout_fp8)."""
     probe_max_abs_diff: float | None = None
     """Largest |engine - trainer| log-prob over the probe tokens."""
     probe_mean_abs_diff: float | None = None
@@ -101,10 +104,16 @@ class SyncMetrics:
         return {prefix + k: v for k, v in asdict(self).items() if v is not None}
 
 
-def build_plan(built: BuiltModel, groups: ParallelGroups, cfg: WeightSyncConfig) -> SyncPlan:
+def build_plan(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    cfg: WeightSyncConfig,
+    quantization: BlockFP8 | None = None,
+) -> SyncPlan:
     """Exchange metadata and plan (collective over all ranks; call once and keep the plan).
 
     The plan digests of all ranks are compared; a mismatch raises WeightSyncError everywhere.
+    ``quantization``: blockwise FP8 rollout weights (``fp8.rollout_quantization(cfg.precision)``).
     """
     stages = collect_metadata(built.chunks, groups)
     plan = make_plan(
@@ -114,6 +123,7 @@ def build_plan(built: BuiltModel, groups: ParallelGroups, cfg: WeightSyncConfig)
         tp_size=groups.tp_size,
         bucket_bytes=cfg.bucket_bytes,
         push_dtype=None if cfg.dtype == "model" else _PUSH_DTYPES[cfg.dtype],
+        quantization=quantization,
     )
     digests: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, plan.digest())
@@ -168,9 +178,11 @@ def sync_weights(
     metrics.seconds = time.perf_counter() - start
     if engine is not None:
         logger.info(
-            "weight sync v%d: %d tensors, %.1f MiB in %d bucket(s), %.2f s (gather %.2f, push "
-            "%.2f, verify %.2f)%s",
-            version, metrics.tensors, metrics.bytes / 2**20, metrics.buckets, metrics.seconds,
+            "weight sync v%d: %d tensors%s, %.1f MiB in %d bucket(s), %.2f s (gather %.2f, "
+            "push %.2f, verify %.2f)%s",
+            version, metrics.tensors,
+            f" ({metrics.fp8_tensors} in FP8)" if metrics.fp8_tensors else "",
+            metrics.bytes / 2**20, metrics.buckets, metrics.seconds,
             metrics.gather_seconds, metrics.push_seconds, metrics.verify_seconds,
             "" if metrics.probe_mean_abs_diff is None
             else f"; probe |dlogp| mean {metrics.probe_mean_abs_diff:.2e} max "
@@ -181,7 +193,10 @@ def sync_weights(
 
 class WeightSync:
     """Plan once, sync at every step: ``sync = WeightSync(built, groups, engine, cfg)``,
-    then ``sync(version=step)`` on every rank after each optimizer step."""
+    then ``sync(version=step)`` on every rank after each optimizer step.
+
+    ``quantization`` (``fp8.rollout_quantization(cfg.precision)``) pushes blockwise FP8
+    weights; an engine that cannot hold them is wrapped in ``fp8.DequantizingEngine``."""
 
     def __init__(
         self,
@@ -189,16 +204,18 @@ class WeightSync:
         groups: ParallelGroups,
         engine: RolloutEngine | None,
         cfg: WeightSyncConfig | None = None,
+        quantization: BlockFP8 | None = None,
     ) -> None:
         self.built, self.groups, self.engine = built, groups, engine
         self.cfg = cfg or WeightSyncConfig()
+        self.quantization = quantization
         self._plan: SyncPlan | None = None
 
     @property
     def plan(self) -> SyncPlan:
         """The cached plan (built collectively on first use)."""
         if self._plan is None:
-            self._plan = build_plan(self.built, self.groups, self.cfg)
+            self._plan = build_plan(self.built, self.groups, self.cfg, self.quantization)
         return self._plan
 
     def __call__(self, *, version: int, tamper: Tamper | None = None) -> SyncMetrics:
@@ -280,6 +297,7 @@ def _stream(
         metrics.tensors += len(tensors)
         metrics.max_bucket_bytes = max(metrics.max_bucket_bytes, bucket.nbytes)
         metrics.bytes += bucket.nbytes
+        metrics.fp8_tensors += sum(t.dtype == FP8_DTYPE for _, t in tensors)
         del bucket
         if fingerprints is not None:
             t1 = time.perf_counter()
