@@ -133,7 +133,6 @@ def build_train_step(
     temperature: float = 1.0,
     seed: int = 0,
     megatron_checkpoint: str | None = None,
-    spec: str = "local",
     precision: Any = None,
 ) -> Any:
     """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``.
