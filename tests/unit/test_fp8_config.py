@@ -241,7 +241,7 @@ def test_fp8_token_alignment_changes_no_logprob_or_loss(layout, tmp_path, proces
         )
         assert ts.token_alignment == 1  # no FP8 on this machine
         ts.token_alignment = align
-        widths[align] = [mb.tokens.shape[1] for mb in ts._micro_batches(batch)]
+        widths[align] = [mb.tokens.shape[1] for mb in ts._micro_batches(batch)[1]]
         assert all(w % align == 0 for w in widths[align])
         logprobs = ts.compute_logprobs(batch)
         metrics = ts.train_step(batch)
