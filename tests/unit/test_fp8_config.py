@@ -225,7 +225,7 @@ def process_group():
         yield
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("layout", ["packed", "padded", "shared_prefix"])
 def test_fp8_token_alignment_changes_no_logprob_or_loss(layout, tmp_path, process_group):
     from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
