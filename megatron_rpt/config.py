@@ -242,7 +242,9 @@ def save_config(cfg: RPTConfig, run_dir: str | Path) -> Path:
 
 def replace(cfg: RPTConfig) -> RPTConfig:
     """A deep copy (recipes derive from each other by copying and mutating)."""
-    return dataclasses.replace(cfg, **{f.name: _deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
+    return dataclasses.replace(
+        cfg, **{f.name: _deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    )
 
 
 def _deepcopy(obj):  # noqa: ANN001, ANN202

@@ -102,5 +102,7 @@ def test_engine_that_always_dies_stops_the_run(tmp_path):
     run = tmp_path / "run"
     argv = th.train_argv(run, *th.SHORT, "rollout.max_restarts=2")
     with pytest.raises(RuntimeError, match=r"failed 3 times in a row \(rollout.max_restarts=2\)"):
-        run_distributed(_train_with_faults, 1, args=(argv, {}, "die"), timeout=600, env=_fault_env())
+        run_distributed(
+            _train_with_faults, 1, args=(argv, {}, "die"), timeout=600, env=_fault_env()
+        )
     assert not (run / "checkpoints").exists()  # nothing was trained on partial data

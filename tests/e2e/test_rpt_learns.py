@@ -61,14 +61,14 @@ def _exported_model_answers_the_next_word(run):
         context = "".join(" " + w for w in (succ[succ[word]], succ[succ[succ[word]]], word))
         ids = build_prompt(context, tok, PromptConfig(chat_template=False)).ids
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-        text = tok.decode(out[0, len(ids):])
+        text = tok.decode(out[0, len(ids) :])
         right += extract_prediction(text) == " " + succ[word]
     assert right >= 4, right
 
 
 def _train_without_sync(rank, world_size, argv):
-    from megatron_rpt.weight_sync import push
     from megatron_rpt.train import main
+    from megatron_rpt.weight_sync import push
 
     initial = push.WeightSync.__call__
 

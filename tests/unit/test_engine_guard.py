@@ -61,8 +61,6 @@ def rollout(guard):
     return [c.text for g in guard.generate([[1, 2], [3]], PARAMS) for c in g]
 
 
-
-
 def test_no_fault():
     guard, syncs = make_guard(EngineFaults())
     guard.start(version=0)
@@ -101,7 +99,9 @@ def test_always_failing_engine_stops_the_run():
     faults = EngineFaults(always="die")
     guard, _ = make_guard(faults, max_restarts=2)
     guard.start(version=0)
-    with pytest.raises(RolloutEngineError, match=r"failed 3 times in a row \(rollout.max_restarts=2\)"):
+    with pytest.raises(
+        RolloutEngineError, match=r"failed 3 times in a row \(rollout.max_restarts=2\)"
+    ):
         guard.run(rollout, version=0)
     assert faults.engines_built == 3  # the first engine + 2 restarts, then stop
 

@@ -69,7 +69,9 @@ def test_bad_config_fails_before_heavy_work(tiny_model, tmp_path, monkeypatch, s
 def test_resume_none_refuses_a_run_with_checkpoints(tiny_model, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
     (ckpt / "model").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="already has checkpoints .step_0000001.; use --resume auto"):
+    with pytest.raises(
+        ConfigError, match="already has checkpoints .step_0000001.; use --resume auto"
+    ):
         main(["--resume", "none", *_args(tiny_model, tmp_path)])
     # --resume auto never takes an unreadable checkpoints directory for a fresh start.
     with pytest.raises(ConfigError, match="no complete checkpoint to resume from"):
@@ -77,8 +79,8 @@ def test_resume_none_refuses_a_run_with_checkpoints(tiny_model, tmp_path):
 
 
 def test_init_from_rejects_what_is_neither(tmp_path):
-    from megatron_rpt.train import apply_init_from
     from megatron_rpt.config import RPTConfig
+    from megatron_rpt.train import apply_init_from
 
     with pytest.raises(ConfigError, match="--init-from .*neither an HF model directory"):
         apply_init_from(RPTConfig(), str(tmp_path))
@@ -99,7 +101,12 @@ def test_help_config_lists_every_key(capsys):
     assert main(["--help-config", "--set", "train.steps=7"]) == 0
     out = capsys.readouterr().out
     assert "train.steps (int) = 7" in out
-    for key in ("train.objective", "rollout.max_restarts", "log.wandb", "checkpoint.export_hf_at_end"):
+    for key in (
+        "train.objective",
+        "rollout.max_restarts",
+        "log.wandb",
+        "checkpoint.export_hf_at_end",
+    ):
         assert key in out
 
 
@@ -115,8 +122,10 @@ def test_cli_prints_one_line_and_exits_2():
     )
 
 
-@pytest.mark.parametrize("recipe", ["smollm2_cpu/config.py:smollm2_cpu",
-                                    "r1_distill_qwen_14b/config.py:r1_distill_qwen_14b"])
+@pytest.mark.parametrize(
+    "recipe",
+    ["smollm2_cpu/config.py:smollm2_cpu", "r1_distill_qwen_14b/config.py:r1_distill_qwen_14b"],
+)
 def test_recipes_validate(recipe):
     from megatron_rpt.config import build_config
 

@@ -45,7 +45,9 @@ def test_through_the_trainers_fused_output_layer():
     logp_T, _ = logprobs_from_hidden(
         h, w, labels_T, true_vocab_size=16, chunk_size=4, compute_entropy=False, temperature=1.0
     )
-    loss, _ = policy_loss(logp_T, torch.ones(9), torch.ones(9), cfg=LossConfig(), global_num_tokens=9)
+    loss, _ = policy_loss(
+        logp_T, torch.ones(9), torch.ones(9), cfg=LossConfig(), global_num_tokens=9
+    )
     loss.backward()
     h2, w2 = hidden_TH.clone().requires_grad_(True), weight_VH.clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(h2 @ w2.T, labels_T).backward()
@@ -80,8 +82,13 @@ def test_windows_cover_each_train_token_once(tmp_path):
 
 
 def test_ntp_metrics_report_cross_entropy():
-    rec = {"train/loss": -1.0, "train/train_rollout_logprob_abs_diff": 2.0,
-           "train/train_rollout_prob_ratio": 0.1, "train/token_mult_prob_error": 9.0, "step": 3}
+    rec = {
+        "train/loss": -1.0,
+        "train/train_rollout_logprob_abs_diff": 2.0,
+        "train/train_rollout_prob_ratio": 0.1,
+        "train/token_mult_prob_error": 9.0,
+        "step": 3,
+    }
     out = ntp_metrics(rec)
     assert out["train/loss"] == 2.0 and out["train/pg_surrogate"] == -1.0
     assert out["train/perplexity"] == pytest.approx(np.exp(2.0))
