@@ -173,6 +173,8 @@ def _check_objective(cfg: RPTConfig) -> None:
             )
         return
     loss = cfg.loss
+    if getattr(loss, "tis", None) is None:  # "auto" (where it exists): NTP has no rollouts
+        loss.tis = False
     if loss.kl_coef or loss.entropy_coef or loss.tis or loss.aggregation != "token_mean":
         raise ConfigError(
             "train.objective=ntp is plain cross-entropy: it needs loss.kl_coef=0, "
