@@ -39,6 +39,8 @@ export PYTHONUNBUFFERED := 1
 # Floor on the number of tests that must pass: a run that skips or deselects everything fails.
 MIN_PASSED ?= 50
 PYTEST_ARGS ?=
+# Extra arguments for `make demo`, e.g. DEMO_ARGS='--set train.steps=2'.
+DEMO_ARGS ?=
 
 .PHONY: install demo test test-gpu test-all bench bench-quick lint clean
 
@@ -53,8 +55,10 @@ $(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt requirements/sg
 	$(SGLANG_STEP)
 	@touch $(STAMP)
 
+# The embedded default (examples/smollm2_cpu): SmolLM2-135M + CHAMP, a few RPT steps on CPU;
+# leaves runs/smollm2_cpu/{checkpoints,metrics.jsonl,wandb,plots,hf}.
 demo: $(STAMP)
-	$(PY) -m megatron_rpt.demo
+	RPT_PYTHON=$(PY) bash examples/pretrain_rpt.sh $(DEMO_ARGS)
 
 # Every test that needs no GPU: unit, distributed (gloo, 2-4 processes, each with a timeout),
 # doctests in the library, e2e on CPU.

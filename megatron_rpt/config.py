@@ -44,6 +44,7 @@ from megatron_rpt.trainer.config import (
     TrainConfig,
     validate_trainer_configs,
 )
+from megatron_rpt.trainer.run_logger import LogConfig
 from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class RPTConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -136,6 +138,10 @@ def _check_rollout(cfg: RPTConfig) -> None:
         raise ConfigError(
             "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
         )
+    if not r.timeout_s > 0:
+        raise ConfigError(f"rollout.timeout_s must be > 0, got {r.timeout_s}")
+    if r.max_restarts < 0:
+        raise ConfigError(f"rollout.max_restarts must be >= 0, got {r.max_restarts}")
 
 
 @rule
@@ -155,6 +161,30 @@ def _check_trainer(cfg: RPTConfig) -> None:
         raise ConfigError(
             "rollout.temperature=0 (greedy) cannot be trained on: the policy gradient needs "
             "the log-probs of softmax(logits / T) with T > 0"
+        )
+
+
+@rule
+def _check_objective(cfg: RPTConfig) -> None:
+    if cfg.train.objective == "rpt":
+        if cfg.rollout.n_samples < 2:
+            raise ConfigError(
+                f"rollout.n_samples={cfg.rollout.n_samples}: GRPO compares the G responses to a "
+                "context with each other, so G must be >= 2 (a group of one has advantage 0)"
+            )
+        if cfg.reward.name in ("dense", "conditional_dense"):
+            raise ConfigError(
+                f"reward.name={cfg.reward.name} needs the policy's first-token probabilities, "
+                "which the training loop does not compute; use prefix_match or first_token"
+            )
+        return
+    loss = cfg.loss
+    if getattr(loss, "tis", None) is None:  # "auto" (where it exists): NTP has no rollouts
+        loss.tis = False
+    if loss.kl_coef or loss.entropy_coef or loss.tis or loss.aggregation != "token_mean":
+        raise ConfigError(
+            "train.objective=ntp is plain cross-entropy: it needs loss.kl_coef=0, "
+            "loss.entropy_coef=0, loss.tis=false and loss.aggregation=token_mean"
         )
 
 
@@ -255,7 +285,9 @@ def save_config(cfg: RPTConfig, run_dir: str | Path) -> Path:
 
 def replace(cfg: RPTConfig) -> RPTConfig:
     """A deep copy (recipes derive from each other by copying and mutating)."""
-    return dataclasses.replace(cfg, **{f.name: _deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)})
+    return dataclasses.replace(
+        cfg, **{f.name: _deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    )
 
 
 def _deepcopy(obj):  # noqa: ANN001, ANN202

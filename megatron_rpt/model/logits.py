@@ -18,6 +18,8 @@ Shape letters: B batch, S sequence, V true vocabulary, P padded vocabulary, v = 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -94,7 +96,7 @@ def forward_logits(
     was_training = [chunk.training for chunk in built.chunks]
     for chunk in built.chunks:
         chunk.eval()
-    with patches.cuda_device_mode():
+    with patches.cuda_device_mode(), _logits_output(built.chunks):
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=[iter(microbatches) for _ in built.chunks],
@@ -111,3 +113,21 @@ def forward_logits(
     logits_BSv = torch.cat([o.float() for o in outputs], dim=0)
     logits_BSP = gather_vocab_parallel(logits_BSv, groups.tp_group, groups.tp_size)
     return true_vocab_logits(logits_BSP, built.vocab).contiguous()
+
+
+@contextlib.contextmanager
+def _logits_output(chunks: list[torch.nn.Module]) -> Iterator[None]:
+    """Trainer chunks (``RPTGPTModel``, hidden-state output) return logits for the duration."""
+    switched = []
+    for chunk in chunks:
+        module = chunk
+        while isinstance(getattr(module, "module", None), torch.nn.Module):
+            module = module.module
+        if getattr(module, "output_hidden_states", False):
+            module.output_hidden_states = False
+            switched.append(module)
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.output_hidden_states = True

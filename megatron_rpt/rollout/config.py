@@ -91,6 +91,13 @@ class RolloutConfig:
     position to maximise prefix-cache reuse (results are returned in the caller's order)."""
     sglang: SGLangServerConfig = field(default_factory=SGLangServerConfig)
     """SGLang server settings (used when engine = 'sglang')."""
+    timeout_s: float = 3600.0
+    """The training loop's limit for one engine call (a step's generate round): a call that
+    takes longer counts as a hung engine, which is restarted (trainer/engine_guard.py)."""
+    max_restarts: int = 3
+    """Consecutive engine failures (error, hang, unhealthy, failed weight push) the training
+    loop recovers from by restarting the engine and retrying the step; one more stops the run
+    with an error instead of training on partial data."""
 
     def sampling_params(self, *, seed: int | None = None, n: int | None = None):  # noqa: ANN201
         """The ``SamplingParams`` these defaults describe."""

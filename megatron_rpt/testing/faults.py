@@ -1,4 +1,11 @@
-"""Fault injection for weight-sync tests: hooks that corrupt a bucket on its way to the engine.
+"""Fault injection for tests: corrupted weight buckets, failing engines, a stall hook.
+
+* ``corrupt_bucket``: a weight-sync tamper hook (below);
+* ``FaultyEngine`` / ``EngineFaults``: a rollout engine wrapper whose sampling calls die or
+  hang on a plan shared across restarts (trainer/engine_guard.py tests);
+* ``stall_point``: the training loop calls it at fixed points; with
+  ``MEGATRON_RPT_TEST_STALL=<phase>:<step>:<marker file>`` set, the run writes the marker and
+  sleeps there, so a test can SIGKILL it at a known point of a step (a no-op otherwise).
 
 ``sync_weights(..., tamper=corrupt_bucket(i))`` applies the hook to bucket ``i`` *after* the
 trainer-side fingerprints were recorded and before the engine sees it, as a transport bug
@@ -8,7 +15,15 @@ views of the trainer's parameters, which must stay untouched.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
 import torch
+
+STALL_ENV = "MEGATRON_RPT_TEST_STALL"
 
 
 def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a Tamper hook
@@ -40,3 +55,66 @@ def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a
         return [(name, bad), *rest]
 
     return tamper
+
+
+def stall_point(phase: str, step: int) -> None:
+    """Test hook (see the module docstring); returns at once unless the env var names this point."""
+    spec = os.environ.get(STALL_ENV)
+    if not spec:
+        return
+    want_phase, want_step, marker = spec.split(":", 2)
+    if phase == want_phase and step == int(want_step):
+        Path(marker).write_text(f"{os.getpid()} {phase} {step}\n")
+        time.sleep(3600)
+
+
+class EngineFaults:
+    """Which sampling calls fail, counted over every engine that shares this object.
+
+    ``plan`` maps the 1-based index of a sampling ``generate`` call to ``"die"`` (raise, and
+    the engine reports itself unhealthy afterwards) or ``"hang"`` (sleep ``hang_s``);
+    ``always="die"`` fails every call. Greedy calls (the weight-sync probe) are not counted.
+    """
+
+    def __init__(
+        self,
+        plan: dict[int, str] | None = None,
+        *,
+        always: str | None = None,
+        hang_s: float = 3600.0,
+    ) -> None:
+        self.plan, self.always, self.hang_s = dict(plan or {}), always, hang_s
+        self.calls = 0
+        self.injected: list[tuple[int, str]] = []
+        self.engines_built = 0
+
+
+class FaultyEngine:
+    """A ``RolloutEngine`` that forwards to ``inner`` except where ``faults`` says otherwise."""
+
+    def __init__(self, inner: Any, faults: EngineFaults) -> None:
+        self.inner, self.faults, self.dead = inner, faults, False
+        faults.engines_built += 1
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: Any) -> Any:
+        """The inner engine's completions, unless this call is planned to fail."""
+        if self.dead:
+            raise RuntimeError("injected: engine is dead")
+        if not params.greedy:
+            self.faults.calls += 1
+            kind = self.faults.always or self.faults.plan.get(self.faults.calls)
+            if kind is not None:
+                self.faults.injected.append((self.faults.calls, kind))
+            if kind == "die":
+                self.dead = True
+                raise RuntimeError(f"injected: engine died in generate call {self.faults.calls}")
+            if kind == "hang":
+                time.sleep(self.faults.hang_s)
+        return self.inner.generate(prompts, params)
+
+    def health(self) -> bool:
+        """False once an injected death happened."""
+        return not self.dead and self.inner.health()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)

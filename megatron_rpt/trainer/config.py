@@ -74,6 +74,11 @@ class TrainConfig:
     (causal attention needs no mask for real tokens)."""
     log_interval: int = 1
     """Log step metrics every this many steps."""
+    objective: Literal["rpt", "ntp"] = "rpt"
+    """'rpt': reinforcement pre-training (rollouts, reward, GRPO). 'ntp': the plain
+    next-token-prediction control on the same prepared data (train-split documents in windows
+    of data.context_tokens tokens, cross-entropy through the same training step: advantage 1 on
+    every token, on-policy ratio 1, temperature 1; no rollouts)."""
 
 
 @dataclass(kw_only=True)
@@ -96,7 +101,11 @@ class CheckpointConfig:
     """Asynchronous checkpoint writing. Not implemented: must stay false."""
     load: str | None = None
     """Resume from this training checkpoint (a checkpoint dir, or a run's checkpoints dir:
-    its latest). None starts from model.hf_path / model.megatron_checkpoint."""
+    its latest). None starts from model.hf_path / model.megatron_checkpoint. The entry point's
+    --resume sets it (auto: the run's own latest checkpoint, when there is one)."""
+    export_hf_at_end: bool = False
+    """After the last step, export the final checkpoint as an HF model directory to
+    <run_dir>/hf (what RL fine-tuning frameworks load)."""
 
 
 def validate_trainer_configs(

@@ -1,0 +1,237 @@
+"""``python -m megatron_rpt.train``: RPT pretraining (or the NTP control) from a recipe.
+
+    python -m megatron_rpt.train --recipe examples/smollm2_cpu/config.py:smollm2_cpu \\
+        --set train.steps=2 [--config run.yaml] [--resume auto|none|PATH] [--init-from DIR]
+    torchrun --nproc_per_node 8 -m megatron_rpt.train --recipe ...   (or examples/pretrain_rpt.sh)
+
+Order of work: resolve the config (defaults -> recipe -> YAML -> --set -> --init-from ->
+validate), check the model, parallel layout, batch, engine and corpus (``trainer.preflight``;
+a mistake fails here with one line naming the setting, before anything heavy), start
+torch.distributed (torchrun's environment, NCCL on GPUs, gloo on CPU; a single process
+without torchrun), prepare the data on rank 0 if ``data.prepared_dir`` is missing or was made
+with other settings, write ``<run_dir>/config.yaml``, train (``trainer.loop``), and export the
+final checkpoint as HF with ``checkpoint.export_hf_at_end``.
+
+``--resume auto`` (the default) continues from the newest complete checkpoint in
+``<run_dir>/checkpoints`` when there is one (else from ``checkpoint.load`` if set), so running
+the same command again after a crash resumes it. ``--resume none`` refuses a run directory
+that already has checkpoints. ``--init-from`` starts from an HF directory (converted on the
+fly) or a Megatron checkpoint (a megatron_rpt checkpoint, a run's checkpoints dir, or a
+Megatron-LM torch_dist directory; its architecture then comes from ``model.hf_path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("megatron_rpt.train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The entry point's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_rpt.train", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--recipe", help="recipe function: module:function or file.py:function")
+    parser.add_argument("--config", help="YAML file with config values (after the recipe)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted config override, e.g. train.steps=2 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", default="auto", metavar="auto|none|PATH",
+        help="continue from the run's latest checkpoint (auto, default), never (none), or PATH",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init-from", metavar="HF_DIR|MEGATRON_CKPT",
+        help="initial weights: an HF model directory or a Megatron checkpoint",
+    )  # fmt: skip
+    parser.add_argument(
+        "--help-config", action="store_true", help="list every config key with its value and doc"
+    )
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, *, validate: bool = True) -> Any:
+    """Defaults -> recipe -> YAML -> overrides -> --init-from (-> validate)."""
+    from megatron_rpt import config as config_mod
+    from megatron_rpt.config_utils import apply_overrides, load_yaml
+
+    cfg = config_mod.load_recipe(args.recipe)() if args.recipe else config_mod.RPTConfig()
+    if not isinstance(cfg, config_mod.RPTConfig):
+        raise config_mod.ConfigError(f"--recipe {args.recipe!r} did not return an RPTConfig")
+    if args.config:
+        load_yaml(cfg, args.config)
+    apply_overrides(cfg, args.set)
+    if args.init_from:
+        apply_init_from(cfg, args.init_from)
+    return config_mod.validate(cfg) if validate else cfg
+
+
+def apply_init_from(cfg: Any, path: str) -> None:
+    """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
+    from megatron_rpt.errors import CheckpointError, ConfigError
+    from megatron_rpt.model.checkpoint_io import find_checkpoint
+
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
+        return
+    try:
+        find_checkpoint(p)
+    except CheckpointError as exc:
+        raise ConfigError(
+            f"--init-from {path}: neither an HF model directory (config.json + *.safetensors) "
+            f"nor a Megatron checkpoint ({exc})"
+        ) from None
+    cfg.model.megatron_checkpoint = str(p)
+
+
+def process_group_timeout(cfg: Any) -> timedelta:
+    """Ranks wait in a collective while rank 0 generates (and restarts a failed engine)."""
+    r = cfg.rollout
+    return timedelta(seconds=max(1800.0, (r.timeout_s + 600.0) * (r.max_restarts + 1)))
+
+
+@contextlib.contextmanager
+def distributed(cfg: Any) -> Iterator[Any]:
+    """torch.distributed from torchrun's environment (or one process) + Megatron's groups.
+
+    A process group that already exists (a test harness, a notebook) is used as it is and
+    left in place.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from megatron_rpt import capabilities
+    from megatron_rpt.distributed import (
+        destroy_model_parallel,
+        initialize_model_parallel,
+        seed_model_parallel,
+    )
+
+    backend = "nccl" if capabilities.have_cuda() else "gloo"
+    timeout = process_group_timeout(cfg)
+    owned = not dist.is_initialized()
+    if owned and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    elif owned:  # one process without a launcher: an in-memory store, no port
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    try:
+        p = cfg.parallel
+        groups = initialize_model_parallel(
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size,
+        )
+        seed_model_parallel(cfg.run.seed, groups)
+        yield groups
+    finally:
+        with contextlib.suppress(Exception):
+            destroy_model_parallel()
+        if owned:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point (see the module docstring)."""
+    args = parse_args(argv)
+    if args.help_config:
+        from megatron_rpt.config_utils import format_description
+
+        sys.stdout.write(format_description(resolve_config(args, validate=False)) + "\n")
+        return 0
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    from megatron_rpt.trainer import preflight
+
+    cfg = resolve_config(args)
+    hf_dir = preflight.check_run(cfg, world)
+    resume = preflight.resolve_resume(args.resume, cfg)
+    cfg.checkpoint.load = None if resume is None else str(resume)
+    done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
+    final = resume if done else None
+    with distributed(cfg) as groups:
+        final = _train(cfg, groups, hf_dir, resume) if not done else final
+    if rank == 0:
+        if done:
+            logger.info("%s already completed train.steps=%d", resume, cfg.train.steps)
+        _finish(cfg, final)
+    return 0
+
+
+def _train(cfg: Any, groups: Any, hf_dir: Path, resume: Path | None) -> Path | None:
+    import torch.distributed as dist
+
+    from megatron_rpt.config import save_config
+    from megatron_rpt.trainer import preflight
+    from megatron_rpt.trainer.loop import run_training
+
+    if dist.get_rank() == 0:
+        Path(cfg.run.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run.run_dir)
+        preflight.ensure_prepared(cfg, hf_dir)
+        logger.info(
+            "run %s: %s",
+            cfg.run.run_dir,
+            "resuming from " + str(resume) if resume else "fresh start",
+        )
+    dist.barrier()
+    result = run_training(cfg, groups, resume=resume)
+    dist.barrier()
+    return result.checkpoint or resume
+
+
+def _finish(cfg: Any, checkpoint: Path | None) -> None:
+    """HF export (when configured) and a summary of what the run left (rank 0)."""
+    import torch.distributed as dist
+
+    run_dir = Path(cfg.run.run_dir)
+    if cfg.checkpoint.export_hf_at_end and checkpoint is not None:
+        if dist.is_initialized() and dist.get_world_size() > 1:  # a caller's group is still up
+            logger.warning(
+                "not exporting inside a %d-process group; run: python "
+                "tools/convert_megatron_to_hf.py --megatron-dir %s --out-dir %s",
+                dist.get_world_size(), checkpoint, run_dir / "hf",
+            )  # fmt: skip
+        else:
+            from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
+
+            out = convert_megatron_to_hf(checkpoint, run_dir / "hf", overwrite=True)
+            logger.info("exported %s as an HF model: %s", checkpoint.name, out)
+    plot = "loss.png" if cfg.train.objective == "ntp" else "reward_accuracy.png"
+    left = [
+        ("checkpoint", checkpoint),
+        ("metrics", run_dir / "metrics.jsonl"),
+        ("plot", run_dir / "plots" / plot),
+        ("wandb", run_dir / "wandb"),
+        ("HF export", run_dir / "hf"),
+    ]
+    lines = [
+        f"  {name:<10} {path}" for name, path in left if path is not None and Path(path).exists()
+    ]
+    logger.info("run finished; %s holds:\n%s", run_dir, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    from megatron_rpt.cli import run_cli
+
+    run_cli(main)

@@ -1,0 +1,225 @@
+"""Everything the entry point checks and settles before any heavy work.
+
+``check_run(cfg, world_size)`` (cheap: JSON files, a tokenizer at most, no model weights, no
+process group) raises ``InputError`` naming the setting for
+
+* a model that is missing (``model.hf_path``, ``model.megatron_checkpoint``, ``rollout.model``)
+  or that the parallel layout cannot split (TP must divide the attention and KV heads,
+  PP x virtual stages the layers; ``build.check_parallel_fit``);
+* a world size that TP x PP does not divide, or a global batch (``train.contexts_per_step`` x
+  G) smaller than the data-parallel size;
+* an engine this machine cannot run (``rollout.engine=sglang`` without a GPU and SGLang);
+* a corpus that does not exist when the prepared data must be (re)built.
+
+``data_status`` tells whether ``data.prepared_dir`` holds data prepared with the run's data
+settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise.
+``resolve_resume`` turns ``--resume auto|none|PATH`` into a checkpoint path or None.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from megatron_rpt.errors import CheckpointError, ConfigError, DataError, InputError
+
+logger = logging.getLogger(__name__)
+
+# DataConfig fields that do not change what prepare_data writes (read-time or speed settings).
+_READ_TIME_KEYS = frozenset(
+    {"prepared_dir", "entropy_batch_tokens", "entropy_device", "context_tokens",
+     "continuation_tokens"}
+)  # fmt: skip
+
+
+def policy_hf_dir(cfg: Any) -> Path:
+    """HF directory giving the policy's architecture and tokenizer (errors name the setting)."""
+    from megatron_rpt.assets import resolve_model_path
+    from megatron_rpt.model.checkpoint_io import find_checkpoint
+
+    if cfg.model.megatron_checkpoint:
+        try:
+            ckpt = find_checkpoint(cfg.model.megatron_checkpoint)
+        except CheckpointError as exc:
+            raise ConfigError(f"model.megatron_checkpoint: {exc}") from None
+        if ckpt.hf_dir is not None:
+            return ckpt.hf_dir
+    try:
+        return resolve_model_path(cfg.model.hf_path)
+    except InputError as exc:
+        raise ConfigError(f"model.hf_path: {exc}") from None
+
+
+def check_run(cfg: Any, world_size: int) -> Path:
+    """The checks listed in the module docstring; returns the policy's HF directory."""
+    from megatron_rpt import capabilities
+    from megatron_rpt.assets import resolve_model_path
+    from megatron_rpt.model.arch import read_arch
+    from megatron_rpt.model.build import check_parallel_fit
+
+    hf_dir = policy_hf_dir(cfg)
+    check_parallel_fit(read_arch(hf_dir), cfg.parallel)
+    p = cfg.parallel
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if world_size % mp:
+        raise ConfigError(
+            f"parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size = {mp} "
+            f"must divide the number of processes ({world_size})"
+        )
+    dp = world_size // mp
+    per_step = cfg.train.contexts_per_step * (
+        cfg.rollout.n_samples if cfg.train.objective == "rpt" else 1
+    )
+    if per_step < dp:
+        raise ConfigError(
+            f"train.contexts_per_step x rollout.n_samples = {per_step} sequences per step is "
+            f"fewer than the {dp} data-parallel ranks: every rank needs at least one"
+        )
+    if cfg.train.objective == "rpt":
+        if cfg.rollout.engine == "sglang" and not capabilities.have_sglang_runtime():
+            raise ConfigError(
+                "rollout.engine=sglang needs a CUDA GPU with SGLang installed; use "
+                "rollout.engine=hf on this machine"
+            )
+        if cfg.rollout.model is not None:
+            try:
+                resolve_model_path(cfg.rollout.model)
+            except InputError as exc:
+                raise ConfigError(f"rollout.model: {exc}") from None
+    status = data_status(cfg, hf_dir)
+    if status != "ok":
+        check_corpus(cfg)
+    return hf_dir
+
+
+def check_corpus(cfg: Any) -> None:
+    """The corpus files exist (raises naming data.corpus)."""
+    from megatron_rpt.data.readers import input_files
+
+    try:
+        files = input_files(cfg.data)
+    except InputError as exc:
+        raise ConfigError(f"data.corpus: {exc}") from None
+    missing = [f for f in files if not Path(f).exists()]
+    if missing:
+        raise ConfigError(f"data.corpus: {missing[0]} does not exist")
+
+
+def data_status(cfg: Any, hf_dir: Path) -> str:
+    """'ok', 'missing', or 'differs: <why>' for ``data.prepared_dir``."""
+    from megatron_rpt.config_utils import to_dict
+    from megatron_rpt.data.store import read_meta
+
+    prepared = Path(cfg.data.prepared_dir)
+    if not (prepared / "meta.json").is_file():
+        return "missing"
+    try:
+        meta = read_meta(prepared)
+    except DataError as exc:
+        return f"differs: {exc}"
+    want = {k: v for k, v in to_dict(cfg.data).items() if k not in _READ_TIME_KEYS}
+    have = json.loads(json.dumps(meta.get("data_config", {})))
+    changed = sorted(k for k, v in json.loads(json.dumps(want)).items() if have.get(k) != v)
+    if changed:
+        return "differs: data." + ", data.".join(changed)
+    if meta["tokenizer"]["byte_table_blake2b"] != _tokenizer_digest(hf_dir):
+        return f"differs: prepared with tokenizer {meta['tokenizer']['name_or_path']}"
+    return "ok"
+
+
+def _tokenizer_digest(hf_dir: Path) -> str:
+    from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer
+
+    return ByteVocabulary.from_tokenizer(load_tokenizer(str(hf_dir))).digest()
+
+
+def ensure_prepared(cfg: Any, hf_dir: Path) -> None:
+    """Prepare ``data.prepared_dir`` unless it already matches (call on one rank)."""
+    from megatron_rpt.data.pipeline import prepare_data
+
+    status = data_status(cfg, hf_dir)
+    if status == "ok":
+        logger.info("using prepared data in %s", cfg.data.prepared_dir)
+        return
+    if status != "missing":
+        logger.warning("data.prepared_dir=%s %s; preparing it again", cfg.data.prepared_dir, status)
+    logger.info("preparing %s into %s ...", cfg.data.corpus, cfg.data.prepared_dir)
+    summary = prepare_data(
+        cfg.data, cfg.data.prepared_dir, overwrite=status != "missing", policy_tokenizer=str(hf_dir)
+    )
+    logger.info("prepared data:\n%s", summary.format_table(tuple(cfg.data.difficulty_thresholds)))
+
+
+def resolve_resume(resume: str, cfg: Any) -> Path | None:
+    """The checkpoint to continue from for ``--resume auto|none|PATH`` (see the entry point)."""
+    from megatron_rpt.model.checkpoint_io import find_checkpoint
+
+    own_dir = Path(cfg.run.run_dir) / "checkpoints"
+    if resume == "none":
+        existing = _visible_entries(own_dir)
+        if existing:
+            raise ConfigError(
+                f"--resume none, but run.run_dir={cfg.run.run_dir} already has checkpoints "
+                f"({existing[-1]}); use --resume auto to continue it, or another run.run_dir"
+            )
+        return None
+    if resume == "auto":
+        own = latest_checkpoint(own_dir)
+        if own is not None:
+            return own
+        if cfg.checkpoint.load is None:
+            return None
+        resume = cfg.checkpoint.load
+    try:
+        return find_checkpoint(resume).root
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume / checkpoint.load: {exc}") from None
+
+
+def _visible_entries(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run's checkpoints directory; None when it has none.
+
+    A directory with entries but no loadable checkpoint is an error, never a fresh start
+    (which would overwrite and prune it).
+    """
+    from megatron_rpt.model.checkpoint_io import find_checkpoint
+
+    if not _visible_entries(checkpoints_dir):
+        return None  # hidden leftovers of an interrupted first save do not count
+    try:
+        return find_checkpoint(checkpoints_dir).root
+    except CheckpointError as exc:
+        raise ConfigError(
+            f"{checkpoints_dir}: no complete checkpoint to resume from ({exc}); move it away "
+            "or choose another run.run_dir"
+        ) from None
+
+
+def checkpoint_step(path: Path) -> int:
+    """Optimizer steps a training checkpoint has completed."""
+    from megatron_rpt.trainer.checkpoint import STATE_FILE
+
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: not a training checkpoint ({exc})") from None
+
+
+__all__ = [
+    "check_corpus",
+    "check_run",
+    "checkpoint_step",
+    "data_status",
+    "ensure_prepared",
+    "latest_checkpoint",
+    "policy_hf_dir",
+    "resolve_resume",
+]

@@ -1,0 +1,258 @@
+r"""One step's rollouts: contexts -> G responses each -> reward -> GRPO advantages -> a batch.
+
+``RolloutPhase.next_batch(step)`` is collective. The driver (global rank 0, which holds the
+engine through ``EngineGuard``) does, per sampling round:
+
+1. **sample contexts**: the next ``train.contexts_per_step`` (then: the missing) sample ids
+   from the ``ContextSampler``; each becomes a prompt (``data.prompt.build_prompt``: template,
+   chat wrapper, reasoning opener);
+2. **generate G trajectories**: one ``engine.generate`` call with ``n = rollout.n_samples``,
+   requests ordered by document and position (``rollout.scheduling``) for prefix-cache reuse,
+   seeded by ``(run.seed, "rollout", contexts consumed so far)``, so a resumed or retried step
+   samples exactly what the uninterrupted one did;
+3. **parse and reward**: the registered reward (``reward.name``) scores the *assistant turn*:
+   the reasoning opener the prompt already contains (``prompt.think_opener`` when
+   ``prompt.open_think``) followed by the response, so a prefilled ``</think>`` or ``\boxed{``
+   counts exactly as if the policy had written it;
+4. **advantages**: GRPO per group (``loss.advantage_std_normalize``); from step
+   ``loss.dynamic_sampling_start_step`` on (with ``loss.dynamic_sampling``) groups whose
+   rewards are all equal are dropped and more contexts are sampled until the batch is full
+   (``DynamicBatchFiller``; every drawn context counts as consumed).
+
+The resulting ``RolloutBatch`` (with per-step statistics and the new sampler position) is
+broadcast, so every rank trains on the same global batch. Statistics cover every generated
+response of the step, before dynamic sampling drops groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_rpt.data.prompt import build_prompt
+from megatron_rpt.data.types import RPTSample
+from megatron_rpt.loss.advantages import (
+    DynamicBatchFiller,
+    dynamic_sampling_active,
+    grpo_advantages,
+)
+from megatron_rpt.reward import RewardTarget, extract_prediction, get_reward
+from megatron_rpt.rollout.scheduling import RolloutRequest, generate_in_document_order
+from megatron_rpt.rollout.types import Completion
+from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
+from megatron_rpt.trainer.engine_guard import EngineFailure, EngineGuard
+from megatron_rpt.trainer.sampler import ContextSampler, derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """One context and its G scored responses."""
+
+    sample: RPTSample
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float]
+    formatted: list[bool]
+    """The assistant turn has a parsable prediction (closed reasoning + closed box)."""
+
+
+@dataclass
+class StepRollouts:
+    """What the driver broadcasts after the rollout phase of a step."""
+
+    batch: RolloutBatch | None
+    """None when dynamic sampling kept no group (the step is skipped)."""
+    record: dict[str, Any]
+    """Flat per-step metrics (``rollout/*``, ``time/*``, ``data/*``, sample ids)."""
+    sampler_state: dict[str, Any]
+    rollout_flops: tuple[list[int], list[list[int]]]
+    """Prompt lengths and response lengths of every generated group (FLOP accounting)."""
+
+
+class RolloutPhase:
+    """Contexts -> scored groups -> ``RolloutBatch`` (see the module docstring)."""
+
+    def __init__(
+        self, cfg: Any, store: Any, tokenizer: Any, sampler: ContextSampler, guard: EngineGuard
+    ) -> None:
+        """``cfg`` is the run's ``RPTConfig``; ``store`` the train ``SampleStore``."""
+        self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
+        self.sampler, self.guard = sampler, guard
+        self.reward_fn = get_reward(cfg.reward.name)
+        r = cfg.rollout
+        self.colocated_sglang = r.engine == "sglang" and r.mode == "colocated"
+
+    def next_batch(self, step: int) -> StepRollouts:
+        """The global batch of optimizer step ``step`` (0-based; collective)."""
+        start = self.sampler.state_dict()
+
+        def produce(guard: EngineGuard) -> StepRollouts:
+            self.sampler.load_state_dict(start)  # a retried step draws the same contexts
+            return self._rollout(step)
+
+        out = self.guard.run(produce, version=step)
+        self.sampler.load_state_dict(out.sampler_state)
+        return out
+
+    # ------------------------------------------------------------------ driver
+
+    def _rollout(self, step: int) -> StepRollouts:
+        cfg = self.cfg
+        target = cfg.train.contexts_per_step
+        filler = None
+        if dynamic_sampling_active(
+            cfg.loss.dynamic_sampling, cfg.loss.dynamic_sampling_start_step, step
+        ):
+            filler = DynamicBatchFiller(
+                target,
+                max_rounds=cfg.loss.dynamic_sampling_max_rounds,
+                on_max_rounds=cfg.loss.dynamic_sampling_on_max_rounds,
+            )
+        generated: list[Group] = []
+        drawn: list[int] = []
+        times = {"generate": 0.0, "reward": 0.0}
+        need = target
+        while True:
+            ids = self.sampler.take(need)
+            seed = derive_seed(cfg.run.seed, "rollout", self.sampler.consumed - need)
+            groups = self._round(ids, seed, times)
+            generated += groups
+            drawn += ids
+            if filler is None:
+                kept = groups
+                break
+            filler.add_round(groups, _rewards_BG(groups))
+            if not filler.need_more():
+                kept = filler.finish()
+                break
+            need = filler.groups_needed
+        if self.colocated_sglang:  # give the GPU memory back to the trainer
+            self.guard.call(lambda e: e.release_memory(), "engine.release_memory")
+        batch = self._make_batch(kept) if kept else None
+        if batch is None:
+            logger.warning("step %d: no group with unequal rewards was sampled; skipping it", step)
+        record = _statistics(generated, kept, filler, drawn, times, self.sampler)
+        lengths = (
+            [len(g.prompt_ids) for g in generated],
+            [[len(c.token_ids) for c in g.completions] for g in generated],
+        )
+        return StepRollouts(batch, record, self.sampler.state_dict(), lengths)
+
+    def _round(self, ids: list[int], seed: int, times: dict[str, float]) -> list[Group]:
+        """Prompts of ``ids``, their G responses each, scored."""
+        cfg = self.cfg
+        samples = [self.store[i] for i in ids]
+        prompts = [self._prompt(s) for s in samples]
+        params = cfg.rollout.sampling_params(seed=seed)
+        t0 = time.perf_counter()
+        requests = [
+            RolloutRequest(s.doc_id, s.position, tuple(p))
+            for s, (p, _) in zip(samples, prompts, strict=True)
+        ]
+        if cfg.rollout.schedule == "document":
+            completions = generate_in_document_order(
+                lambda ps: self.guard.generate(ps, params), requests
+            )
+        else:
+            completions = self.guard.generate([r.prompt_ids for r in requests], params)
+        t1 = time.perf_counter()
+        groups = [
+            self._score(s, p, opener, c)
+            for s, (p, opener), c in zip(samples, prompts, completions, strict=True)
+        ]
+        times["generate"] += t1 - t0
+        times["reward"] += time.perf_counter() - t1
+        return groups
+
+    def _prompt(self, sample: RPTSample) -> tuple[list[int], str]:
+        """Prompt ids and the assistant-turn prefix they end with (the reasoning opener)."""
+        pc = self.cfg.prompt
+        result = build_prompt(self.store.context_text(sample), self.tokenizer, pc)
+        opener = pc.think_opener if pc.open_think and result.text.endswith(pc.think_opener) else ""
+        return result.ids, opener
+
+    def _score(
+        self, sample: RPTSample, prompt_ids: list[int], opener: str, completions: list[Completion]
+    ) -> Group:
+        texts = [opener + c.text for c in completions]
+        target = RewardTarget(
+            continuation_token_bytes=sample.continuation_token_bytes,
+            continuation_ids=tuple(int(t) for t in sample.continuation_ids),
+            tokenize=lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"],
+        )
+        close = self.cfg.reward.require_think_close
+        rewards = [float(r) for r in self.reward_fn(texts, target, require_think_close=close)]
+        formatted = [extract_prediction(t, require_think_close=close) is not None for t in texts]
+        return Group(sample, list(prompt_ids), completions, rewards, formatted)
+
+    def _make_batch(self, groups: Sequence[Group]) -> RolloutBatch:
+        loss = self.cfg.loss
+        adv_BG = grpo_advantages(
+            _rewards_BG(groups), std_normalize=loss.advantage_std_normalize, eps=loss.advantage_eps
+        )
+        sequences = []
+        for g_idx, (group, adv_G) in enumerate(zip(groups, adv_BG.tolist(), strict=True)):
+            for comp, adv, reward in zip(group.completions, adv_G, group.rewards, strict=True):
+                if not comp.token_ids:
+                    continue  # nothing to train on (an engine that returned no token)
+                if comp.logprobs is None:
+                    raise EngineFailure("the engine returned no log-probs (return_logprobs)")
+                sequences.append(
+                    TrainSequence(
+                        prompt_ids=group.prompt_ids,
+                        response_ids=comp.token_ids,
+                        rollout_logprobs=comp.logprobs,
+                        advantage=adv,
+                        group_id=g_idx,
+                        reward=reward,
+                    )
+                )
+        return RolloutBatch(sequences)
+
+
+def _rewards_BG(groups: Sequence[Group]) -> torch.Tensor:
+    return torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+
+
+def _statistics(
+    generated: list[Group],
+    kept: list[Group],
+    filler: DynamicBatchFiller | None,
+    drawn: list[int],
+    times: dict[str, float],
+    sampler: ContextSampler,
+) -> dict[str, Any]:
+    rewards = [r for g in generated for r in g.rewards]
+    lengths = [len(c.token_ids) for g in generated for c in g.completions]
+    n = max(len(rewards), 1)
+    return {
+        "rollout/reward_mean": sum(rewards) / n,
+        "rollout/accuracy": sum(r == 1.0 for r in rewards) / n,
+        "rollout/format_rate": sum(f for g in generated for f in g.formatted) / n,
+        "rollout/response_length_mean": sum(lengths) / n,
+        "rollout/response_length_max": float(max(lengths, default=0)),
+        "rollout/truncated_frac": sum(
+            c.finish_reason == "length" for g in generated for c in g.completions
+        )
+        / n,
+        "rollout/groups_sampled": float(len(generated)),
+        "rollout/groups_kept": float(len(kept)),
+        "rollout/groups_kept_frac": len(kept) / max(len(generated), 1),
+        "rollout/rounds": float(filler.rounds if filler is not None else 1),
+        "time/generate_s": times["generate"],
+        "time/reward_s": times["reward"],
+        "data/epoch": float(sampler.epoch),
+        "data/cursor": float(sampler.cursor),
+        "data/consumed": float(sampler.consumed),
+        "data/sample_ids": drawn,
+    }
+
+
+__all__ = ["Group", "RolloutPhase", "StepRollouts"]

@@ -1,0 +1,240 @@
+"""Step metrics of a run: JSON lines, wandb, a console progress bar and the reward plot.
+
+Rank 0 writes; on other ranks ``RunLogger`` does nothing. Per step:
+
+* ``<run_dir>/metrics.jsonl``: one JSON object per optimizer step, flushed at once (everything
+  ``StepMetrics.as_dict`` has, the rollout statistics, the time split, ``flops/*`` and the
+  contexts consumed: ``data/epoch``, ``data/cursor``, ``data/sample_ids``). A resumed run
+  first drops the lines of steps after its checkpoint, so the file always describes exactly
+  the steps the weights went through;
+* wandb (``log.wandb``; offline by default: ``<run_dir>/wandb/offline-run-*``, upload later
+  with ``wandb sync``), scalars only;
+* a tqdm bar with step, reward, accuracy and tokens/s, plus one log line per
+  ``train.log_interval`` steps;
+* ``<run_dir>/plots/reward_accuracy.png`` (matplotlib, Agg), redrawn at every checkpoint and
+  at the end: reward mean and accuracy against step (NTP: ``plots/loss.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from megatron_rpt.fileio import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """Where step metrics go besides metrics.jsonl."""
+
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode: 'offline' (files under <run_dir>/wandb, no network; `wandb sync` uploads
+    them), 'online' (needs WANDB_API_KEY or `wandb login`) or 'disabled'."""
+    wandb_project: str = "megatron_rpt"
+    """wandb project name."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar (step, reward, accuracy, tokens/s) on rank 0."""
+    plot: bool = True
+    """Write plots/reward_accuracy.png (plots/loss.png for NTP) at checkpoints and at the end."""
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``<run_dir>/metrics.jsonl`` (a torn last line is ignored)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line of a run killed while writing it
+    return out
+
+
+class RunLogger:
+    """Rank 0's metrics sinks (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: LogConfig,
+        run_dir: str | Path,
+        *,
+        run_name: str,
+        objective: str,
+        start_step: int,
+        total_steps: int,
+        config: dict[str, Any],
+        enabled: bool,
+        log_interval: int = 1,
+    ) -> None:
+        """Open the sinks; a resumed run (``start_step`` > 0) keeps lines up to that step."""
+        self.cfg, self.run_dir, self.enabled = cfg, Path(run_dir), enabled
+        self.objective, self.log_interval = objective, log_interval
+        self.total_steps = total_steps
+        self._wandb = self._bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate(start_step)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        if cfg.wandb != "disabled":
+            self._wandb = _start_wandb(cfg, self.run_dir, run_name, config)
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc=f"{objective.upper()} steps",
+                unit="step", dynamic_ncols=True,
+            )  # fmt: skip
+
+    def _truncate(self, start_step: int) -> None:
+        path = self.run_dir / METRICS_FILE
+        records = read_metrics(self.run_dir)
+        keep = [r for r in records if r.get("step", 0) <= start_step]
+        if len(keep) != len(records) or (path.is_file() and start_step == 0):
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        if start_step and not any(r.get("step") == start_step for r in keep):
+            logger.warning(
+                "metrics.jsonl has no line for step %d (the run stopped between that step's "
+                "checkpoint and its log line)",
+                start_step,
+            )
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one step's record everywhere."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record, default=float) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        step = int(record["step"])
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            self._wandb.log(scalars, step=step)
+        if self._bar is not None:
+            self._bar.set_postfix_str(_postfix(record, self.objective), refresh=False)
+            self._bar.update(1)
+        if step % self.log_interval == 0 or step == self.total_steps:
+            logger.info("step %d/%d | %s", step, self.total_steps, _summary(record, self.objective))
+
+    def plot(self) -> Path | None:
+        """Redraw the run's plot from metrics.jsonl; returns its path."""
+        if not (self.enabled and self.cfg.plot):
+            return None
+        return plot_metrics(self.run_dir, self.objective)
+
+    def close(self) -> None:
+        """Final plot; close the file, the bar and wandb."""
+        if not self.enabled:
+            return
+        self.plot()
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _start_wandb(cfg: LogConfig, run_dir: Path, run_name: str, config: dict[str, Any]) -> Any:
+    import secrets
+
+    import wandb
+
+    # One wandb run id per run directory, so an online run resumed after a crash continues
+    # the same wandb run (an offline one writes a new offline-run-* directory per process).
+    id_file = run_dir / "wandb_run_id"
+    if not id_file.is_file():
+        atomic_write_text(id_file, secrets.token_hex(6) + "\n")
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=run_name,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        dir=str(run_dir),
+        mode=cfg.wandb,
+        config=config,
+    )
+
+
+def _get(record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def _postfix(record: dict[str, Any], objective: str) -> str:
+    if objective == "ntp":
+        return (
+            f"loss={_get(record, 'train/loss'):.3f} tok/s={_get(record, 'time/tokens_per_s'):.0f}"
+        )
+    return (
+        f"reward={_get(record, 'rollout/reward_mean'):.3f} "
+        f"acc={_get(record, 'rollout/accuracy'):.3f} "
+        f"tok/s={_get(record, 'time/tokens_per_s'):.0f}"
+    )
+
+
+def _summary(record: dict[str, Any], objective: str) -> str:
+    parts = [_postfix(record, objective).replace(" ", " | ")]
+    if objective == "rpt":
+        parts.append(f"format={_get(record, 'rollout/format_rate'):.2f}")
+        parts.append(f"kept={_get(record, 'rollout/groups_kept_frac'):.2f}")
+        parts.append(f"loss={_get(record, 'train/loss'):.4f}")
+    parts.append(f"grad_norm={_get(record, 'train/grad_norm'):.3g}")
+    parts.append(f"step_s={_get(record, 'time/step_s'):.1f}")
+    return " | ".join(parts)
+
+
+def plot_metrics(run_dir: str | Path, objective: str = "rpt") -> Path | None:
+    """``plots/reward_accuracy.png`` (RPT) or ``plots/loss.png`` (NTP) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    if objective == "ntp":
+        series = {"train loss (cross-entropy)": ("train/loss", "-")}
+        name, ylabel = "loss.png", "loss"
+    else:
+        series = {
+            "reward mean": ("rollout/reward_mean", "-"),
+            "accuracy (reward = 1)": ("rollout/accuracy", "--"),
+            "format (parsable box)": ("rollout/format_rate", ":"),
+        }
+        name, ylabel = "reward_accuracy.png", "fraction of responses"
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, (key, style) in series.items():
+        values = [_get(r, key) for r in records]
+        ax.plot(steps, values, style, marker="o", markersize=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{Path(run_dir).name}: {objective.upper()} training")
+    if objective != "ntp":
+        ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "plots" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+__all__ = ["LogConfig", "RunLogger", "plot_metrics", "read_metrics"]

@@ -1,0 +1,91 @@
+"""Shared pieces of the end-to-end training tests: the tiny task, commands, one reference run.
+
+Everything runs the real entry point (``python -m megatron_rpt.train``) on the tiny recipe
+(examples/tiny/config.py: synthetic task, HF engine, CPU). The task and its prepared data are
+built once per test process and shared by every run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = f"{ROOT}/examples/tiny/config.py:tiny"
+# The reliability tests' configuration: 5 steps of 4 contexts, a checkpoint after every step.
+SHORT = (
+    "train.steps=5", "train.contexts_per_step=4", "optimizer.lr_warmup_steps=2", "checkpoint.interval=1",
+    "checkpoint.keep_last=0", "log.wandb=disabled", "log.progress_bar=false",
+)  # fmt: skip
+
+
+@functools.cache
+def shared_dir() -> Path:
+    """Task assets and prepared data, built once per test process."""
+    root = Path(tempfile.mkdtemp(prefix="rpt-train-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    from megatron_rpt.testing.synthetic import build_synthetic_task
+
+    build_synthetic_task(root / "assets")
+    return root
+
+
+def env() -> dict[str, str]:
+    """Environment of a training subprocess."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MEGATRON_RPT_TINY_ASSETS": str(shared_dir() / "assets"),
+        "OMP_NUM_THREADS": "2",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+    }
+
+
+def train_argv(run_dir: Path, *sets: str) -> list[str]:
+    """Entry-point arguments: the tiny recipe in ``run_dir`` with the shared data."""
+    base = [f"run.run_dir={run_dir}", f"data.prepared_dir={shared_dir() / 'data'}", *sets]
+    return ["--recipe", RECIPE, *[x for s in base for x in ("--set", s)]]
+
+
+def train_cmd(run_dir: Path, *sets: str) -> list[str]:
+    """The full command line of a training subprocess."""
+    return [sys.executable, "-m", "megatron_rpt.train", *train_argv(run_dir, *sets)]
+
+
+def run_train(run_dir: Path, *sets: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a training subprocess to completion; fail with its output if it fails."""
+    proc = subprocess.run(
+        train_cmd(run_dir, *sets), env=env(), cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl of a run."""
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def hf_weights(run_dir: Path) -> dict:
+    """The exported HF model's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(run_dir) / "hf" / "model.safetensors")
+
+
+@functools.cache
+def reference_run() -> Path:
+    """An uninterrupted run with the SHORT configuration (shared by several tests)."""
+    run_dir = shared_dir() / "reference"
+    run_train(run_dir, *SHORT)
+    return run_dir

@@ -1,0 +1,95 @@
+"""Done-when 1: the RPT loop learns. On the synthetic task (megatron_rpt/testing/synthetic.py)
+the warmed-up policy answers in format with a random word (reward ~1/6); 30 steps of the
+tiny recipe through the real entry point (Megatron trainer, HF engine, weight sync, reward)
+must raise the mean reward clearly. Measured on this machine: first five steps 0.13-0.18,
+last five 0.6-1.0 for run seeds 1, 2, 3 and 1234.
+
+Negative control: the same run with the weight sync disabled after the initial push (the
+engine keeps sampling from the initial weights) stays at chance. (A flipped loss sign was
+also checked while developing: the reward collapses to 0 within a few steps.)
+"""
+
+import statistics
+
+import pytest
+
+from megatron_rpt.testing.distributed import run_distributed
+from tests._stubs import train_helpers as th
+
+
+@pytest.mark.slow
+def test_rpt_learns_the_synthetic_task(tmp_path):
+    run = tmp_path / "run"
+    th.run_train(run, "log.wandb=offline")
+    records = th.metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    rewards = [r["rollout/reward_mean"] for r in records]
+    start, end = statistics.mean(rewards[:5]), statistics.mean(rewards[-5:])
+    assert start < 0.35, rewards  # about chance: the warm-up did not teach the mapping
+    assert end >= start + 0.3, rewards
+    assert min(r["rollout/format_rate"] for r in records) > 0.5
+    # What the run leaves behind.
+    last = records[-1]
+    assert last["flops/train_cumulative"] > 0 and last["flops/rollout_cumulative"] > 0
+    for key in ("time/rollout_s", "time/train_s", "time/weight_sync_s", "time/checkpoint_s",
+                "train/pg_clipped_frac", "train/entropy", "train/train_rollout_logprob_abs_diff",
+                "train/grad_norm", "train/lr", "time/tokens_per_s", "rollout/groups_kept_frac",
+                "rollout/response_length_mean", "data/epoch", "data/cursor"):  # fmt: skip
+        assert key in last, key
+    assert last["train/train_rollout_logprob_abs_diff"] < 1e-3  # fp32 engine == fp32 trainer
+    assert (run / "checkpoints" / "step_0000030" / "metadata.json").is_file()
+    assert (run / "plots" / "reward_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert (run / "config.yaml").is_file()
+    _exported_model_answers_the_next_word(run)
+
+
+def _exported_model_answers_the_next_word(run):
+    """The HF export carries the learned weights: greedy answers are mostly the next word."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_rpt.data.config import PromptConfig
+    from megatron_rpt.data.prompt import build_prompt
+    from megatron_rpt.reward import extract_prediction
+    from megatron_rpt.testing.synthetic import WORDS, successor_map
+
+    tok = AutoTokenizer.from_pretrained(run / "hf")
+    model = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+    succ, right = successor_map(0), 0
+    for word in WORDS:
+        context = "".join(" " + w for w in (succ[succ[word]], succ[succ[succ[word]]], word))
+        ids = build_prompt(context, tok, PromptConfig(chat_template=False)).ids
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+        text = tok.decode(out[0, len(ids) :])
+        right += extract_prediction(text) == " " + succ[word]
+    assert right >= 4, right
+
+
+def _train_without_sync(rank, world_size, argv):
+    from megatron_rpt.train import main
+    from megatron_rpt.weight_sync import push
+
+    initial = push.WeightSync.__call__
+
+    def first_sync_only(self, *, version, tamper=None):
+        if version == 0:
+            return initial(self, version=version, tamper=tamper)
+        return push.SyncMetrics(version=version, pushed=False)
+
+    push.WeightSync.__call__ = first_sync_only
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_without_weight_sync_nothing_is_learned(tmp_path):
+    run = tmp_path / "run"
+    argv = th.train_argv(run, "log.wandb=disabled", "log.progress_bar=false", "train.steps=25",
+                         "checkpoint.interval=0", "checkpoint.export_hf_at_end=false")  # fmt: skip
+    env = {k: th.env()[k] for k in ("MEGATRON_RPT_TINY_ASSETS", "WANDB_MODE")}
+    env["OMP_NUM_THREADS"] = "2"
+    run_distributed(_train_without_sync, 1, args=(argv,), timeout=600, env=env)
+    rewards = [r["rollout/reward_mean"] for r in th.metrics(run)]
+    assert len(rewards) == 25
+    assert statistics.mean(rewards[-5:]) < statistics.mean(rewards[:5]) + 0.15, rewards
+    assert max(rewards) < 0.4, rewards
