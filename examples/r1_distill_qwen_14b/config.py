@@ -18,8 +18,12 @@ memory released to the trainer during the update); rank 0 drives it and broadcas
 rollouts. With one engine for the whole cluster rollout throughput, not training, bounds the
 step time; several engines (one per DP replica) are not implemented.
 
-Not set here yet: FP8. There is no ``precision`` config section in this tree (another change
-adds ``precision.fp8``); until then the model trains in bf16 with Transformer Engine layers.
+Precision: Transformer Engine layers with FP8 tensorwise (current) scaling on Hopper
+(``precision.fp8=tensorwise``, first and last layer kept in bf16; master weights, optimizer
+state, checkpoints and the HF export stay bf16/fp32), the SGLang engine in bf16. Rollout and
+training precisions then differ, so ``loss.tis`` resolves to on (token-level truncated
+importance sampling, logged at start). ``--set precision.fp8=none`` trains in plain bf16.
+Unverified: no GPU was available to this repository's development (docs/FP8.md).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def r1_distill_qwen_14b() -> RPTConfig:
     cfg = RPTConfig()  # the defaults already are the paper's loss, optimizer and sampling
     cfg.run.run_dir, cfg.run.name = "runs/rpt_r1_distill_qwen_14b", "rpt-r1-distill-qwen-14b"
     cfg.model.hf_path, cfg.model.dtype, cfg.model.spec = MODEL, "bf16", "te"
+    cfg.precision.fp8, cfg.precision.first_last_layers_bf16 = "tensorwise", True
     p = cfg.parallel
     p.tensor_model_parallel_size, p.pipeline_model_parallel_size = 4, 2
     d = cfg.data

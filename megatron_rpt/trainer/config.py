@@ -64,8 +64,10 @@ class TrainConfig:
     """Token budget of one micro-batch per DP rank (prompt + response tokens; shared_prefix:
     each group's prompt once plus its responses; padded: rows x longest row). A sequence (or
     group) longer than the budget gets a micro-batch of its own (with a warning)."""
-    micro_batch_layout: Literal["shared_prefix", "packed", "padded"] = "shared_prefix"
-    """'shared_prefix': packed, and the responses that share a prompt (a GRPO group) are laid
+    micro_batch_layout: Literal["auto", "shared_prefix", "packed", "padded"] = "auto"
+    """'auto': shared_prefix on the local (SDPA) layer spec, where it is tested against the
+    separate layout; packed on the Transformer Engine spec until its shared-prefix attention
+    call has been verified on a GPU (tests/gpu/test_shared_prefix_te.py). 'shared_prefix': packed, and the responses that share a prompt (a GRPO group) are laid
     out behind ONE copy of it, [ctx; r_1; ...; r_G], each response attending to the context and
     itself (same loss and gradients as 'packed'; the context's forward/backward runs once
     instead of G times; a group is never split over micro-batches); 'packed': the sequences of

@@ -71,7 +71,11 @@ class TrainStep:
         distribution as the sampler).
         """
         _check_model(built, groups, temperature)
-        if train.micro_batch_layout == "shared_prefix":
+        self.layout = resolve_layout(train.micro_batch_layout, built.spec)
+        """The micro-batch layout in use (``train.micro_batch_layout`` with 'auto' resolved)."""
+        logger.info("micro-batch layout: %s (train.micro_batch_layout=%s, %s layer spec)",
+                    self.layout, train.micro_batch_layout, built.spec)  # fmt: skip
+        if self.layout == "shared_prefix":
             _check_shared_prefix(built)
         self.built, self.groups = built, groups
         self.opt_cfg, self.train_cfg, self.loss_cfg = optimizer, train, loss
@@ -189,13 +193,11 @@ class TrainStep:
             batch,
             g.dp_size,
             self.train_cfg.max_tokens_per_microbatch,
-            self.train_cfg.micro_batch_layout,
+            self.layout,
             # The interleaved schedule needs a multiple of the pipeline size.
             multiple_of=g.pp_size if g.vpp_size else 1,
         )
-        micro_batches = rank_micro_batches(
-            batch, plan, g.dp_rank, self.train_cfg.micro_batch_layout
-        )
+        micro_batches = rank_micro_batches(batch, plan, g.dp_rank, self.layout)
         if self.token_alignment > 1:
             micro_batches = [_align_width(mb, self.token_alignment) for mb in micro_batches]
         if not self.built.config.variable_seq_lengths and g.pp_size > 1:
@@ -319,6 +321,17 @@ def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) 
             f"rollout.temperature={temperature}: training needs the sampling distribution "
             "softmax(logits / T) with T > 0 (greedy rollouts have no log-probs to train on)"
         )
+
+
+def resolve_layout(layout: str, spec: str) -> str:
+    """``train.micro_batch_layout`` with 'auto' resolved for the model's layer spec.
+
+    >>> resolve_layout("auto", "local"), resolve_layout("auto", "te"), resolve_layout("padded", "te")
+    ('shared_prefix', 'packed', 'padded')
+    """
+    if layout != "auto":
+        return layout
+    return "shared_prefix" if spec == "local" else "packed"
 
 
 def _check_shared_prefix(built: BuiltModel) -> None:

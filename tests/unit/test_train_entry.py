@@ -132,6 +132,10 @@ def test_recipes_validate(recipe):
     cfg = build_config(f"{ROOT}/examples/{recipe}")
     assert cfg.rollout.n_samples == 8 and cfg.rollout.temperature == 0.8
     assert cfg.loss.kl_coef == 0.0 and cfg.loss.entropy_coef == 0.0
+    if recipe.startswith("r1_distill"):  # FP8 training, bf16 rollouts: TIS resolves to on
+        assert cfg.precision.fp8 == "tensorwise" and cfg.loss.tis is True
+    else:
+        assert cfg.precision.fp8 == "none"
 
 
 # ----------------------------------------------------------------------------- launcher
