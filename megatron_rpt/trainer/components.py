@@ -28,6 +28,7 @@ from megatron_rpt.trainer.ntp import NTPPhase, NTPWindows
 from megatron_rpt.trainer.rollout_phase import RolloutPhase, StepRollouts
 from megatron_rpt.trainer.sampler import ContextSampler
 from megatron_rpt.trainer.step import TrainStep
+from megatron_rpt.weight_sync.fp8 import DequantizingEngine, rollout_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,9 @@ def build_train_step(cfg: Any, groups: Any, resume: str | Path | None) -> TrainS
     model_cfg = cfg.model
     if resume is not None:  # read the checkpoint's weights once instead of the initial ones
         model_cfg = dataclasses.replace(cfg.model, megatron_checkpoint=str(resume))
-    built = build_pretrained(model_cfg, cfg.parallel, groups, output="hidden")
+    built = build_pretrained(
+        model_cfg, cfg.parallel, groups, output="hidden", precision=cfg.precision
+    )
     ntp = cfg.train.objective == "ntp"
     return TrainStep(
         built,
@@ -60,7 +63,13 @@ def default_engine_factory(cfg: Any) -> EngineFactory:
 
     def build() -> Any:
         if cfg.rollout.engine == "hf":
-            return _hf_engine(path, cfg.rollout, has_weights)
+            engine = _hf_engine(path, cfg.rollout, has_weights)
+            quantization = rollout_quantization(cfg.precision)
+            if quantization is None:
+                return engine
+            # The HF engine holds no FP8 weights: it serves the FP8-rounded weights dequantized.
+            dtype = next(engine.model.parameters()).dtype
+            return DequantizingEngine(engine, quantization, dtype)
         from megatron_rpt.rollout.sglang_engine import SGLangEngine
 
         rollout = cfg.rollout
@@ -163,7 +172,10 @@ def build_phase(
     )
     driver = dist.get_rank() == 0
     tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir) if driver else None
-    wsync = WeightSync(train_step.built, train_step.groups, None, cfg.weight_sync)
+    wsync = WeightSync(
+        train_step.built, train_step.groups, None, cfg.weight_sync,
+        rollout_quantization(cfg.precision),
+    )  # fmt: skip
 
     def sync(engine: Any, version: int) -> Any:
         train_step.finish_param_sync()

@@ -36,20 +36,6 @@ SPEC = BlockFP8(block_size=32)
 
 
 @pytest.fixture(scope="module")
-def groups():
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-
-    with single_process_group():
-        groups = initialize_model_parallel(1, 1)
-        seed_model_parallel(0, groups)
-        yield groups
-
-
-@pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):
     return save_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"))
 
