@@ -18,7 +18,7 @@ def test_paper_defaults_and_docs():
     assert (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2) == (0.9, 0.999)
     assert cfg.optimizer.weight_decay == 0.01 and cfg.optimizer.clip_grad == 1.0
     assert cfg.optimizer.use_distributed_optimizer and cfg.train.contexts_per_step == 256
-    assert cfg.train.micro_batch_layout == "shared_prefix" and cfg.checkpoint.keep_last == 3
+    assert cfg.train.micro_batch_layout == "auto" and cfg.checkpoint.keep_last == 3
     for cls in (OptimizerConfig, TrainConfig, CheckpointConfig):
         import dataclasses
 
