@@ -83,9 +83,14 @@ class HFEngine:
         dtype: str = "float32",
         device: str = "auto",
         max_batch_rows: int = 64,
+        load_weights: bool = True,
     ) -> HFEngine:
-        """Load an HF folder (or ``embedded:smollm2``) with safetensors, no remote code."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Load an HF folder (or ``embedded:smollm2``) with safetensors, no remote code.
+
+        ``load_weights=False`` builds the architecture from ``config.json`` with random
+        weights (a folder without weight files; the first weight sync fills them).
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from megatron_rpt.assets import resolve_model_path
 
@@ -95,7 +100,14 @@ class HFEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], use_safetensors=True)
+        if load_weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=_DTYPES[dtype], use_safetensors=True
+            )
+        else:
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(path), dtype=_DTYPES[dtype]
+            )
         return cls(model.to(device), tokenizer, max_batch_rows=max_batch_rows)
 
     # ------------------------------------------------------------------ generation

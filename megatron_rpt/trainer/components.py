@@ -86,24 +86,10 @@ def default_engine_factory(cfg: Any) -> EngineFactory:
 def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
     from megatron_rpt.rollout.hf_engine import HFEngine
 
-    if has_weights:
-        return HFEngine.from_pretrained(
-            path, dtype=rollout.dtype, device=rollout.device, max_batch_rows=rollout.max_batch_rows
-        )
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype[rollout.dtype])
-    device = (
-        rollout.device
-        if rollout.device != "auto"
-        else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    return HFEngine(
-        model.to(device), AutoTokenizer.from_pretrained(path), max_batch_rows=rollout.max_batch_rows
-    )
+    return HFEngine.from_pretrained(
+        path, dtype=rollout.dtype, device=rollout.device,
+        max_batch_rows=rollout.max_batch_rows, load_weights=has_weights,
+    )  # fmt: skip
 
 
 class RPTPhase:

@@ -161,3 +161,24 @@ def test_two_modes_two_models_make_one_table(tiny, tmp_path):
     assert "on_reasoning_positions" in doc["results"][0]["extra"]
     assert doc["settings"]["eval"]["n_samples"] == 4
     assert paths["accuracy.png"].stat().st_size > 10_000
+
+
+def test_hf_engine_without_weight_files_builds_from_config_and_a_sync_fills_it(tiny, tmp_path):
+    """The training loop's engine for a model folder without weights (e.g. --init-from a
+    Megatron checkpoint): architecture from config.json, weights from the first sync."""
+    import shutil
+
+    from megatron_rpt.rollout.hf_engine import HFEngine
+
+    model_dir, _ = tiny
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    ref = HFEngine.from_pretrained(model_dir, device="cpu")
+    engine = HFEngine.from_pretrained(bare, device="cpu", load_weights=False)
+    state = dict(ref.model.named_parameters())
+    assert set(dict(engine.model.named_parameters())) == set(state)
+    assert any(not torch.equal(p, state[n]) for n, p in engine.model.named_parameters())
+    engine.update_weights([(n, p.detach()) for n, p in state.items()], version=1)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+    prompt = [ref.tokenizer.encode("the next token")]
+    assert engine.generate(prompt, params)[0][0].token_ids == ref.generate(prompt, params)[0][0].token_ids
