@@ -35,23 +35,11 @@ logger = logging.getLogger(__name__)
 
 def build_train_step(cfg: Any, groups: Any, resume: str | Path | None) -> TrainStep:
     """Model + DDP + optimizer for ``cfg`` (an ``RPTConfig``); weights of ``resume`` if given."""
-    from megatron_rpt.model.loading import build_pretrained
-
     model_cfg = cfg.model
     if resume is not None:  # read the checkpoint's weights once instead of the initial ones
         model_cfg = dataclasses.replace(cfg.model, megatron_checkpoint=str(resume))
-    built = build_pretrained(
-        model_cfg, cfg.parallel, groups, output="hidden", precision=cfg.precision
-    )
     ntp = cfg.train.objective == "ntp"
-    return TrainStep(
-        built,
-        groups,
-        optimizer=cfg.optimizer,
-        train=cfg.train,
-        loss=cfg.loss,
-        temperature=1.0 if ntp else cfg.rollout.temperature,
-    )
+    return TrainStep.from_config(cfg, groups, model=model_cfg, temperature=1.0 if ntp else None)
 
 
 def default_engine_factory(cfg: Any) -> EngineFactory:

@@ -91,18 +91,26 @@ class TrainStep:
         """Micro-batch token counts are padded to a multiple of this (FP8 GEMMs: 16 or 32)."""
 
     @classmethod
-    def from_config(cls, cfg: Any, groups: ParallelGroups) -> TrainStep:
+    def from_config(
+        cls,
+        cfg: Any,
+        groups: ParallelGroups,
+        *,
+        model: Any = None,
+        temperature: float | None = None,
+    ) -> TrainStep:
         """Build the model from ``cfg.model`` / ``cfg.parallel`` and wrap it (an ``RPTConfig``).
 
         Initial weights come from ``model.hf_path`` or ``model.megatron_checkpoint``; resume
         from a training checkpoint with ``trainer.checkpoint.load_training_checkpoint``.
+        ``model`` replaces ``cfg.model`` and ``temperature`` ``cfg.rollout.temperature``.
         """
         from megatron_rpt.config import resolve_tis
         from megatron_rpt.model.loading import build_pretrained
 
         resolve_tis(cfg)  # loss.tis=None: decided by the precision settings (logged)
         built = build_pretrained(
-            cfg.model, cfg.parallel, groups, output="hidden", precision=cfg.precision
+            model or cfg.model, cfg.parallel, groups, output="hidden", precision=cfg.precision
         )
         return cls(
             built,
@@ -110,7 +118,7 @@ class TrainStep:
             optimizer=cfg.optimizer,
             train=cfg.train,
             loss=cfg.loss,
-            temperature=cfg.rollout.temperature,
+            temperature=cfg.rollout.temperature if temperature is None else temperature,
         )
 
     # ------------------------------------------------------------------ public API
