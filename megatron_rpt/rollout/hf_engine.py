@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from megatron_rpt.errors import InputError
+from megatron_rpt.rollout.rank_shards import ShardPiece, assemble_shards
 from megatron_rpt.rollout.stopping import FinalBoxStop, closing_brace_ids
 from megatron_rpt.rollout.types import (
     Completion,
@@ -273,6 +274,20 @@ class HFEngine:
             version, len(report.updated), len(report.not_updated),
         )  # fmt: skip
         return report
+
+    def update_weights_from_ranks(
+        self,
+        buckets: Iterable[Sequence[Sequence[ShardPiece]]],
+        *,
+        version: int,
+        flush_cache: bool = True,
+    ) -> WeightUpdateReport:
+        """Load per-engine-rank shards: ``buckets`` yields, per bucket, every engine TP rank's
+        ``ShardPiece`` list (rank order). The process stands in for a TP engine: it puts each
+        bucket's slices back together (``assemble_shards``) and loads them as ``update_weights``
+        does, bucket by bucket, so it holds one assembled bucket at a time."""
+        stream = (pair for per_rank in buckets for pair in assemble_shards(per_rank))
+        return self.update_weights(stream, version=version, flush_cache=flush_cache)
 
     def weight_checksums(
         self, names: Sequence[str] | None = None, *, max_rows: int | None = 64
