@@ -112,3 +112,28 @@ def test_bad_mode_and_reload_without_offload():
         TrainerOffload([], None, "params")  # type: ignore[arg-type]
     none = TrainerOffload([], None, "none")
     assert none.offload().bytes == 0 and none.reload() >= 0.0 and not none.offloaded
+
+
+def test_hf_engine_release_spills_weights_and_resume_restores_them(tmp_path):
+    """The engine's half on CPU: release frees every weight (written to spill_dir), resume
+    brings back the exact bytes, generation is refused in between and identical after."""
+    from megatron_rpt.rollout.hf_engine import HFEngine
+    from megatron_rpt.rollout.types import SamplingParams
+    from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+
+    tok = smollm2_tokenizer()
+    engine = HFEngine(tiny_llama(tok), tok, spill_dir=tmp_path)
+    params = SamplingParams(n=2, max_new_tokens=4, seed=3)
+    before = {n: p.clone() for n, p in engine.model.state_dict().items()}
+    out = engine.generate([[1, 2, 3]], params)
+    engine.release_memory()
+    assert all(p.untyped_storage().nbytes() == 0 for p in engine.model.parameters())
+    assert list(tmp_path.iterdir()) and not engine.health()
+    with pytest.raises(RuntimeError, match="released"):
+        engine.generate([[1, 2, 3]], params)
+    engine.resume_memory()
+    assert not list(tmp_path.iterdir()) and engine.health()
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    again = engine.generate([[1, 2, 3]], params)
+    assert [c.token_ids for c in again[0]] == [c.token_ids for c in out[0]]
