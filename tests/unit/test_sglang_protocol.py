@@ -247,6 +247,13 @@ def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket():
         return serialized
 
     kept: list = []
+    from sglang.srt.managers import io_struct as io
+
+    body = proto.per_rank_tensor_request(
+        [payloads(halves[0])[0], payloads(halves[0])[0]], flush_cache=False, weight_version=None
+    )
+    req = _validate(io.UpdateWeightsFromTensorReqInput, body)  # as the HTTP route parses it
+    assert len(req.serialized_named_tensors) == 2 and req.load_format == "flattened_bucket"
     with FakeSGLangServer(HFEngine(model, tok), tp_size=2) as server:
         engine = _client(server, tp_size=2)
         engine.release_memory()
