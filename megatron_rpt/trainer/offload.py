@@ -81,7 +81,9 @@ class TrainerOffload:
         (``ChainedOptimizer`` or a single one); ``spill_dir``: where CPU storages are written
         (default: the system temp dir)."""
         if mode not in ("none", "optimizer", "all"):
-            raise ValueError(f"rollout.offload_trainer must be 'none', 'optimizer' or 'all', got {mode!r}")
+            raise ValueError(
+                f"rollout.offload_trainer must be 'none', 'optimizer' or 'all', got {mode!r}"
+            )
         self.chunks, self.optimizer, self.mode = list(chunks), optimizer, mode
         self._store = StorageOffload(spill_dir)
 
@@ -120,7 +122,9 @@ class TrainerOffload:
         unless mode is 'all', even where optimizer tensors are views into them)."""
         params = list(_model_tensors(self.chunks))
         if self.mode == "all":
-            return params + list(_grad_tensors(self.chunks)) + list(_optimizer_tensors(self.optimizer))
+            return (
+                params + list(_grad_tensors(self.chunks)) + list(_optimizer_tensors(self.optimizer))
+            )
         keep = {s.data_ptr() for s in unique_storages(params)}
         movable = list(_grad_tensors(self.chunks)) + list(_optimizer_tensors(self.optimizer))
         return [t for t in movable if t.untyped_storage().data_ptr() not in keep]
@@ -134,12 +138,16 @@ def _buffers(chunk: torch.nn.Module) -> list[Any]:
 def _model_tensors(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.Tensor]:
     for chunk in chunks:
         yield from (p.data for p in chunk.parameters())
-        yield from (b.param_data for b in _buffers(chunk) if getattr(b, "param_data", None) is not None)
+        yield from (
+            b.param_data for b in _buffers(chunk) if getattr(b, "param_data", None) is not None
+        )
 
 
 def _grad_tensors(chunks: Sequence[torch.nn.Module]) -> Iterator[torch.Tensor]:
     for chunk in chunks:
-        yield from (b.grad_data for b in _buffers(chunk) if getattr(b, "grad_data", None) is not None)
+        yield from (
+            b.grad_data for b in _buffers(chunk) if getattr(b, "grad_data", None) is not None
+        )
         for p in chunk.parameters():
             for grad in (p.grad, getattr(p, "main_grad", None)):
                 if grad is not None:

@@ -42,7 +42,9 @@ _ROW = ("o_proj", "down_proj")
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def engine_split_dim(name: str, shape: Sequence[int], dtype: torch.dtype, engine_tp: int) -> int | None:
+def engine_split_dim(
+    name: str, shape: Sequence[int], dtype: torch.dtype, engine_tp: int
+) -> int | None:
     """Dimension ``name`` is split along across ``engine_tp`` engine ranks, or None.
 
     >>> engine_split_dim("model.layers.3.self_attn.q_proj.bias", (16,), torch.float32, 2)

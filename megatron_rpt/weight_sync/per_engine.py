@@ -45,7 +45,6 @@ from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.rollout.rank_shards import ShardPiece
 from megatron_rpt.rollout.types import RolloutEngine
-from megatron_rpt.weight_sync.config import WeightSyncConfig
 from megatron_rpt.weight_sync.engine_plan import rank_pieces
 from megatron_rpt.weight_sync.gather import HFBucket, iter_hf_buckets
 from megatron_rpt.weight_sync.plan import SyncPlan

@@ -180,10 +180,7 @@ def sync_weights(
         metrics.checked_tensors = len(fingerprints.expected)
     if cfg.verify != "none" and engine_rank is not None:
         probe, probe_error = _probe(built, groups, engine, engine_rank, cfg, skip=error is not None)
-        if probe is not None:
-            metrics.probe_max_abs_diff = probe.max_abs_diff
-            metrics.probe_mean_abs_diff = probe.mean_abs_diff
-        error = error or probe_error
+        error = error or _record_probe(metrics, probe, probe_error)
     metrics.verify_seconds += time.perf_counter() - t0
     _agree(error, version)
     metrics.seconds = time.perf_counter() - start
@@ -263,10 +260,7 @@ def sync_engine_weights(
         error = fingerprints.check(engine)
         metrics.checked_tensors = len(fingerprints.expected)
     probe, probe_error = _probe_every_engine(built, groups, engine, cfg, skip=error is not None)
-    if probe is not None:
-        metrics.probe_max_abs_diff = probe.max_abs_diff
-        metrics.probe_mean_abs_diff = probe.mean_abs_diff
-    error = error or probe_error
+    error = error or _record_probe(metrics, probe, probe_error)
     metrics.verify_seconds += time.perf_counter() - t1
     _agree(error, version)
     state.clear()  # the last bucket's keep-alive: every engine has read it
@@ -491,6 +485,16 @@ def _probe(
     trainer_lps = next(x for x in gathered if x is not None)
     result = ProbeResult(response, engine_lps, trainer_lps)
     return result, result.error(cfg.probe_tolerance) if engine is not None else None
+
+
+def _record_probe(
+    metrics: SyncMetrics, probe: ProbeResult | None, error: str | None
+) -> str | None:
+    """Copy the probe's differences into the metrics; pass its error on."""
+    if probe is not None:
+        metrics.probe_max_abs_diff = probe.max_abs_diff
+        metrics.probe_mean_abs_diff = probe.mean_abs_diff
+    return error
 
 
 def _agree(error: str | None, version: int) -> None:

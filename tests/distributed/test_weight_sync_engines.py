@@ -26,6 +26,8 @@ from tests.distributed.test_weight_sync import (
     LOGITS_TOL,
     _built,
     _cfg,
+    _CrashingEngine,
+    _engine_outputs,
     _expect_sync_error,
     _hf_engine,
     _perturb,
@@ -34,21 +36,6 @@ from tests.distributed.test_weight_sync import (
 )
 
 ENGINE_TPS = (2, 1, 4)
-
-
-class _CrashingEngine:
-    """Dies after reading ``after`` buckets of per-rank payloads."""
-
-    def __init__(self, inner, after):
-        self.inner, self.after = inner, after
-
-    def update_weights_from_ranks(self, buckets, *, version, flush_cache=True):
-        for i, _ in enumerate(buckets):
-            if i == self.after:
-                raise RuntimeError("simulated engine crash")
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 def _engine_groups(engine_tp):
@@ -85,11 +72,7 @@ def _run(rank, world_size, hf_dir, tokens):
         )  # fmt: skip
         out = {"metrics": sync(version=1), "hf_bytes": sync.plan.hf_bytes}
         if engine is not None:
-            state = {n: p.clone() for n, p in engine.model.state_dict().items()}
-            out["unchanged"] = [n for n in state if torch.equal(state[n], before[n])]
-            out["engine_state"] = state
-            with torch.no_grad():
-                out["engine_logits"] = engine.model(torch.from_numpy(tokens)).logits.float()
+            out.update(_engine_outputs(engine, before, tokens))
         if engine_tp == 2:
             crash = None if engine is None or rank != 2 else _CrashingEngine(engine, after=2)
             crashing = WeightSync(
@@ -97,7 +80,7 @@ def _run(rank, world_size, hf_dir, tokens):
                 engine_rank=engine_rank, engine_tp=engine_tp, engine_group=group,
             )  # fmt: skip
             out["crash"] = _expect_sync_error(lambda s=crashing: s(version=2))
-            out["corrupt"] = _expect_sync_error(lambda: sync(version=3, tamper=corrupt_bucket(2)))
+            out["corrupt"] = _expect_sync_error(lambda s=sync: s(version=3, tamper=corrupt_bucket(2)))
             out["after"] = sync(version=4)
         res[engine_tp] = out
     reference = _tp1_export(hf_dir)  # collective (group creation): every rank takes part
