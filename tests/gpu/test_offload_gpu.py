@@ -5,7 +5,8 @@
   cache: allocated and reserved memory drop by what moved; training continues bitwise as
   without the hand-off. The peak allocated memory of each phase is printed.
 * Trainer + SGLang (needs the SGLang runtime): the full colocated step on one GPU - train,
-  sync (the engine resumes weights, then KV cache and CUDA graphs), trainer offload, greedy
+  sync through the per-engine path (engine TP 1: the rank's own CUDA-IPC payload; the engine
+  resumes weights, then KV cache and CUDA graphs), trainer offload, greedy
   rollout whose tokens and log-probs match the trainer's forward, engine release (every tag),
   trainer reload, another step. The device-wide memory in use (``mem_get_info``) is printed
   for each phase.
@@ -82,6 +83,8 @@ def test_trainer_offload_frees_gpu_memory_and_keeps_training_bitwise(tmp_path):
 
 @pytest.mark.sglang_runtime
 def test_colocated_trainer_and_sglang_hand_memory_back_and_forth(tmp_path):
+    import torch.distributed as dist
+
     from megatron_rpt.distributed import single_process_group
     from megatron_rpt.model.logits import forward_logits
     from megatron_rpt.rollout.config import RolloutConfig
@@ -105,7 +108,12 @@ def test_colocated_trainer_and_sglang_hand_memory_back_and_forth(tmp_path):
         engine = SGLangEngine.launch(cfg, str(served))
         try:
             offload = TrainerOffload.for_step(step, "optimizer")
-            sync = WeightSync(step.built, step.groups, engine, WeightSyncConfig(probe_tolerance=LOGPROB_TOL))
+            # The per-engine path at engine TP 1: this rank's CUDA-IPC payload, one per TP rank.
+            sync = WeightSync(
+                step.built, step.groups, engine, WeightSyncConfig(probe_tolerance=LOGPROB_TOL),
+                engine_rank=0, engine_tp=1, engine_group=dist.new_group([0], backend="gloo"),
+                engine_kind="sglang", sglang_bucket_bytes=4 * MIB,
+            )  # fmt: skip
             for i in range(2):
                 engine.release_memory()  # every tag: weights, KV cache, CUDA graphs
                 used[f"train{i}_start"] = _device_used() / MIB
