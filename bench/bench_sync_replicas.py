@@ -2,6 +2,8 @@
 
 Two spawned runs in one invocation, the same model and the same engine size:
 
+The trainer is bf16 (the training dtype; the fp32 HF engine upcasts what it receives).
+
 * 1 replica: 2 ranks, trainer TP=2, one HF engine of TP 2 on ranks {0, 1};
 * 2 replicas: 4 ranks, trainer TP=2 x DP=2, two engines of TP 2 ({0, 1} and {2, 3}).
 
@@ -48,7 +50,8 @@ def _run(rank, world_size, hf_dir, repeats):  # noqa: ANN001, ANN202 - spawned b
     torch.set_num_threads(1)
     groups = initialize_model_parallel(2, 1)
     seed_model_parallel(0, groups)
-    built = build_pretrained(ModelConfig(hf_path=hf_dir), ParallelConfig(tensor_model_parallel_size=2), groups)
+    parallel = ParallelConfig(tensor_model_parallel_size=2)
+    built = build_pretrained(ModelConfig(hf_path=hf_dir, dtype="bf16"), parallel, groups)
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, groups.tp_rank, 2)
     engine_rank, group = rank % 2, None
     for first in range(0, world_size, 2):
