@@ -90,6 +90,8 @@ BENCH_QUICK_ARGS_bench_logprobs := --tokens 512 --vocab 32768 --reps 1
 BENCH_QUICK_ARGS_bench_rollout := --prompts 1 --samples 4 --new-tokens 8 --repeats 1
 BENCH_QUICK_ARGS_bench_train_step := --steps 1
 BENCH_QUICK_ARGS_bench_weight_sync := --quick
+BENCH_QUICK_ARGS_bench_sync_replicas := --quick
+BENCH_QUICK_ARGS_bench_colocated_memory := --quick
 bench-quick: $(STAMP)
 	@set -e; $(foreach b,$(wildcard bench/bench_*.py),echo "== $(b) (quick)"; \
 	  RPT_BENCH_RESULTS=bench/results/quick $(PY) $(b) $(BENCH_QUICK_ARGS_$(basename $(notdir $(b))));)

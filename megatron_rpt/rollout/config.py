@@ -89,6 +89,14 @@ class RolloutConfig:
     schedule: Literal["document", "as_given"] = "document"
     """Request order sent to the engine: 'document' groups contexts of the same document by
     position to maximise prefix-cache reuse (results are returned in the caller's order)."""
+    offload_trainer: Literal["none", "optimizer", "all"] = "none"
+    """Colocated memory hand-off (trainer/offload.py): what the trainer moves out of memory
+    while the engine generates. 'optimizer': optimizer state (Adam moments, fp32 main
+    parameters) and gradients; 'all': also the model parameters; 'none': nothing. On GPU the
+    bytes go to pinned host memory and the CUDA cache is emptied, so the engine can resume its
+    weights, KV cache and CUDA graphs in the freed memory (use 'optimizer' or 'all' with a
+    colocated SGLang engine at real model sizes); on CPU they go to a temporary file. Training
+    stays bitwise identical."""
     sglang: SGLangServerConfig = field(default_factory=SGLangServerConfig)
     """SGLang server settings (used when engine = 'sglang')."""
     timeout_s: float = 3600.0

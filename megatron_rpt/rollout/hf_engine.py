@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from megatron_rpt.errors import InputError
+from megatron_rpt.memory import StorageOffload
+from megatron_rpt.rollout.rank_shards import ShardPiece, assemble_shards
 from megatron_rpt.rollout.stopping import FinalBoxStop, closing_brace_ids
 from megatron_rpt.rollout.types import (
     Completion,
@@ -62,7 +64,11 @@ class HFEngine:
         tokenizer,  # noqa: ANN001 - any HF tokenizer
         *,
         max_batch_rows: int = 64,
+        spill_dir: str | Path | None = None,
     ) -> None:
+        """``spill_dir``: on CPU, ``release_memory`` writes the weights to a file there and
+        frees them (the colocated hand-off, so the trainer gets the memory back); without it
+        a CPU release keeps them in memory."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_rows = max_batch_rows
@@ -70,6 +76,7 @@ class HFEngine:
         self._version = 0
         self._consistent = True
         self._released_to: torch.device | None = None
+        self._spill = None if spill_dir is None else StorageOffload(spill_dir)
         self._closing_ids: set[int] | None = None
         self._eos_ids = self._collect_eos_ids()
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -84,6 +91,7 @@ class HFEngine:
         device: str = "auto",
         max_batch_rows: int = 64,
         load_weights: bool = True,
+        spill_dir: str | Path | None = None,
     ) -> HFEngine:
         """Load an HF folder (or ``embedded:smollm2``) with safetensors, no remote code.
 
@@ -108,7 +116,7 @@ class HFEngine:
             model = AutoModelForCausalLM.from_config(
                 AutoConfig.from_pretrained(path), dtype=_DTYPES[dtype]
             )
-        return cls(model.to(device), tokenizer, max_batch_rows=max_batch_rows)
+        return cls(model.to(device), tokenizer, max_batch_rows=max_batch_rows, spill_dir=spill_dir)
 
     # ------------------------------------------------------------------ generation
 
@@ -274,6 +282,20 @@ class HFEngine:
         )  # fmt: skip
         return report
 
+    def update_weights_from_ranks(
+        self,
+        buckets: Iterable[Sequence[Sequence[ShardPiece]]],
+        *,
+        version: int,
+        flush_cache: bool = True,
+    ) -> WeightUpdateReport:
+        """Load per-engine-rank shards: ``buckets`` yields, per bucket, every engine TP rank's
+        ``ShardPiece`` list (rank order). The process stands in for a TP engine: it puts each
+        bucket's slices back together (``assemble_shards``) and loads them as ``update_weights``
+        does, bucket by bucket, so it holds one assembled bucket at a time."""
+        stream = (pair for per_rank in buckets for pair in assemble_shards(per_rank))
+        return self.update_weights(stream, version=version, flush_cache=flush_cache)
+
     def weight_checksums(
         self, names: Sequence[str] | None = None, *, max_rows: int | None = 64
     ) -> dict[str, str]:
@@ -293,23 +315,36 @@ class HFEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def release_memory(self) -> None:
-        """On GPU: move the weights to host memory and empty the CUDA cache. On CPU: no-op."""
+        """On GPU: move the weights to host memory and empty the CUDA cache. On CPU: write
+        them to a file in ``spill_dir`` and free them (bit-exact on resume), or with no
+        ``spill_dir`` keep them (no-op)."""
         if self._released_to is not None:
             return
         self._released_to = self.device
         if self.device.type == "cpu":
-            logger.info("HF engine on CPU: release_memory is a no-op")
+            if self._spill is not None:
+                self._spill.offload(self._resizable_parameters())
             return
         self.model.to("cpu")
         torch.cuda.empty_cache()
 
     def resume_memory(self) -> None:
-        """Move the weights back to the engine's device."""
+        """Move the weights back to the engine's device (or read them back from the file)."""
         if self._released_to is None:
             return
         if self._released_to.type != "cpu":
             self.model.to(self._released_to)
+        elif self._spill is not None:
+            self._spill.reload()
         self._released_to = None
+
+    def _resizable_parameters(self) -> list[torch.Tensor]:
+        # Weights loaded from safetensors may sit in memory-mapped, fixed-size storage: give
+        # those their own memory once so they can be freed in place.
+        for param in self.model.parameters():
+            if not param.untyped_storage().resizable():
+                param.data = param.data.clone()
+        return [p.data for p in self.model.parameters()]
 
     def flush_cache(self) -> None:
         """No persistent prefix cache: every ``generate`` call builds its own KV cache."""

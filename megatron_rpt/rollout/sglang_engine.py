@@ -9,14 +9,17 @@ external deployment, or the fake server of the CPU tests).
 
 Colocated weight sync (engine on the trainer's GPUs)::
 
-    release_memory()                      # before training: flush, release weights + kv_cache
+    release_memory()                      # before training: flush, release weights, kv_cache
+                                          # and cuda_graph
     ... train ...
     update_weights(stream, version=v)     # resume "weights" -> push buckets -> fence
-                                          # -> set version -> resume "kv_cache" -> flush_cache
+                                          # -> set version -> resume "kv_cache", "cuda_graph"
+                                          # -> flush_cache
 
 Each bucket is a fresh single-dtype ``FlattenedTensorBucket`` serialized (CUDA IPC handles on
 GPU) once per engine TP rank and POSTed to ``/update_weights_from_tensor`` with
-``load_format="flattened_bucket"``.
+``load_format="flattened_bucket"``. ``update_weights_from_ranks`` instead takes one payload
+per engine TP rank, each built by the trainer rank on that rank's GPU (weight_sync/per_engine.py).
 
 Bucket lifetime (the race behind "garbled output after sync"): SGLang answers the HTTP request
 once it has *enqueued* the copies from our buffer into its parameters, not when the GPU has
@@ -221,19 +224,46 @@ class SGLangEngine:
         flush_cache: bool = True,
     ) -> None:
         """Push an HF-named weight stream (colocated: CUDA IPC buckets; disaggregated: NCCL)."""
-        if "weights" in self._released:
-            self._resume(["weights"])
-        self._weights_valid = False
+        self._begin_update()
         stream = self._checked(named_tensors)
         if self.cfg.mode == "colocated":
             self._push_tensor_buckets(stream)
         else:
             self._push_distributed(stream)
+        self._finish_update(version, flush_cache)
+
+    def update_weights_from_ranks(
+        self, buckets: Iterable[Sequence[Sequence[str]]], *, version: int, flush_cache: bool = True
+    ) -> None:
+        """Colocated, one payload per engine TP rank (weight_sync/per_engine.py).
+
+        Per bucket, ``per_rank[i]`` is TP rank i's list of serialized flattened buckets
+        (``proto.rank_bucket_payload``, built on rank i's own GPU); one request per dtype
+        group, then a fence, so the producers may free the bucket once this returns.
+        """
+        if self.cfg.mode != "colocated":
+            raise RuntimeError("per-rank payloads are CUDA-IPC handles: colocated mode only")
+        self._begin_update()
+        for per_rank in buckets:
+            if len(per_rank) != self.cfg.sglang.tp_size:
+                raise ValueError(f"{len(per_rank)} payloads for {self.cfg.sglang.tp_size} engine TP ranks")
+            for serialized in zip(*per_rank, strict=True):
+                body = proto.per_rank_tensor_request(serialized, flush_cache=False, weight_version=None)
+                self._call("/update_weights_from_tensor", body)
+            self._fence()
+        self._finish_update(version, flush_cache)
+
+    def _begin_update(self) -> None:
+        if "weights" in self._released:
+            self._resume(["weights"])
+        self._weights_valid = False
+
+    def _finish_update(self, version: int, flush_cache: bool) -> None:
+        """Record the version, then resume the KV cache and CUDA graphs (weights are in)."""
         self._call("/update_weight_version", proto.weight_version_request(version))
         self._version = version
         self._weights_valid = True
-        if "kv_cache" in self._released:
-            self._resume(["kv_cache"])
+        self.resume_memory()
         if flush_cache:
             self.flush_cache()
 
@@ -332,7 +362,8 @@ class SGLangEngine:
     # ------------------------------------------------------------------ memory and cache
 
     def release_memory(self) -> None:
-        """Flush, then release weights and KV cache (torch_memory_saver; colocated only)."""
+        """Flush, then release every memory tag: weights, KV cache, CUDA graphs
+        (torch_memory_saver; colocated only)."""
         if self._released:
             return
         self.flush_cache()
@@ -342,7 +373,7 @@ class SGLangEngine:
             self._weights_valid = False
 
     def resume_memory(self) -> None:
-        """Re-acquire released memory, weights before KV cache."""
+        """Re-acquire released memory: weights, then KV cache, then CUDA graphs."""
         self._resume([t for t in proto.RELEASE_TAGS if t in self._released])
 
     def _resume(self, tags: list[str]) -> None:

@@ -44,8 +44,9 @@ if TYPE_CHECKING:
     import torch
 
 BOX_FINISH_TAG = "box"
-RELEASE_TAGS = ("weights", "kv_cache")
-"""SGLang memory tags, in resume order: weights first (to load into), then the KV cache."""
+RELEASE_TAGS = ("weights", "kv_cache", "cuda_graph")
+"""SGLang memory tags (sglang ``GPU_MEMORY_ALL_TYPES``), in resume order: weights first (to
+load into), then the KV cache, then the CUDA-graph pool; all are released for training."""
 
 
 class SGLangUnavailable(RuntimeError):
@@ -241,18 +242,52 @@ def tensor_bucket_request(
     handles. One entry per engine TP rank: each rank deserializes only its own copy, which keeps
     the producer-side IPC reference counts balanced.
     """
-    from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
     from sglang.srt.utils import MultiprocessingSerializer
 
     data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
     serialized = [MultiprocessingSerializer.serialize(data, output_str=True) for _ in range(tp_size)]
+    return per_rank_tensor_request(serialized, flush_cache=flush_cache, weight_version=weight_version)
+
+
+def per_rank_tensor_request(
+    serialized: Sequence[str], *, flush_cache: bool, weight_version: str | None
+) -> dict[str, Any]:
+    """JSON body of /update_weights_from_tensor from one serialized flattened bucket per engine
+    TP rank (``serialized[i]`` is read by TP rank i only: ``tp_worker.deserialize_own_rank``)."""
+    from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqInput
+
     req = UpdateWeightsFromTensorReqInput(
-        serialized_named_tensors=serialized,
+        serialized_named_tensors=list(serialized),
         load_format="flattened_bucket",
         flush_cache=flush_cache,
         weight_version=weight_version,
     )
     return _struct_json(req, ("serialized_named_tensors", "load_format", "flush_cache", "weight_version"))
+
+
+def rank_bucket_payload(
+    named_tensors: Sequence[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> tuple[list[Any], list[str]]:
+    """One engine TP rank's payload of a weight bucket: ``(flattened buckets, serialized)``.
+
+    Run on the trainer rank that shares the engine rank's GPU: the tensors are flattened per
+    dtype (``iter_dtype_buckets``) into fresh memory of *this* GPU and serialized as IPC handles
+    with the device UUID (``monkey_patch_torch_reductions``, as SGLang's own producer does), so
+    the engine rank maps memory of its own GPU. The caller keeps the flattened buckets alive
+    until the server has read them.
+    """
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    if any(t.is_cuda for _, t in named_tensors):  # the patch only handles CUDA tensors
+        monkey_patch_torch_reductions()
+    buckets, serialized = [], []
+    for group in iter_dtype_buckets(named_tensors, bucket_bytes):
+        bucket = flatten_bucket(group)
+        data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
+        buckets.append(bucket)
+        serialized.append(MultiprocessingSerializer.serialize(data, output_str=True))
+    return buckets, serialized
 
 
 def _struct_json(req: Any, keep: Sequence[str]) -> dict[str, Any]:

@@ -23,15 +23,16 @@ is fresh memory, or a read-only view of a parameter at TP = 1), so the adapter m
 it as long as it needs. The adapter holds up to ``rollout.sglang.bucket_bytes`` of our tensors
 before flattening, so keep that no larger than ``weight_sync.bucket_bytes``.
 
-Which trainer rank feeds which engine TP rank (colocated): the engine client lives on one
-trainer rank (the first of the engine's GPUs) and pushes every tensor; the adapter serialises
-each flattened bucket once per engine TP rank as CUDA-IPC handles of the *client's* GPU memory,
-so every engine TP rank copies its shard from that one GPU over NVLink/PCIe. The executor's
-collectives already bring every full tensor to every rank of the model-parallel group (the
-non-pushing ranks discard them, ``materialize=False``), so engine TP rank i could instead read
-a bucket built on the trainer rank that shares its GPU (slime gathers those ranks' IPC handles
-to the client over a gloo group). That needs per-rank payloads in the adapter's
-``/update_weights_from_tensor`` request and is not implemented (no GPU to verify it here).
+Which trainer rank feeds which engine TP rank (colocated). Two paths:
+
+* one engine, its client on one rank (``WeightSync(..., engine)`` without ``engine_group``):
+  the client pushes every full tensor; SGLang serialises each flattened bucket once per engine
+  TP rank as CUDA-IPC handles of the *client's* GPU, so every engine TP rank copies its shard
+  from that one GPU; data-parallel replicas without an engine skip the gather;
+* one engine per group of GPUs (``engine_rank`` / ``engine_tp`` / ``engine_group`` given,
+  ``sync_engine_weights``): every rank builds the payload of the engine TP rank on its own GPU
+  and the engine's lead rank hands the engine one payload per TP rank (per_engine.py). Every
+  replica gathers inside itself; nothing crosses between replicas.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ from megatron_rpt.rollout.types import RolloutEngine
 from megatron_rpt.weight_sync.config import WeightSyncConfig
 from megatron_rpt.weight_sync.fp8 import FP8_DTYPE, BlockFP8
 from megatron_rpt.weight_sync.gather import HFBucket, collect_metadata, iter_hf_buckets
+from megatron_rpt.weight_sync.per_engine import (
+    EngineKind,
+    EngineRanks,
+    check_engine_placement,
+    drain,
+    encoder_for,
+    rank_payload_stream,
+)
 from megatron_rpt.weight_sync.plan import SyncPlan, make_plan
 from megatron_rpt.weight_sync.verify import (
     ProbeResult,
@@ -98,6 +107,8 @@ class SyncMetrics:
     """Mean of the same (checked against weight_sync.probe_tolerance)."""
     checked_tensors: int = 0
     """Tensors whose fingerprints were compared."""
+    engine_rank: int | None = None
+    """Per-engine sync: this rank's engine TP rank (``bytes``/``tensors`` are its payload)."""
 
     def as_dict(self, prefix: str = "weight_sync/") -> dict[str, Any]:
         """Flat metrics for the logger."""
@@ -169,10 +180,7 @@ def sync_weights(
         metrics.checked_tensors = len(fingerprints.expected)
     if cfg.verify != "none" and engine_rank is not None:
         probe, probe_error = _probe(built, groups, engine, engine_rank, cfg, skip=error is not None)
-        if probe is not None:
-            metrics.probe_max_abs_diff = probe.max_abs_diff
-            metrics.probe_mean_abs_diff = probe.mean_abs_diff
-        error = error or probe_error
+        error = error or _record_probe(metrics, probe, probe_error)
     metrics.verify_seconds += time.perf_counter() - t0
     _agree(error, version)
     metrics.seconds = time.perf_counter() - start
@@ -191,12 +199,108 @@ def sync_weights(
     return metrics
 
 
+def sync_engine_weights(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    engine: RolloutEngine | None,
+    plan: SyncPlan,
+    ranks: EngineRanks,
+    *,
+    version: int,
+    cfg: WeightSyncConfig | None = None,
+    engine_kind: EngineKind = "hf",
+    sglang_bucket_bytes: int = 512 * 1024 * 1024,
+    tamper: Tamper | None = None,
+) -> SyncMetrics:
+    """Per-engine sync (per_engine.py): every rank feeds the engine TP rank on its GPU.
+
+    Collective over all ranks; every rank belongs to one engine. ``engine`` is the engine
+    object on each engine's lead (``ranks.engine_rank == 0``) and None elsewhere; it must
+    implement ``update_weights_from_ranks`` (HFEngine, SGLangEngine). Every engine is verified.
+    """
+    cfg = cfg or WeightSyncConfig()
+    check_engine_placement(engine, ranks)
+    start = time.perf_counter()
+    metrics = SyncMetrics(version=version, pushed=ranks.is_lead, engine_rank=ranks.engine_rank)
+    fingerprints = _fingerprints(cfg) if ranks.is_lead else None
+    state: dict[str, Any] = {"executor_error": None}
+
+    def on_bucket(bucket: HFBucket) -> list[tuple[str, torch.Tensor]]:
+        metrics.buckets += 1
+        metrics.max_bucket_bytes = max(metrics.max_bucket_bytes, bucket.nbytes)
+        metrics.fp8_tensors += sum(t.dtype == FP8_DTYPE for _, t in bucket.tensors)
+        t0 = time.perf_counter()
+        for name, tensor in bucket.tensors if fingerprints is not None else ():
+            fingerprints.record(name, tensor)
+        metrics.verify_seconds += time.perf_counter() - t0
+        return bucket.tensors if tamper is None else list(tamper(bucket.index, bucket.tensors))
+
+    encoder = encoder_for(engine_kind, sglang_bucket_bytes)
+    stream = rank_payload_stream(
+        plan, built, groups, ranks, encoder, on_bucket=on_bucket, state=state
+    )
+    error: str | None = None
+    t0 = time.perf_counter()
+    if engine is not None:
+        try:
+            engine.update_weights_from_ranks(stream, version=version)  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - any engine failure becomes a sync error
+            if state["executor_error"] is not None:
+                raise state["executor_error"] from None
+            logger.exception("engine.update_weights_from_ranks failed; draining for the peers")
+            error = f"engine.update_weights_from_ranks raised {type(exc).__name__}: {exc}"
+    left = drain(stream)
+    if engine is not None and error is None and left:
+        error = f"engine stopped reading the per-rank payloads with {left} bucket(s) left"
+    metrics.gather_seconds = state.get("gather_seconds", 0.0)
+    metrics.bytes, metrics.tensors = state.get("bytes", 0), state.get("pieces", 0)
+    metrics.push_seconds = time.perf_counter() - t0 - metrics.gather_seconds - metrics.verify_seconds
+    t1 = time.perf_counter()
+    if engine is not None and error is None and fingerprints is not None:
+        error = fingerprints.check(engine)
+        metrics.checked_tensors = len(fingerprints.expected)
+    probe, probe_error = _probe_every_engine(built, groups, engine, cfg, skip=error is not None)
+    error = error or _record_probe(metrics, probe, probe_error)
+    metrics.verify_seconds += time.perf_counter() - t1
+    _agree(error, version)
+    state.clear()  # the last bucket's keep-alive: every engine has read it
+    metrics.seconds = time.perf_counter() - start
+    return metrics
+
+
+def _probe_every_engine(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    engine: RolloutEngine | None,
+    cfg: WeightSyncConfig,
+    skip: bool,
+) -> tuple[ProbeResult | None, str | None]:
+    """Probe, one after the other, every engine whose lead is in this rank's model-parallel
+    group (all of the group's ranks run the trainer side of each); this lead's result."""
+    if cfg.verify == "none":
+        return None, None
+    leads: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(leads, engine is not None)
+    me, result = dist.get_rank(), (None, None)
+    for lead in [r for r in dist.get_process_group_ranks(groups.pg_collection.mp) if leads[r]]:
+        mine = engine if lead == me else None
+        outcome = _probe(built, groups, mine, lead, cfg, skip=skip)
+        if mine is not None:
+            result = outcome
+    return result
+
+
 class WeightSync:
     """Plan once, sync at every step: ``sync = WeightSync(built, groups, engine, cfg)``,
     then ``sync(version=step)`` on every rank after each optimizer step.
 
     ``quantization`` (``fp8.rollout_quantization(cfg.precision)``) pushes blockwise FP8
-    weights; an engine that cannot hold them is wrapped in ``fp8.DequantizingEngine``."""
+    weights; an engine that cannot hold them is wrapped in ``fp8.DequantizingEngine``.
+
+    One engine per group of GPUs: pass ``engine_rank`` (this rank's TP rank in its engine),
+    ``engine_tp`` and ``engine_group`` (gloo group over the engine's ranks, lead first) on
+    every rank, and ``engine`` on each engine's lead; ``engine_kind`` ('hf' or 'sglang') picks
+    the payload (per_engine.py). Without them: the single-engine path (``sync_weights``)."""
 
     def __init__(
         self,
@@ -205,11 +309,24 @@ class WeightSync:
         engine: RolloutEngine | None,
         cfg: WeightSyncConfig | None = None,
         quantization: BlockFP8 | None = None,
+        *,
+        engine_rank: int | None = None,
+        engine_tp: int | None = None,
+        engine_group: Any = None,
+        engine_kind: EngineKind = "hf",
+        sglang_bucket_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self.built, self.groups, self.engine = built, groups, engine
         self.cfg = cfg or WeightSyncConfig()
         self.quantization = quantization
         self._plan: SyncPlan | None = None
+        given = [x is not None for x in (engine_rank, engine_tp, engine_group)]
+        if any(given) and not all(given):
+            raise ValueError("pass engine_rank, engine_tp and engine_group together (or none)")
+        self.ranks = (
+            EngineRanks(engine_rank, engine_tp, engine_group) if all(given) else None  # type: ignore[arg-type]
+        )
+        self.engine_kind, self.sglang_bucket_bytes = engine_kind, sglang_bucket_bytes
 
     @property
     def plan(self) -> SyncPlan:
@@ -219,7 +336,13 @@ class WeightSync:
         return self._plan
 
     def __call__(self, *, version: int, tamper: Tamper | None = None) -> SyncMetrics:
-        """One sync (see ``sync_weights``)."""
+        """One sync (``sync_engine_weights`` per engine, else ``sync_weights``)."""
+        if self.ranks is not None:
+            return sync_engine_weights(
+                self.built, self.groups, self.engine, self.plan, self.ranks, version=version,
+                cfg=self.cfg, engine_kind=self.engine_kind,
+                sglang_bucket_bytes=self.sglang_bucket_bytes, tamper=tamper,
+            )  # fmt: skip
         return sync_weights(
             self.built, self.groups, self.engine, self.plan,
             version=version, cfg=self.cfg, tamper=tamper,
@@ -362,6 +485,16 @@ def _probe(
     trainer_lps = next(x for x in gathered if x is not None)
     result = ProbeResult(response, engine_lps, trainer_lps)
     return result, result.error(cfg.probe_tolerance) if engine is not None else None
+
+
+def _record_probe(
+    metrics: SyncMetrics, probe: ProbeResult | None, error: str | None
+) -> str | None:
+    """Copy the probe's differences into the metrics; pass its error on."""
+    if probe is not None:
+        metrics.probe_max_abs_diff = probe.max_abs_diff
+        metrics.probe_mean_abs_diff = probe.mean_abs_diff
+    return error
 
 
 def _agree(error: str | None, version: int) -> None:

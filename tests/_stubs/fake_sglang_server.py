@@ -36,6 +36,8 @@ class FakeSGLangServer:
         self.tp_size = tp_size
         self.calls: list[tuple[str, dict]] = []
         self.released: set[str] = set()
+        self.rank_entries: list[int] = []
+        """Per /update_weights_from_tensor: distinct serialized entries (1: one copy for all)."""
         self.version = "0"
         self.cache = RadixCacheSim()
         self._lock = threading.Lock()
@@ -113,7 +115,15 @@ class FakeSGLangServer:
 
         if req.load_format != "flattened_bucket" or len(req.serialized_named_tensors) != self.tp_size:
             return 400, {"success": False, "message": "bad load_format or tp entries"}
-        named = decode_tensor_bucket(req.serialized_named_tensors[0])  # rank 0's copy
+        # Each engine TP rank reads its own entry (SGLang's deserialize_own_rank); they must
+        # describe the same tensors. Rank 0's copy is loaded.
+        per_rank = [decode_tensor_bucket(s) for s in req.serialized_named_tensors]
+        if any([n for n, _ in r] != [n for n, _ in per_rank[0]] or not all(
+            torch.equal(a, b) for (_, a), (_, b) in zip(r, per_rank[0], strict=True)
+        ) for r in per_rank):
+            return 400, {"success": False, "message": "TP ranks were sent different tensors"}
+        named = per_rank[0]
+        self.rank_entries.append(len(set(req.serialized_named_tensors)))
         try:
             self.engine.update_weights(named, version=self.engine.weight_version)
         except Exception as exc:  # noqa: BLE001 - report like SGLang does
@@ -129,7 +139,7 @@ class FakeSGLangServer:
         return 200, table[req.name].detach().float()[: req.truncate_size].tolist()
 
     def _release_memory_occupation(self, req) -> tuple[int, Any]:  # noqa: ANN001
-        tags = set(req.tags or ("weights", "kv_cache"))
+        tags = set(req.tags or ("weights", "kv_cache", "cuda_graph"))
         if "weights" in tags:
             with torch.no_grad():
                 for p in self.engine.model.parameters():
@@ -138,7 +148,7 @@ class FakeSGLangServer:
         return 200, None
 
     def _resume_memory_occupation(self, req) -> tuple[int, Any]:  # noqa: ANN001
-        self.released -= set(req.tags or ("weights", "kv_cache"))
+        self.released -= set(req.tags or ("weights", "kv_cache", "cuda_graph"))
         return 200, None
 
     def _update_weight_version(self, req) -> tuple[int, Any]:  # noqa: ANN001

@@ -90,12 +90,17 @@ def _sync_and_compare(rank, hf_dir, groups, tokens):
         "trainer_logits": forward_logits(built, torch.from_numpy(tokens), groups),
     }
     if engine is not None:
-        state = {n: p.clone() for n, p in engine.model.state_dict().items()}
-        out["unchanged"] = [n for n in state if torch.equal(state[n], before[n])]
-        out["engine_state"] = state
-        with torch.no_grad():
-            out["engine_logits"] = engine.model(torch.from_numpy(tokens)).logits.float()
+        out.update(_engine_outputs(engine, before, tokens))
     return out, built, sync
+
+
+def _engine_outputs(engine, before, tokens):
+    """The engine's tensors, those equal to ``before`` (none after a full sync), its logits."""
+    state = {n: p.clone() for n, p in engine.model.state_dict().items()}
+    with torch.no_grad():
+        logits = engine.model(torch.from_numpy(tokens)).logits.float()
+    unchanged = [n for n in state if torch.equal(state[n], before[n])]
+    return {"unchanged": unchanged, "engine_state": state, "engine_logits": logits}
 
 
 def _tp1_export(hf_dir, dtype="fp32"):
@@ -128,7 +133,8 @@ def _freed_before_next(plan, built, groups):
 
 
 class _CrashingEngine:
-    """Delegates to an engine but dies after reading a few tensors of the stream."""
+    """Delegates to an engine but dies after reading a few tensors of the stream (or a few
+    buckets of per-rank payloads)."""
 
     def __init__(self, inner, after):
         self.inner, self.after = inner, after
@@ -137,6 +143,8 @@ class _CrashingEngine:
         for i, _ in enumerate(named_tensors):
             if i == self.after:
                 raise RuntimeError("simulated engine crash")
+
+    update_weights_from_ranks = update_weights
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

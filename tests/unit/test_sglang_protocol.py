@@ -200,7 +200,7 @@ def test_colocated_flow_order_buckets_and_fences():
     with FakeSGLangServer(HFEngine(model, tok), tp_size=2) as server:
         engine = _client(server, tp_size=2, bucket_bytes=2_000_000, max_unfenced_buckets=2)
         engine.release_memory()
-        assert server.released == {"weights", "kv_cache"}
+        assert server.released == {"weights", "kv_cache", "cuda_graph"}
         with pytest.raises(RuntimeError, match="released"):
             engine.generate([[1, 2]], SamplingParams(n=1, max_new_tokens=2))
         server.calls.clear()
@@ -210,8 +210,10 @@ def test_colocated_flow_order_buckets_and_fences():
         assert pushes >= 3  # 2 MB buckets: the 12.6 MB embedding and lm_head travel alone
         assert paths[0] == "/resume_memory_occupation" and server.calls[0][1]["tags"] == ["weights"]
         # the release zeroed the served model; equality below proves the push loaded it
-        assert paths[-3:] == ["/update_weight_version", "/resume_memory_occupation", "/flush_cache"]
-        assert server.calls[-2][1]["tags"] == ["kv_cache"]
+        resume = "/resume_memory_occupation"
+        assert paths[-4:] == ["/update_weight_version", resume, resume, "/flush_cache"]
+        assert [c[1]["tags"] for c in server.calls[-3:-1]] == [["kv_cache"], ["cuda_graph"]]
+        assert not server.released
         # never more than max_unfenced_buckets pushes without a fence, and a fence after the last
         run = 0
         for p in paths:
@@ -223,6 +225,54 @@ def test_colocated_flow_order_buckets_and_fences():
             assert torch.equal(dict(model.named_parameters())[name], t), name
         out = engine.generate([[1, 2, 3]], SamplingParams(n=2, max_new_tokens=3, seed=0))
         assert out[0][0].meta["weight_version"] == "9"
+        engine.shutdown()
+
+
+def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket():
+    """update_weights_from_ranks: every TP rank's own serialized buckets in one request per
+    dtype group (built separately, as on two GPUs), a fence after each bucket, then the
+    resume of the KV cache and CUDA graphs."""
+    from megatron_rpt.rollout import sglang_protocol as proto
+    from megatron_rpt.rollout.hf_engine import HFEngine
+    from tests._stubs.fake_sglang_server import FakeSGLangServer
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    state = [(n, p.detach().clone() + 1) for n, p in model.named_parameters()]
+    halves = [state[: len(state) // 2], state[len(state) // 2 :]]
+
+    def payloads(bucket):  # noqa: ANN001, ANN202 - one rank's payload from its own copies
+        keep, serialized = proto.rank_bucket_payload([(n, t.clone()) for n, t in bucket], 2_000_000)
+        kept.append(keep)
+        return serialized
+
+    kept: list = []
+    from sglang.srt.managers import io_struct as io
+
+    body = proto.per_rank_tensor_request(
+        [payloads(halves[0])[0], payloads(halves[0])[0]], flush_cache=False, weight_version=None
+    )
+    req = _validate(io.UpdateWeightsFromTensorReqInput, body)  # as the HTTP route parses it
+    assert len(req.serialized_named_tensors) == 2 and req.load_format == "flattened_bucket"
+    with FakeSGLangServer(HFEngine(model, tok), tp_size=2) as server:
+        engine = _client(server, tp_size=2)
+        engine.release_memory()
+        server.calls.clear()
+        engine.update_weights_from_ranks(
+            ([payloads(b), payloads(b)] for b in halves), version=5
+        )
+        paths = server.paths()
+        assert server.rank_entries and set(server.rank_entries) == {2}  # a distinct entry per rank
+        fences = [i for i, p in enumerate(paths) if p == "/get_weights_by_name"]
+        assert len(fences) == 2 and paths[fences[0] + 1] == "/update_weights_from_tensor"
+        assert not server.released and engine.weight_version == 5
+        for name, t in state:
+            assert torch.equal(dict(model.named_parameters())[name], t), name
+        with pytest.raises(ValueError, match="3 payloads for 2"):
+            engine.update_weights_from_ranks([[payloads(halves[0])] * 3], version=6)
+        bad = [(n, t * 2) for n, t in halves[0]]
+        with pytest.raises(RuntimeError, match="different tensors"):
+            engine.update_weights_from_ranks([[payloads(halves[0]), payloads(bad)]], version=7)
         engine.shutdown()
 
 
