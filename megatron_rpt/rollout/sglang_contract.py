@@ -28,7 +28,6 @@ import functools
 import importlib.util
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 TESTED_VERSIONS = ("0.5.17", "0.5.23")
@@ -99,10 +98,11 @@ def installed_source() -> SGLangSource:
     return SGLangSource(installed_root())
 
 
-@dataclass
-class _Class:
-    node: ast.ClassDef
-    file: Path
+CONTRACT_FILES = (
+    "srt/entrypoints/http_server.py", "srt/managers/io_struct.py",
+    "srt/sampling/sampling_params.py", "srt/models/",
+)  # fmt: skip
+"""The parts of an sglang tree the contract reads (what ``from_wheel`` extracts)."""
 
 
 class SGLangSource:
@@ -111,7 +111,19 @@ class SGLangSource:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._trees: dict[Path, ast.Module] = {}
-        self._classes: dict[str, _Class] | None = None
+        self._classes: dict[str, Path] | None = None
+
+    @classmethod
+    def from_wheel(cls, wheel: str | Path, dest: str | Path) -> SGLangSource:
+        """Extract the contract's files of an sglang wheel (not installed: its pins may not
+        fit this machine) into ``dest`` and read them there."""
+        import zipfile
+
+        with zipfile.ZipFile(wheel) as zf:
+            wanted = [n for n in zf.namelist() if n.startswith("sglang/")
+                      and any(n[len("sglang/"):].startswith(f) for f in CONTRACT_FILES)]  # fmt: skip
+            zf.extractall(dest, members=wanted)
+        return cls(Path(dest) / "sglang")
 
     def _tree(self, rel: str | Path) -> ast.Module:
         path = self.root / rel
@@ -152,28 +164,35 @@ class SGLangSource:
 
     # ------------------------------------------------------------------ models
 
-    def _model_classes(self) -> dict[str, _Class]:
+    def _model_classes(self) -> dict[str, Path]:
+        """Class name -> the srt/models file defining it (a text scan; files are parsed only
+        when one of their classes is looked at)."""
         if self._classes is None:
             self._classes = {}
             for path in sorted((self.root / "srt/models").glob("*.py")):
-                try:
-                    tree = self._tree(path.relative_to(self.root))
-                except SyntaxError:
-                    continue
-                for node in tree.body:
-                    if isinstance(node, ast.ClassDef):
-                        self._classes.setdefault(node.name, _Class(node, path))
+                for match in re.finditer(r"^class (\w+)\b", path.read_text(), re.M):
+                    self._classes.setdefault(match.group(1), path)
         return self._classes
+
+    def _class(self, name: str) -> ast.ClassDef | None:
+        path = self._model_classes().get(name)
+        if path is None:
+            return None
+        try:
+            tree = self._tree(path.relative_to(self.root))
+        except SyntaxError:
+            return None
+        return next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
 
     def _lineage(self, name: str) -> list[ast.ClassDef]:
         """``name`` and its base classes that are defined in srt/models (nearest first)."""
-        classes, out, todo = self._model_classes(), [], [name]
+        out, todo = [], [name]
         while todo:
-            cls = classes.get(todo.pop(0))
-            if cls is None or cls.node in out:
+            node = self._class(todo.pop(0))
+            if node is None or node in out:
                 continue
-            out.append(cls.node)
-            todo += [b.id for b in cls.node.bases if isinstance(b, ast.Name)]
+            out.append(node)
+            todo += [b.id for b in node.bases if isinstance(b, ast.Name)]
         return out
 
     def has_model(self, arch: str) -> bool:
@@ -339,6 +358,7 @@ __all__ = [
     "ARCHITECTURES",
     "FP8_SCALE_ISSUE",
     "TESTED_VERSIONS",
+    "CONTRACT_FILES",
     "SGLangSource",
     "architecture_of",
     "check_contract",
