@@ -305,11 +305,21 @@ class SGLangEngine:
             del bucket, body
             nbuckets, ntensors = nbuckets + 1, ntensors + len(group)
             if nbuckets % s.max_unfenced_buckets == 0:
-                proto.reclaim_ipc_memory()
-        proto.reclaim_ipc_memory()
+                self._fence()
+        self._fence()
         logger.info(
             "SGLang: pushed %d tensors in %d buckets in %.2f s", ntensors, nbuckets, time.perf_counter() - t0
         )
+
+    def _fence(self) -> None:
+        """Return bucket memory SGLang has finished reading to the allocator.
+
+        Model-independent: no request (``/get_weights_by_name`` does not exist for every
+        model). Correctness never waits on this: torch's CUDA-IPC counter keeps a shared block
+        out of the allocator until the server released it (module docstring); this only bounds
+        how much released memory waits in torch's limbo list.
+        """
+        proto.reclaim_ipc_memory()
 
     def init_weight_group(self) -> None:
         """Disaggregated mode: join the NCCL group the engine will receive weights on."""
