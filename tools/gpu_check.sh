@@ -6,7 +6,8 @@
 #     bash tools/gpu_check.sh --out DIR            # < 8 minutes, each step time-boxed
 #     bash tools/gpu_check.sh --out DIR --dry-run  # the same steps at tiny sizes, on CPU
 #
-# Steps, most valuable first (a step that runs out of time is killed and recorded as such):
+# Steps, most valuable first (a step that runs out of time is interrupted, SIGINT then KILL, and
+# recorded as timed out; pytest steps still report the tests that ran):
 #   1 install    the wheels into temporary --target folders (megatron-core 0.16.1, the newest
 #                megatron-core, light test deps); nothing is installed into the system
 #   2 gpu-tests  tests/gpu cases needing neither TE nor SGLang: model build, weight sync over
@@ -70,7 +71,8 @@ step() {
   log "$name: start (limit ${limit}s): $*"
   local t0 rc
   t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$OUT/steps/$name.log" 2>&1
+  # SIGINT first: pytest then still writes its summary and JUnit XML (partial results)
+  timeout -s INT -k 20 "$limit" "$@" > "$OUT/steps/$name.log" 2>&1
   rc=$?
   local took=$(($(date +%s) - t0)) status=ok
   [ "$rc" -ne 0 ] && status=failed
