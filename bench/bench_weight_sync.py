@@ -163,7 +163,7 @@ class _CudaPeak:
         return self.peak - self.base
 
 
-def _run(rank, world_size, tp, pp, bucket_mib):
+def _run(rank, world_size, tp, pp, bucket_mib, model="embedded:smollm2"):
     import torch
 
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
@@ -181,11 +181,9 @@ def _run(rank, world_size, tp, pp, bucket_mib):
     groups = initialize_model_parallel(tp, pp)
     seed_model_parallel(0, groups)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    built = build_pretrained(
-        ModelConfig(hf_path="embedded:smollm2", dtype="fp32"), parallel, groups
-    )
+    built = build_pretrained(ModelConfig(hf_path=model, dtype="fp32"), parallel, groups)
     device = "cuda" if cuda else "cpu"
-    engine = HFEngine.from_pretrained("embedded:smollm2", device=device) if rank == 0 else None
+    engine = HFEngine.from_pretrained(model, device=device) if rank == 0 else None
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, groups.tp_rank, tp)
 
     def cfg(verify):
@@ -277,15 +275,18 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the first layout (TP=1 PP=1)")
+    p.add_argument("--model", default="embedded:smollm2",
+                   help="HF folder to sync (e.g. a random-init SmolLM2 where the asset is absent)")
     args = p.parse_args()
-    smollm2_dir()  # materialise the embedded model once, before the ranks start
+    if args.model == "embedded:smollm2":
+        smollm2_dir()  # materialise the embedded model once, before the ranks start
     cuda = torch.cuda.is_available()
     setups = GPU_SETUPS if cuda else SETUPS
     rows = []
     for tp, pp, bucket_mib in setups[:1] if args.quick else setups:
         t0 = time.perf_counter()
         world = tp * pp
-        ranks = run_distributed(_run, world, args=(tp, pp, bucket_mib), timeout=900, env=_ENV)
+        ranks = run_distributed(_run, world, args=(tp, pp, bucket_mib, args.model), timeout=900, env=_ENV)
         row = ranks[0]
         row["peak_extra_mib_max_rank"] = max(r["peak_extra_mib"] for r in ranks)
         row["run_wall_s"] = time.perf_counter() - t0
@@ -296,7 +297,7 @@ def main() -> None:
     path = write_result(
         "weight_sync_gpu" if cuda else "weight_sync",
         rows,
-        model="SmolLM2-135M-Instruct (fp32)",
+        model="SmolLM2-135M-Instruct (fp32)" if args.model == "embedded:smollm2" else args.model,
         engine="HFEngine on rank 0 (" + ("cuda:0" if cuda else "CPU") + ")",
         repeats=REPEATS,
     )

@@ -26,8 +26,9 @@ class SGLangServerConfig:
     """Keep a CPU copy of the weights across release/resume. Without it the weights' GPU
     memory is discarded on release and must be re-pushed before the next generate."""
     deterministic_inference: bool = False
-    """Start SGLang with --enable-deterministic-inference (batch-invariant kernels; required
-    for seeded sampling and for bitwise-reproducible rollouts; slower)."""
+    """Start SGLang with --enable-deterministic-inference (batch-invariant kernels; slower).
+    Without it SGLang ignores ``sampling_seed``: the trainer's per-step seeds do not make
+    rollouts reproducible on resume or retry (a warning says so at launch)."""
     extra_args: dict[str, Any] = field(default_factory=dict)
     """More server flags, e.g. {'attention-backend': 'triton', 'disable-cuda-graph': true};
     true adds a bare flag, false/None omits it."""
@@ -40,10 +41,13 @@ class SGLangServerConfig:
     bucket_bytes: int = 512 * 1024 * 1024
     """Colocated weight push: largest flattened per-dtype bucket (slime's default, 512 MiB)."""
     max_unfenced_buckets: int = 2
-    """Colocated weight push: buckets kept alive before a fence request proves the server's
-    copies finished (see sglang_engine.py, "bucket lifetime")."""
-    fence_param: str = "model.embed_tokens.weight"
-    """Parameter name read back (/get_weights_by_name, 1 element) as the copy fence."""
+    """Colocated weight push: buckets pushed between two ``torch.cuda.ipc_collect()`` calls,
+    which return the buckets SGLang has finished reading to the allocator (see
+    sglang_engine.py, "bucket lifetime")."""
+    base_gpu_id: int | None = None
+    """First GPU of the server (``--base-gpu-id``; it uses base .. base + tp_size - 1).
+    None: SGLang's default, GPU 0. Disaggregated mode needs it (or CUDA_VISIBLE_DEVICES) so
+    the server does not land on the trainer's GPUs."""
     box_max_gap_chars: int = 32
     """stop_at_final_box on SGLang: max characters between </think> and \\boxed{."""
     box_max_chars: int = 32

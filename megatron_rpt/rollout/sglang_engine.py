@@ -12,7 +12,7 @@ Colocated weight sync (engine on the trainer's GPUs)::
     release_memory()                      # before training: flush, release weights, kv_cache
                                           # and cuda_graph
     ... train ...
-    update_weights(stream, version=v)     # resume "weights" -> push buckets -> fence
+    update_weights(stream, version=v)     # resume "weights" -> push buckets -> ipc_collect
                                           # -> set version -> resume "kv_cache", "cuda_graph"
                                           # -> flush_cache
 
@@ -23,13 +23,21 @@ per engine TP rank, each built by the trainer rank on that rank's GPU (weight_sy
 
 Bucket lifetime (the race behind "garbled output after sync"): SGLang answers the HTTP request
 once it has *enqueued* the copies from our buffer into its parameters, not when the GPU has
-executed them. If our buffer were freed at that point, the caching allocator could hand the
-same memory to the next bucket and overwrite it while the engine is still reading. So every
-bucket stays referenced until a **fence** proves the server's stream has passed its copies:
-``/get_weights_by_name`` for one element of ``fence_param`` makes the server read a parameter
-back to the host, which waits for all work queued before it on that stream. At most
-``max_unfenced_buckets`` buckets are alive at once (memory bound); the last ones are fenced
-before ``update_weights`` returns.
+executed them. The buffer must not be reused before then. That is what torch's CUDA-IPC
+reference counting guarantees, for every model alike: sharing a CUDA tensor registers it in a
+shared-memory counter; when the producer drops its last reference while the counter is still
+held, the block goes to a limbo list instead of back to the caching allocator; the consumer
+(SGLang's TP worker) synchronizes its stream before it releases the handle and decrements the
+counter. So each bucket is kept until the server has answered (it has then opened and used the
+handle), dropped, and every ``max_unfenced_buckets`` buckets (and at the end)
+``torch.cuda.ipc_collect()`` returns the blocks whose counters reached zero. The same scheme as
+slime's colocated sync. No HTTP fence: ``/get_weights_by_name`` exists only for some SGLang
+models (Llama yes, Qwen2/Qwen3 answer 400) and copies the whole tensor to the host.
+
+Producer reductions: the bucket is serialized after SGLang's ``monkey_patch_torch_reductions``,
+so the IPC handle names the GPU by UUID, not by index; SGLang's TP worker maps the UUID to its
+own device index, which keeps working when the trainer and the server see different
+``CUDA_VISIBLE_DEVICES`` (per-rank launchers).
 
 Disaggregated weight sync (engine on other GPUs): ``init_weight_group`` creates an NCCL group
 (trainer = rank 0, engine TP ranks 1..tp) through ``/init_weights_update_group``; then per
@@ -56,7 +64,8 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.errors import InputError
+from megatron_rpt.errors import ConfigError, InputError
+from megatron_rpt.rollout import sglang_contract
 from megatron_rpt.rollout import sglang_protocol as proto
 from megatron_rpt.rollout.config import RolloutConfig
 from megatron_rpt.rollout.stopping import final_box_stop_regex
@@ -82,6 +91,7 @@ class SGLangEngine:
         process: subprocess.Popen | None = None,
         argv: Sequence[str] = (),
         manifest: dict[str, tuple[int, ...]] | None = None,
+        architecture: str | None = None,
     ) -> None:
         import requests
 
@@ -97,6 +107,8 @@ class SGLangEngine:
         self._cached_tokens = 0
         self._group = None
         self.manifest = manifest
+        self.architecture = architecture
+        """HF class of the served model (config.json ``architectures[0]``), None if unknown."""
         s = cfg.sglang
         self._box_regex = final_box_stop_regex(s.box_max_gap_chars, s.box_max_chars)
         if process is not None:
@@ -118,17 +130,36 @@ class SGLangEngine:
         from megatron_rpt.assets import resolve_model_path
 
         s = cfg.sglang
+        model_dir = resolve_model_path(model_path)
+        architecture = sglang_contract.architecture_of(model_dir)
+        check_fp8_servable(model_dir, architecture)
         port = s.port or _free_port(s.host)
         argv = proto.server_argv(
-            str(resolve_model_path(model_path)), host=s.host, port=port, tp_size=s.tp_size,
+            str(model_dir), host=s.host, port=port, tp_size=s.tp_size,
             mem_fraction_static=s.mem_fraction_static, dtype=s.dtype,
             colocated=cfg.mode == "colocated", enable_weights_cpu_backup=s.enable_weights_cpu_backup,
             deterministic_inference=s.deterministic_inference, seed=seed, extra_args=s.extra_args,
+            base_gpu_id=s.base_gpu_id,
         )  # fmt: skip
         proto.check_server_argv(argv)
-        manifest = hf_manifest(resolve_model_path(model_path))
+        if cfg.mode == "disaggregated" and s.base_gpu_id is None and "--base-gpu-id" not in argv:
+            logger.warning(
+                "rollout.mode=disaggregated without rollout.sglang.base_gpu_id: the server "
+                "starts on GPU 0.. of this node, next to the trainer, unless CUDA_VISIBLE_DEVICES "
+                "says otherwise"
+            )
+        if not s.deterministic_inference:
+            logger.warning(
+                "SGLang without deterministic inference ignores sampling seeds: rollouts are not "
+                "reproducible on resume or retry (rollout.sglang.deterministic_inference=true "
+                "makes them so, at some speed cost)"
+            )
+        # a weightless start folder (load-format dummy) has no safetensors to read names from:
+        # the server then reports unknown names itself
+        manifest = hf_manifest(model_dir) if any(model_dir.glob("*.safetensors")) else None
         url = f"http://{_url_host(s.host)}:{port}"
-        engine = cls(url, cfg, process=_spawn(argv), argv=argv, manifest=manifest)
+        engine = cls(url, cfg, process=_spawn(argv), argv=argv, manifest=manifest,
+                     architecture=architecture)  # fmt: skip
         try:
             engine.wait_healthy(s.launch_timeout_s)
         except BaseException:
@@ -138,15 +169,22 @@ class SGLangEngine:
 
     @classmethod
     def connect(
-        cls, base_url: str, cfg: RolloutConfig, *, manifest: dict[str, tuple[int, ...]] | None = None
+        cls,
+        base_url: str,
+        cfg: RolloutConfig,
+        *,
+        manifest: dict[str, tuple[int, ...]] | None = None,
+        architecture: str | None = None,
     ) -> SGLangEngine:
         """Attach to a running server (not owned: ``shutdown`` leaves it running).
 
         ``manifest`` (HF name -> shape, e.g. ``hf_manifest(model_dir)``) enables the client-side
         name/shape check of weight updates; without it a wrong name is only caught by the server,
-        and SGLang's ``load_weights`` skips some unknown names silently.
+        and SGLang's ``load_weights`` skips some unknown names silently. ``architecture`` (the
+        HF class, e.g. 'Qwen2ForCausalLM') lets ``weight_checksums`` refuse models whose SGLang
+        class cannot read weights back.
         """
-        engine = cls(base_url, cfg, manifest=manifest)
+        engine = cls(base_url, cfg, manifest=manifest, architecture=architecture)
         engine.wait_healthy(cfg.sglang.launch_timeout_s)
         return engine
 
@@ -239,7 +277,7 @@ class SGLangEngine:
 
         Per bucket, ``per_rank[i]`` is TP rank i's list of serialized flattened buckets
         (``proto.rank_bucket_payload``, built on rank i's own GPU); one request per dtype
-        group, then a fence, so the producers may free the bucket once this returns.
+        group (answered once the server has loaded it), then IPC memory is reclaimed.
         """
         if self.cfg.mode != "colocated":
             raise RuntimeError("per-rank payloads are CUDA-IPC handles: colocated mode only")
@@ -268,7 +306,11 @@ class SGLangEngine:
             self.flush_cache()
 
     def _checked(self, named_tensors: Iterable[tuple[str, torch.Tensor]]):  # noqa: ANN202
+        scales_checked = False
         for name, tensor in named_tensors:
+            if not scales_checked and name.endswith(".weight_scale_inv"):
+                _refuse_block_fp8(self.architecture, "the weight sync pushes blockwise FP8 weights")
+                scales_checked = True
             if self.manifest is not None:
                 shape = self.manifest.get(name)
                 if shape is None:
@@ -282,29 +324,32 @@ class SGLangEngine:
 
     def _push_tensor_buckets(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         s = self.cfg.sglang
-        alive: list[Any] = []  # buckets whose memory the server may still be reading
         nbuckets = ntensors = 0
         t0 = time.perf_counter()
         for group in proto.iter_dtype_buckets(named_tensors, s.bucket_bytes):
             bucket = proto.flatten_bucket(group)
             body = proto.tensor_bucket_request(bucket, tp_size=s.tp_size, flush_cache=False, weight_version=None)
             self._call("/update_weights_from_tensor", body)
-            alive.append(bucket)
+            # Dropped only after the reply: the server has opened the handle by then, and torch's
+            # IPC counter keeps the block out of the allocator until it is done (docstring).
+            del bucket, body
             nbuckets, ntensors = nbuckets + 1, ntensors + len(group)
-            if len(alive) >= s.max_unfenced_buckets:
+            if nbuckets % s.max_unfenced_buckets == 0:
                 self._fence()
-                alive.clear()
         self._fence()
-        alive.clear()
         logger.info(
             "SGLang: pushed %d tensors in %d buckets in %.2f s", ntensors, nbuckets, time.perf_counter() - t0
         )
 
     def _fence(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # our own copies into the bucket are done
-        body = proto.get_weights_request(self.cfg.sglang.fence_param, 1)
-        self._call("/get_weights_by_name", body)
+        """Return bucket memory SGLang has finished reading to the allocator.
+
+        Model-independent: no request (``/get_weights_by_name`` does not exist for every
+        model). Correctness never waits on this: torch's CUDA-IPC counter keeps a shared block
+        out of the allocator until the server released it (module docstring); this only bounds
+        how much released memory waits in torch's limbo list.
+        """
+        proto.reclaim_ipc_memory()
 
     def init_weight_group(self) -> None:
         """Disaggregated mode: join the NCCL group the engine will receive weights on."""
@@ -352,6 +397,13 @@ class SGLangEngine:
         """
         if names is None:
             raise ValueError("SGLangEngine.weight_checksums needs explicit HF names")
+        arch = self.architecture
+        if arch is not None and proto.have_sglang() and not sglang_contract.serves_weights_by_name(arch):
+            raise NotImplementedError(
+                f"SGLang's {arch} has no get_weights_by_name (sglang {proto.sglang_version()}): "
+                "weight fingerprints cannot be read back from this model; use "
+                "weight_sync.verify=probe"
+            )
         rows = max_rows if max_rows is not None else 2**31 - 1
         out = {}
         for name in names:
@@ -440,6 +492,32 @@ class SGLangEngine:
             except subprocess.TimeoutExpired:
                 continue
         logger.error("SGLang server pid %d did not exit", proc.pid)
+
+
+def check_fp8_servable(model_dir, architecture: str | None) -> None:  # noqa: ANN001
+    """Refuse to serve a blockwise FP8 folder (``quantization_config.weight_block_size``) with
+    an SGLang model class whose loader drops the block scales (read from the installed source:
+    ``sglang_contract.SGLangSource.drops_block_fp8_scales``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "config.json"
+    quant = json.loads(path.read_text()).get("quantization_config") or {} if path.is_file() else {}
+    if quant.get("quant_method") == "fp8" and quant.get("weight_block_size"):
+        _refuse_block_fp8(architecture, f"{model_dir} holds blockwise FP8 weights")
+
+
+def _refuse_block_fp8(architecture: str | None, what: str) -> None:
+    if architecture is None or not proto.have_sglang():
+        return
+    if sglang_contract.installed_source().drops_block_fp8_scales(architecture):
+        raise ConfigError(
+            f"{what}, but SGLang {proto.sglang_version()}'s {architecture} loader renames "
+            "'.weight_scale_inv' to '.weight_scale' and silently drops every block scale "
+            f"(upstream {sglang_contract.FP8_SCALE_ISSUE}): the engine would serve garbage. "
+            "Serve this model family in bf16 (precision.rollout_fp8=false) or use a "
+            "Qwen2/Qwen3 model for FP8 rollout"
+        )
 
 
 def hf_manifest(model_dir) -> dict[str, tuple[int, ...]]:  # noqa: ANN001

@@ -33,9 +33,11 @@ requests with distinct ``sampling_seed`` values instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from collections.abc import Iterable, Iterator, Sequence
+from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
 from megatron_rpt.rollout.types import Completion, SamplingParams
@@ -60,6 +62,11 @@ def require_sglang() -> None:
             "sglang is not installed: pip install 'megatron_rpt[gpu-rollout]' on a GPU machine "
             "(CPU CI installs it --no-deps for its protocol classes only; see the Makefile)"
         )
+
+
+def have_sglang() -> bool:
+    """sglang is installed (its source can be read; importing may still need CUDA)."""
+    return importlib.util.find_spec("sglang") is not None
 
 
 def sglang_version() -> str:
@@ -245,7 +252,8 @@ def tensor_bucket_request(
     from sglang.srt.utils import MultiprocessingSerializer
 
     data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
-    serialized = [MultiprocessingSerializer.serialize(data, output_str=True) for _ in range(tp_size)]
+    with device_uuid_reductions():
+        serialized = [MultiprocessingSerializer.serialize(data, output_str=True) for _ in range(tp_size)]
     return per_rank_tensor_request(serialized, flush_cache=flush_cache, weight_version=weight_version)
 
 
@@ -272,22 +280,80 @@ def rank_bucket_payload(
 
     Run on the trainer rank that shares the engine rank's GPU: the tensors are flattened per
     dtype (``iter_dtype_buckets``) into fresh memory of *this* GPU and serialized as IPC handles
-    with the device UUID (``monkey_patch_torch_reductions``, as SGLang's own producer does), so
-    the engine rank maps memory of its own GPU. The caller keeps the flattened buckets alive
+    with the device UUID (``device_uuid_reductions``, what SGLang's own producer does), so the
+    engine rank maps memory of its own GPU. The caller keeps the flattened buckets alive
     until the server has read them.
     """
     from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
 
-    if any(t.is_cuda for _, t in named_tensors):  # the patch only handles CUDA tensors
-        monkey_patch_torch_reductions()
     buckets, serialized = [], []
     for group in iter_dtype_buckets(named_tensors, bucket_bytes):
         bucket = flatten_bucket(group)
         data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
         buckets.append(bucket)
-        serialized.append(MultiprocessingSerializer.serialize(data, output_str=True))
+        with device_uuid_reductions():
+            serialized.append(MultiprocessingSerializer.serialize(data, output_str=True))
     return buckets, serialized
+
+
+_DEVICE_ARG = 6
+"""Index of the device in the arguments torch's ``reduce_tensor`` returns for a CUDA tensor
+(the same constant SGLang's ``patch_torch`` uses)."""
+
+
+def with_device_uuid(args: tuple, uuid_of: Any) -> tuple:
+    """``reduce_tensor`` arguments of a CUDA tensor with the device index replaced by
+    ``uuid_of(index)`` (already a UUID string: unchanged).
+
+    >>> with_device_uuid(("cls", (2,), (1,), 0, "st", "f32", 3, b"h"), lambda i: f"GPU-{i}")[6]
+    'GPU-3'
+    """
+    device = args[_DEVICE_ARG]
+    if not isinstance(device, int):
+        return args
+    return (*args[:_DEVICE_ARG], uuid_of(device), *args[_DEVICE_ARG + 1 :])
+
+
+@contextlib.contextmanager
+def device_uuid_reductions() -> Iterator[None]:
+    """Within the block, CUDA tensors are pickled (``ForkingPickler``, which
+    ``MultiprocessingSerializer`` uses) with their device's UUID instead of its index.
+
+    What SGLang's ``monkey_patch_torch_reductions`` does for its own producers (and slime for
+    its colocated sync), scoped: SGLang's TP workers apply the consumer half and map the UUID
+    to their own device index, which keeps the handle right when trainer and server see
+    different ``CUDA_VISIBLE_DEVICES``. Scoped because SGLang's global patch breaks the
+    pickling of CPU tensors (IndexError), which the trainer's other ForkingPickler users need.
+    """
+    import torch
+    from torch.multiprocessing import reductions
+
+    saved = dict(ForkingPickler._extra_reducers)
+
+    def uuid_of(index: int) -> str:
+        return str(torch.cuda.get_device_properties(index).uuid)
+
+    def reduce(tensor: torch.Tensor):  # noqa: ANN202
+        fn, args = reductions.reduce_tensor(tensor)
+        return fn, (with_device_uuid(args, uuid_of) if tensor.is_cuda else args)
+
+    for cls in saved:
+        if saved[cls] is reductions.reduce_tensor:
+            ForkingPickler.register(cls, reduce)
+    try:
+        yield
+    finally:
+        ForkingPickler._extra_reducers.clear()
+        ForkingPickler._extra_reducers.update(saved)
+
+
+def reclaim_ipc_memory() -> None:
+    """Return bucket memory that SGLang has released to the caching allocator
+    (``torch.cuda.ipc_collect``; a no-op without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.ipc_collect()
 
 
 def _struct_json(req: Any, keep: Sequence[str]) -> dict[str, Any]:
@@ -398,8 +464,14 @@ def server_argv(
     deterministic_inference: bool,
     seed: int,
     extra_args: dict[str, Any],
+    base_gpu_id: int | None = None,
 ) -> list[str]:
-    """Arguments of ``python -m sglang.launch_server`` (no sglang import; see ``check_server_argv``)."""
+    """Arguments of ``python -m sglang.launch_server`` (no sglang import; see ``check_server_argv``).
+
+    ``dtype='float32'`` adds ``--attention-backend triton`` unless ``extra_args`` names a
+    backend: SGLang's defaults (FA3 on Hopper, flashinfer / trtllm elsewhere) accept only
+    16-bit and FP8 inputs, so an fp32 server would die in its warm-up request.
+    """
     argv = [
         "--model-path", str(model_path), "--host", host, "--port", str(port),
         "--tp-size", str(tp_size), "--mem-fraction-static", str(mem_fraction_static),
@@ -411,6 +483,11 @@ def server_argv(
         argv.append("--enable-weights-cpu-backup")
     if deterministic_inference:
         argv.append("--enable-deterministic-inference")
+    if base_gpu_id is not None:
+        argv += ["--base-gpu-id", str(base_gpu_id)]
+    flags = {"--" + k.lstrip("-").replace("_", "-") for k in extra_args}
+    if dtype in ("float32", "float") and "--attention-backend" not in flags:
+        argv += ["--attention-backend", "triton"]
     for key, value in extra_args.items():
         flag = "--" + key.lstrip("-").replace("_", "-")
         if value is True:
@@ -421,7 +498,24 @@ def server_argv(
 
 
 def check_server_argv(argv: Sequence[str]):  # noqa: ANN201
-    """Parse ``argv`` with sglang's own ``prepare_server_args`` (raises on unknown flags)."""
+    """Parse ``argv`` with sglang's own ``prepare_server_args`` (raises on unknown flags).
+
+    ``prepare_server_args`` calls ``logging.basicConfig(force=True)``, which would replace the
+    trainer's root handlers (rank prefix, format, level); they are put back afterwards.
+    """
+    import logging
+
     from sglang.srt.server_args import prepare_server_args
 
-    return prepare_server_args(list(argv))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return prepare_server_args(list(argv))
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)

@@ -16,8 +16,8 @@ Failure handling (no rank may hang, none may carry on with a half-updated engine
   and every rank raises ``WeightSyncError`` if any message is set.
 
 SGLang (GPU): the ``SGLangEngine`` adapter re-buckets the stream per dtype, copies each bucket
-into a fresh ``FlattenedTensorBucket`` and keeps it alive until a fence proves the server's
-copies finished (rollout/sglang_engine.py, "bucket lifetime"). Nothing here duplicates that.
+into a fresh ``FlattenedTensorBucket`` whose memory torch's CUDA-IPC reference counting keeps
+until the server's copies finished (rollout/sglang_engine.py, "bucket lifetime"). Nothing here duplicates that.
 What this side guarantees is that a tensor it hands out is never written again by the sync (it
 is fresh memory, or a read-only view of a parameter at TP = 1), so the adapter may hold on to
 it as long as it needs. The adapter holds up to ``rollout.sglang.bucket_bytes`` of our tensors

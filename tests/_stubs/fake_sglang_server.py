@@ -28,12 +28,13 @@ from megatron_rpt.rollout.types import SamplingParams
 class FakeSGLangServer:
     """``with FakeSGLangServer(engine) as srv: SGLangEngine.connect(srv.url, cfg)``."""
 
-    def __init__(self, engine: HFEngine, *, tp_size: int = 1) -> None:
+    def __init__(self, engine: HFEngine, *, tp_size: int = 1, weights_by_name: bool = True) -> None:
         from pydantic import TypeAdapter
         from sglang.srt.managers import io_struct as io
 
         self.engine = engine
         self.tp_size = tp_size
+        self.weights_by_name = weights_by_name  # False: answer like SGLang's Qwen2/Qwen3 (400)
         self.calls: list[tuple[str, dict]] = []
         self.released: set[str] = set()
         self.rank_entries: list[int] = []
@@ -133,6 +134,8 @@ class FakeSGLangServer:
         return 200, {"success": True, "message": "Success"}
 
     def _get_weights_by_name(self, req) -> tuple[int, Any]:  # noqa: ANN001
+        if not self.weights_by_name:
+            return 400, {"error": {"message": "Get parameter by name failed"}}
         table = dict(self.engine.model.named_parameters(remove_duplicate=False))
         if req.name not in table:
             return 400, {"error": {"message": f"unknown parameter {req.name}"}}

@@ -5,7 +5,7 @@
   and tensorwise from Ada/Hopper on, blockwise on Hopper with CUDA >= 12.9, mxfp8 on
   Blackwell): the PPO loss and the response NLL stay within a stated tolerance of bf16 over a
   few optimizer steps from the same weights on the same batch;
-* FP8 rollout: a real SGLang server launched from ``write_fp8_checkpoint`` output receives
+* FP8 rollout: a real SGLang server (tiny Qwen3) launched from ``write_fp8_checkpoint`` output receives
   blockwise FP8 weights + ``weight_scale_inv`` through ``WeightSync`` (colocated), and its
   log-probs stay within the probe tolerance of the bf16 trainer.
 
@@ -134,7 +134,9 @@ def test_fp8_training_steps_track_bf16(recipe, wide_llama, process_group):
 @pytest.mark.sglang_runtime
 @pytest.mark.timeout(900)
 def test_fp8_rollout_weights_into_real_sglang(tmp_path, groups):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A tiny Qwen3: SGLang's Llama loader drops blockwise scales (refused, see
+    tests/unit/test_sglang_protocol.py), the Qwen loaders keep them."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
@@ -147,10 +149,11 @@ def test_fp8_rollout_weights_into_real_sglang(tmp_path, groups):
     tok = smollm2_tokenizer()
     bf16_dir, fp8_dir = tmp_path / "bf16", tmp_path / "fp8"
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=1024, **WIDE
-    )
-    model = LlamaForCausalLM(config)
+    config = Qwen3Config(
+        vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=1024, head_dim=64,
+        tie_word_embeddings=False, **WIDE,
+    )  # fmt: skip
+    model = Qwen3ForCausalLM(config)
     model.to(torch.bfloat16).save_pretrained(bf16_dir)
     tok.save_pretrained(bf16_dir)
     write_fp8_checkpoint(bf16_dir, fp8_dir, BlockFP8())

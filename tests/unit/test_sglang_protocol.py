@@ -8,6 +8,7 @@ them: pydantic ``TypeAdapter`` over the route's declared class.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -171,12 +172,42 @@ def test_server_argv_parses_with_sglang_and_binds_loopback(tmp_path):
         colocated=True, enable_weights_cpu_backup=True, deterministic_inference=False, seed=3,
         extra_args=s.extra_args,
     )  # fmt: skip
-    args = proto.check_server_argv(argv)
+    root = logging.getLogger()
+    marker = logging.NullHandler()
+    root.addHandler(marker)
+    level = root.level
+    try:
+        args = proto.check_server_argv(argv)
+        # sglang's prepare_server_args forces basicConfig; the trainer's handlers survive it
+        assert marker in root.handlers and root.level == level
+    finally:
+        root.removeHandler(marker)
     assert args.host == "127.0.0.1" and args.port == 31001 and args.tp_size == 2
     assert args.enable_memory_saver and args.enable_weights_cpu_backup
     assert args.attention_backend == "triton" and not args.disable_radix_cache
     with pytest.raises(SystemExit):
         proto.check_server_argv(argv + ["--no-such-flag"])
+
+
+def test_server_argv_fp32_backend_and_base_gpu_id(tmp_path):
+    """fp32 servers get an attention backend that accepts fp32 (SGLang's defaults do not);
+    an explicit backend wins; --base-gpu-id places a disaggregated server."""
+    from megatron_rpt.rollout import sglang_protocol as proto
+
+    tok = smollm2_tokenizer()
+    tiny_llama(tok).save_pretrained(tmp_path)
+
+    def argv(dtype: str, extra: dict, base: int | None = None) -> list[str]:
+        return proto.server_argv(
+            str(tmp_path), host="127.0.0.1", port=31002, tp_size=1, mem_fraction_static=0.5,
+            dtype=dtype, colocated=False, enable_weights_cpu_backup=False,
+            deterministic_inference=False, seed=0, extra_args=extra, base_gpu_id=base,
+        )  # fmt: skip
+
+    assert proto.check_server_argv(argv("float32", {})).attention_backend == "triton"
+    assert "--attention-backend" not in argv("bfloat16", {})
+    assert proto.check_server_argv(argv("float32", {"attention_backend": "torch_native"})).attention_backend == "torch_native"
+    assert proto.check_server_argv(argv("bfloat16", {}, base=4)).base_gpu_id == 4
 
 
 def _client(server, **overrides):  # noqa: ANN001, ANN202
@@ -190,14 +221,19 @@ def _client(server, **overrides):  # noqa: ANN001, ANN202
     return SGLangEngine.connect(server.url, cfg)
 
 
-def test_colocated_flow_order_buckets_and_fences():
+def test_colocated_flow_order_buckets_and_ipc_reclaim(monkeypatch):
+    """The push never depends on /get_weights_by_name (Qwen2/Qwen3 answer 400 there): the fake
+    answers like a Qwen server, and the sync still completes and loads every tensor."""
+    from megatron_rpt.rollout import sglang_protocol as proto
     from megatron_rpt.rollout.hf_engine import HFEngine
     from tests._stubs.fake_sglang_server import FakeSGLangServer
 
     tok = smollm2_tokenizer()
     model = tiny_llama(tok)
     state = [(n, p.detach().clone()) for n, p in model.named_parameters()]
-    with FakeSGLangServer(HFEngine(model, tok), tp_size=2) as server:
+    reclaims = []
+    monkeypatch.setattr(proto, "reclaim_ipc_memory", lambda: reclaims.append(len(server.calls)))
+    with FakeSGLangServer(HFEngine(model, tok), tp_size=2, weights_by_name=False) as server:
         engine = _client(server, tp_size=2, bucket_bytes=2_000_000, max_unfenced_buckets=2)
         engine.release_memory()
         assert server.released == {"weights", "kv_cache", "cuda_graph"}
@@ -208,18 +244,16 @@ def test_colocated_flow_order_buckets_and_fences():
         paths = server.paths()
         pushes = paths.count("/update_weights_from_tensor")
         assert pushes >= 3  # 2 MB buckets: the 12.6 MB embedding and lm_head travel alone
+        assert "/get_weights_by_name" not in paths
         assert paths[0] == "/resume_memory_occupation" and server.calls[0][1]["tags"] == ["weights"]
         # the release zeroed the served model; equality below proves the push loaded it
         resume = "/resume_memory_occupation"
         assert paths[-4:] == ["/update_weight_version", resume, resume, "/flush_cache"]
         assert [c[1]["tags"] for c in server.calls[-3:-1]] == [["kv_cache"], ["cuda_graph"]]
         assert not server.released
-        # never more than max_unfenced_buckets pushes without a fence, and a fence after the last
-        run = 0
-        for p in paths:
-            run = run + 1 if p == "/update_weights_from_tensor" else (0 if p == "/get_weights_by_name" else run)
-            assert run <= 2
-        assert paths[paths.index("/update_weight_version") - 1] == "/get_weights_by_name"
+        # memory reclaimed every max_unfenced_buckets pushes, and once after the last push
+        assert len(reclaims) == pushes // 2 + 1
+        assert reclaims[-1] == paths.index("/update_weight_version")
         assert server.version == "9" and engine.weight_version == 9
         for name, t in state:
             assert torch.equal(dict(model.named_parameters())[name], t), name
@@ -228,7 +262,7 @@ def test_colocated_flow_order_buckets_and_fences():
         engine.shutdown()
 
 
-def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket():
+def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket(monkeypatch):
     """update_weights_from_ranks: every TP rank's own serialized buckets in one request per
     dtype group (built separately, as on two GPUs), a fence after each bucket, then the
     resume of the KV cache and CUDA graphs."""
@@ -254,7 +288,9 @@ def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket():
     )
     req = _validate(io.UpdateWeightsFromTensorReqInput, body)  # as the HTTP route parses it
     assert len(req.serialized_named_tensors) == 2 and req.load_format == "flattened_bucket"
-    with FakeSGLangServer(HFEngine(model, tok), tp_size=2) as server:
+    reclaims = []
+    monkeypatch.setattr(proto, "reclaim_ipc_memory", lambda: reclaims.append(len(server.calls)))
+    with FakeSGLangServer(HFEngine(model, tok), tp_size=2, weights_by_name=False) as server:
         engine = _client(server, tp_size=2)
         engine.release_memory()
         server.calls.clear()
@@ -263,8 +299,9 @@ def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket():
         )
         paths = server.paths()
         assert server.rank_entries and set(server.rank_entries) == {2}  # a distinct entry per rank
-        fences = [i for i, p in enumerate(paths) if p == "/get_weights_by_name"]
-        assert len(fences) == 2 and paths[fences[0] + 1] == "/update_weights_from_tensor"
+        assert "/get_weights_by_name" not in paths
+        # IPC memory reclaimed after each bucket's request has been answered
+        assert len(reclaims) == 2 and paths[reclaims[0] - 1] == "/update_weights_from_tensor"
         assert not server.released and engine.weight_version == 5
         for name, t in state:
             assert torch.equal(dict(model.named_parameters())[name], t), name
@@ -274,6 +311,45 @@ def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket():
         with pytest.raises(RuntimeError, match="different tensors"):
             engine.update_weights_from_ranks([[payloads(halves[0]), payloads(bad)]], version=7)
         engine.shutdown()
+
+
+def test_weight_checksums_refused_for_models_without_the_route():
+    """Qwen2/Qwen3 in SGLang cannot read weights back: a clear error, not an HTTP 400."""
+    from megatron_rpt.rollout.config import RolloutConfig
+    from megatron_rpt.rollout.hf_engine import HFEngine
+    from megatron_rpt.rollout.sglang_engine import SGLangEngine
+    from tests._stubs.fake_sglang_server import FakeSGLangServer
+
+    tok = smollm2_tokenizer()
+    model = tiny_llama(tok)
+    with FakeSGLangServer(HFEngine(model, tok), weights_by_name=False) as server:
+        cfg = RolloutConfig(engine="sglang")
+        for arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            engine = SGLangEngine.connect(server.url, cfg, architecture=arch)
+            with pytest.raises(NotImplementedError, match=f"{arch} has no get_weights_by_name.*verify=probe"):
+                engine.weight_checksums(["model.norm.weight"])
+        llama = SGLangEngine.connect(server.url, cfg, architecture="LlamaForCausalLM")
+        server.weights_by_name = True
+        assert set(llama.weight_checksums(["model.norm.weight"])) == {"model.norm.weight"}
+
+
+def test_device_uuid_reductions_are_scoped():
+    """The producer patch applies only while buckets are serialized: CPU tensors still pickle
+    through torch's reducer, and the reducers are restored afterwards."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from sglang.srt.utils import MultiprocessingSerializer
+    from torch.multiprocessing import reductions
+
+    from megatron_rpt.rollout import sglang_protocol as proto
+
+    before = dict(ForkingPickler._extra_reducers)
+    assert before.get(torch.Tensor) is reductions.reduce_tensor
+    with proto.device_uuid_reductions():
+        assert ForkingPickler._extra_reducers[torch.Tensor] is not reductions.reduce_tensor
+        blob = MultiprocessingSerializer.serialize({"t": torch.arange(3.0)}, output_str=True)
+    assert dict(ForkingPickler._extra_reducers) == before
+    assert torch.equal(MultiprocessingSerializer.deserialize(blob)["t"], torch.arange(3.0))
 
 
 def test_failed_push_blocks_generation_until_repaired():
@@ -301,6 +377,66 @@ def test_launch_on_cpu_fails_clearly():
         pytest.skip("this machine has a GPU")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         SGLangEngine.launch(RolloutConfig(engine="sglang"), "embedded:smollm2")
+
+
+def test_launch_from_weightless_folder_needs_no_safetensors(tmp_path, monkeypatch):
+    """load-format dummy: a folder with only config.json reaches the server launch (no
+    manifest), and a blockwise FP8 Llama folder is refused before any server starts."""
+    import json
+    import subprocess
+
+    from megatron_rpt.errors import ConfigError
+    from megatron_rpt.rollout import sglang_engine
+    from megatron_rpt.rollout.config import RolloutConfig
+
+    tok = smollm2_tokenizer()
+    config = tiny_llama(tok).config
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(tmp_path)  # config only: what a Megatron-checkpoint start provides
+    launched = {}
+
+    def fake_init(self, url, cfg, *, process=None, argv=(), manifest=None, architecture=None):  # noqa: ANN001
+        launched.update(argv=list(argv), manifest=manifest, architecture=architecture)
+        raise RuntimeError("stop before spawning")
+
+    monkeypatch.setattr("megatron_rpt.capabilities.have_cuda", lambda: True)
+    monkeypatch.setattr(sglang_engine.SGLangEngine, "__init__", fake_init)
+    monkeypatch.setattr(sglang_engine, "_spawn", lambda argv: subprocess.Popen(["true"]))
+    cfg = RolloutConfig(engine="sglang")
+    cfg.sglang.extra_args = {"load-format": "dummy"}
+    with pytest.raises(RuntimeError, match="stop before spawning"):
+        sglang_engine.SGLangEngine.launch(cfg, str(tmp_path))
+    assert launched["manifest"] is None and launched["architecture"] == "LlamaForCausalLM"
+    assert "dummy" in launched["argv"]
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM loader.*sgl-project/sglang#30234"):
+        sglang_engine.SGLangEngine.launch(cfg, str(tmp_path))
+
+
+def test_fp8_stream_into_llama_refused_qwen_allowed():
+    """The push refuses weight_scale_inv names for a model whose SGLang loader drops them."""
+    from megatron_rpt.errors import ConfigError
+    from megatron_rpt.rollout.hf_engine import HFEngine
+    from megatron_rpt.rollout.sglang_engine import _refuse_block_fp8
+    from tests._stubs.fake_sglang_server import FakeSGLangServer
+
+    with pytest.raises(ConfigError, match="LlamaForCausalLM"):
+        _refuse_block_fp8("LlamaForCausalLM", "x")
+    _refuse_block_fp8("Qwen2ForCausalLM", "x")  # Qwen loaders keep weight_scale_inv
+    _refuse_block_fp8("Qwen3ForCausalLM", "x")
+    tok = smollm2_tokenizer()
+    with FakeSGLangServer(HFEngine(tiny_llama(tok), tok)) as server:
+        from megatron_rpt.rollout.config import RolloutConfig
+        from megatron_rpt.rollout.sglang_engine import SGLangEngine
+
+        engine = SGLangEngine.connect(server.url, RolloutConfig(engine="sglang"), architecture="LlamaForCausalLM")
+        stream = [("model.layers.0.self_attn.q_proj.weight_scale_inv", torch.ones(1, 1))]
+        with pytest.raises(ConfigError, match="30234"):
+            engine.update_weights(stream, version=1)
+        assert "/update_weights_from_tensor" not in server.paths()
 
 
 def test_hf_manifest_reads_safetensors_headers(tmp_path):
