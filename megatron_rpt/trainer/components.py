@@ -1,13 +1,12 @@
-"""Building the pieces the training loop drives: training step, data phase, engine, sync.
+"""Building the parts the training loop drives: the policy, the batch source, the engines.
 
 * ``build_train_step``: the Megatron model (from the initial weights, or straight from the
   checkpoint being resumed) wrapped in a ``TrainStep``; the NTP objective trains at
   temperature 1 (plain cross-entropy), RPT at the sampling temperature.
-* ``build_phase``: for RPT a ``RolloutPhase`` (train ``SampleStore``, tokenizer,
-  ``ContextSampler``, ``EngineGuard`` around the rollout engine on rank 0, ``WeightSync``);
-  for NTP an ``NTPPhase`` over windows of the same prepared data. Both answer the same small
-  interface the loop uses: ``sampler``, ``start``, ``next_batch``, ``push_weights``,
-  ``shutdown``.
+* ``build_source``: for RPT a ``RolloutSource`` (train ``SampleStore``, tokenizer,
+  ``ContextSampler``) whose generate function is the ``EngineFleet`` (the engine in an
+  ``EngineGuard`` on rank 0, pushed to by a ``WeightSync``); for NTP an ``NTPSource`` over
+  windows of the same prepared data, and no engines.
 * ``default_engine_factory``: the engine ``rollout.engine`` names, loaded from
   ``rollout.model`` or ``model.hf_path``. A directory without weights (an HF config given for
   a Megatron checkpoint) gives an engine with placeholder weights: the first weight sync
@@ -24,8 +23,9 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_rpt.trainer.engine_guard import EngineFactory, EngineGuard
-from megatron_rpt.trainer.ntp import NTPPhase, NTPWindows
-from megatron_rpt.trainer.rollout_phase import RolloutPhase, StepRollouts
+from megatron_rpt.trainer.fleet import EngineFleet
+from megatron_rpt.trainer.ntp import NTPSource, NTPWindows
+from megatron_rpt.trainer.rollout_source import RolloutSource
 from megatron_rpt.trainer.sampler import ContextSampler
 from megatron_rpt.trainer.step import TrainStep
 from megatron_rpt.weight_sync.fp8 import DequantizingEngine, rollout_quantization
@@ -80,63 +80,18 @@ def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
     )  # fmt: skip
 
 
-class RPTPhase:
-    """The RPT side of the loop: rollouts through the guarded engine, weight pushes."""
-
-    def __init__(self, rollouts: RolloutPhase, guard: EngineGuard) -> None:
-        self.rollouts, self.guard, self.sampler = rollouts, guard, rollouts.sampler
-
-    def start(self, version: int) -> Any:
-        """Engine up, trainer weights pushed (collective)."""
-        return self.guard.start(version)
-
-    def next_batch(self, step: int) -> StepRollouts:
-        """The step's global batch (collective)."""
-        return self.rollouts.next_batch(step)
-
-    def push_weights(self, version: int) -> Any:
-        """Weight sync after the optimizer step (collective)."""
-        return self.guard.push_weights(version)
-
-    def shutdown(self) -> None:
-        """Stop the engine."""
-        self.guard.shutdown()
-
-
-class NTPControlPhase:
-    """The NTP side: windows only; nothing to generate or push."""
-
-    def __init__(self, windows: NTPPhase) -> None:
-        self.windows, self.sampler = windows, windows.sampler
-
-    def start(self, version: int) -> None:
-        """Nothing to start."""
-
-    def next_batch(self, step: int) -> StepRollouts:
-        """The step's windows as a batch (identical on every rank, no communication)."""
-        batch, record = self.windows.next_batch(step)
-        return StepRollouts(batch, record, self.sampler.state_dict(), ([], []))
-
-    def push_weights(self, version: int) -> None:
-        """No engine."""
-
-    def shutdown(self) -> None:
-        """Nothing to stop."""
-
-
-def build_phase(
+def build_source(
     cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
-) -> RPTPhase | NTPControlPhase:
-    """The data side of the loop for ``cfg.train.objective`` (collective for RPT)."""
+) -> tuple[RolloutSource | NTPSource, EngineFleet | None]:
+    """The batch source for ``cfg.train.objective`` and the engines it samples from (RPT)."""
     prepared = Path(cfg.data.prepared_dir)
     if cfg.train.objective == "ntp":
         windows = NTPWindows(prepared, cfg.data.context_tokens)
         sampler = ContextSampler(len(windows), cfg.run.seed)
-        return NTPControlPhase(NTPPhase(windows, sampler, cfg.train.contexts_per_step))
+        return NTPSource(windows, sampler, cfg.train.contexts_per_step), None
     from transformers import AutoTokenizer
 
     from megatron_rpt.data.store import SampleStore
-    from megatron_rpt.weight_sync import WeightSync
 
     store = SampleStore.open(
         prepared,
@@ -144,33 +99,40 @@ def build_phase(
         context_tokens=cfg.data.context_tokens,
         continuation_tokens=cfg.data.continuation_tokens,
     )
-    driver = dist.get_rank() == 0
-    tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir) if driver else None
+    tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir)
+    fleet = build_fleet(cfg, train_step, engine_factory)
+    sampler = ContextSampler(len(store), cfg.run.seed)
+    return RolloutSource(cfg, store, tokenizer, sampler, fleet.generate), fleet
+
+
+def build_fleet(
+    cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
+) -> EngineFleet:
+    """The run's engines (one, on rank 0) and the weight sync that feeds them."""
+    from megatron_rpt.weight_sync import WeightSync
+
+    r = cfg.rollout
+    guard = None
+    if dist.get_rank() == 0:
+        guard = EngineGuard(engine_factory or default_engine_factory(cfg), timeout_s=r.timeout_s)
     wsync = WeightSync(
-        train_step.built, train_step.groups, None, cfg.weight_sync,
+        train_step.built, train_step.groups, guard, cfg.weight_sync,
         rollout_quantization(cfg.precision),
     )  # fmt: skip
 
-    def sync(engine: Any, version: int) -> Any:
+    def push(version: int) -> Any:
         train_step.finish_param_sync()
-        wsync.engine = engine
         return wsync(version=version)
 
-    guard = EngineGuard(
-        (engine_factory or default_engine_factory(cfg)) if driver else None,
-        sync,
-        timeout_s=cfg.rollout.timeout_s,
-        max_restarts=cfg.rollout.max_restarts,
-        is_driver=driver,
-    )
-    sampler = ContextSampler(len(store), cfg.run.seed)
-    return RPTPhase(RolloutPhase(cfg, store, tokenizer, sampler, guard), guard)
+    return EngineFleet(
+        guard, push, max_restarts=r.max_restarts, schedule=r.schedule,
+        release_after_rollout=r.engine == "sglang" and r.mode == "colocated",
+    )  # fmt: skip
 
 
 __all__ = [
-    "NTPControlPhase",
-    "RPTPhase",
-    "build_phase",
+    "build_fleet",
+    "build_source",
     "build_train_step",
     "default_engine_factory",
 ]
