@@ -4,9 +4,10 @@
   checkpoint being resumed) wrapped in a ``TrainStep``; the NTP objective trains at
   temperature 1 (plain cross-entropy), RPT at the sampling temperature.
 * ``build_source``: for RPT a ``RolloutSource`` (train ``SampleStore``, tokenizer,
-  ``ContextSampler``) whose generate function is the ``EngineFleet`` (the engine in an
-  ``EngineGuard`` on rank 0, pushed to by a ``WeightSync``); for NTP an ``NTPSource`` over
-  windows of the same prepared data, and no engines.
+  ``ContextSampler``) whose generate function is the ``EngineFleet``: one engine per
+  ``rollout.gpus_per_engine`` ranks (``fleet_placement``), each in an ``EngineGuard`` on its
+  lead rank and fed by that rank's ``WeightSync``; for NTP an ``NTPSource`` over windows of
+  the same prepared data, and no engines.
 * ``default_engine_factory``: the engine ``rollout.engine`` names, loaded from
   ``rollout.model`` or ``model.hf_path``. A directory without weights (an HF config given for
   a Megatron checkpoint) gives an engine with placeholder weights: the first weight sync
@@ -17,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from megatron_rpt.errors import ConfigError
+from megatron_rpt.rollout.placement import EnginePlacement, default_gpus_per_engine
 from megatron_rpt.trainer.engine_guard import EngineFactory, EngineGuard
 from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.trainer.ntp import NTPSource, NTPWindows
@@ -42,8 +46,10 @@ def build_train_step(cfg: Any, groups: Any, resume: str | Path | None) -> TrainS
     return TrainStep.from_config(cfg, groups, model=model_cfg, temperature=1.0 if ntp else None)
 
 
-def default_engine_factory(cfg: Any) -> EngineFactory:
-    """Builds the engine ``cfg.rollout`` describes (called on the driver rank only)."""
+def default_engine_factory(
+    cfg: Any, placement: EnginePlacement | None = None, engine: int = 0
+) -> EngineFactory:
+    """Builds engine ``engine`` of ``placement`` as ``cfg.rollout`` describes (on its lead rank)."""
     from megatron_rpt.assets import resolve_model_path
 
     path = resolve_model_path(cfg.rollout.model or cfg.model.hf_path)
@@ -60,7 +66,7 @@ def default_engine_factory(cfg: Any) -> EngineFactory:
             return DequantizingEngine(engine, quantization, dtype)
         from megatron_rpt.rollout.sglang_engine import SGLangEngine
 
-        rollout = cfg.rollout
+        rollout = _sglang_server_of(cfg.rollout, placement, engine)
         if not has_weights:  # SGLang allocates random weights; the first sync fills them
             sglang = dataclasses.replace(
                 rollout.sglang, extra_args={**rollout.sglang.extra_args, "load-format": "dummy"}
@@ -69,6 +75,28 @@ def default_engine_factory(cfg: Any) -> EngineFactory:
         return SGLangEngine.launch(rollout, str(path), seed=cfg.run.seed)
 
     return build
+
+
+def _sglang_server_of(rollout: Any, placement: EnginePlacement | None, engine: int) -> Any:
+    """``rollout`` with engine ``engine``'s GPUs (--tp-size, --base-gpu-id) and its own port.
+
+    An engine wider than a node (the one-engine fallback) keeps ``rollout.sglang.tp_size``
+    GPUs of its lead's node, as a single engine always did.
+    """
+    s = rollout.sglang
+    if placement is None or placement.gpus_per_engine > placement.node_size:
+        return rollout
+    if s.tp_size != placement.gpus_per_engine:
+        logger.warning(
+            "rollout.sglang.tp_size=%d: engines run with --tp-size rollout.gpus_per_engine=%d",
+            s.tp_size, placement.gpus_per_engine,
+        )  # fmt: skip
+    per_node = placement.node_size // placement.gpus_per_engine
+    sglang = dataclasses.replace(
+        s, tp_size=placement.gpus_per_engine, port=s.port + engine % per_node if s.port else 0,
+        extra_args={**s.extra_args, "base-gpu-id": placement.base_gpu_id(engine)},
+    )  # fmt: skip
+    return dataclasses.replace(rollout, sglang=sglang)
 
 
 def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
@@ -108,30 +136,79 @@ def build_source(
 def build_fleet(
     cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
 ) -> EngineFleet:
-    """The run's engines (one, on rank 0) and the weight sync that feeds them."""
-    from megatron_rpt.weight_sync import WeightSync
+    """The run's engines (one per ``rollout.gpus_per_engine`` ranks) and their weight sync."""
+    from megatron_rpt.weight_sync import WeightSync, sync_weights
 
-    r = cfg.rollout
+    r, rank = cfg.rollout, dist.get_rank()
+    placement = fleet_placement(cfg, dist.get_world_size())
+    crowded = _crowded_model_parallel_group(placement, train_step.groups)
+    if crowded and r.gpus_per_engine is None:  # the default cannot work here: one engine
+        logger.warning(
+            "rollout.gpus_per_engine defaults to TP=%d, which puts the lead ranks %s of several "
+            "engines in one model-parallel group (pipeline parallel); the weight sync feeds one "
+            "engine per group, so this run uses one engine for all %d ranks",
+            placement.gpus_per_engine, crowded, placement.world_size,
+        )  # fmt: skip
+        placement = dataclasses.replace(placement, gpus_per_engine=placement.world_size)
+    elif crowded:
+        raise ConfigError(
+            f"rollout.gpus_per_engine={placement.gpus_per_engine} puts the lead ranks {crowded} "
+            "of several engines in one model-parallel group; the weight sync feeds one engine "
+            "per model-parallel group: choose rollout.gpus_per_engine so that each group holds "
+            "at most one lead (a multiple of the tensor-parallel size at PP = 1)"
+        )
+    slot = placement.slot(rank)
     guard = None
-    if dist.get_rank() == 0:
-        guard = EngineGuard(engine_factory or default_engine_factory(cfg), timeout_s=r.timeout_s)
+    if slot.is_lead:
+        factory = engine_factory or default_engine_factory(cfg, placement, slot.engine)
+        guard = EngineGuard(factory, timeout_s=r.timeout_s, name=f"rollout engine {slot.engine}")
     wsync = WeightSync(
         train_step.built, train_step.groups, guard, cfg.weight_sync,
         rollout_quantization(cfg.precision),
     )  # fmt: skip
 
-    def push(version: int) -> Any:
+    def push(version: int, engines: frozenset[int] | None) -> Any:
+        # Seam for the colocated hand-off and per-engine-rank payloads: every lead rank feeds
+        # its own engine from its model-parallel group; a restart feeds only ``engines``.
         train_step.finish_param_sync()
-        return wsync(version=version)
+        if engines is None or slot.engine in engines:
+            return wsync(version=version)
+        return sync_weights(
+            wsync.built, wsync.groups, None, wsync.plan, version=version, cfg=wsync.cfg
+        )
 
+    n = r.n_samples
     return EngineFleet(
-        guard, push, max_restarts=r.max_restarts, schedule=r.schedule,
+        placement, guard, push, rank=rank, max_restarts=r.max_restarts,
+        block_contexts=r.block_contexts or max(1, r.max_batch_rows // n),
         release_after_rollout=r.engine == "sglang" and r.mode == "colocated",
     )  # fmt: skip
 
 
+def fleet_placement(cfg: Any, world_size: int) -> EnginePlacement:
+    """The engines' placement for ``cfg.rollout`` over ``world_size`` ranks."""
+    r = cfg.rollout
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return EnginePlacement(
+        world_size,
+        default_gpus_per_engine(r.gpus_per_engine, cfg.parallel.tensor_model_parallel_size),
+        gpus_per_node=int(local) if local else None, mode=r.mode,
+        engine_gpu_offset=r.engine_gpu_offset,
+    )  # fmt: skip
+
+
+def _crowded_model_parallel_group(placement: EnginePlacement, groups: Any) -> list[int]:
+    """Lead ranks of a model-parallel group holding more than one (collective; [] if none)."""
+    leads = set(placement.leads())
+    mine = [r for r in dist.get_process_group_ranks(groups.pg_collection.mp) if r in leads]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return next((x for x in everyone if len(x) > 1), [])
+
+
 __all__ = [
     "build_fleet",
+    "fleet_placement",
     "build_source",
     "build_train_step",
     "default_engine_factory",

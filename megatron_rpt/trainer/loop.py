@@ -107,8 +107,9 @@ def run_training(
                 with times("step"):
                     hook("rollout", step)
                     with times("rollout"):  # contexts -> G responses -> rewards -> advantages
+                        # Colocated hand-off, before: trainer offload, engines resume (seam).
                         rollouts = source.next_batch(step)
-                        _after_rollout(fleet)
+                        _after_rollout(fleet, rollouts)
                     flops.add_rollout(*rollouts.rollout_flops)
                     if rollouts.batch is None:  # dynamic sampling kept no group
                         skipped = _skip(skipped, step)
@@ -151,10 +152,12 @@ class StepTimes:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _after_rollout(fleet: EngineFleet | None) -> None:
-    """The memory hand-off back to the trainer (colocated engines release their memory)."""
+def _after_rollout(fleet: EngineFleet | None, rollouts: StepBatch) -> None:
+    """Hand the memory back to the trainer (colocated engines release theirs; seam for the
+    trainer's reload); the engines' per-step metrics join the step's record."""
     if fleet is not None:
         fleet.after_rollout()
+        rollouts.record.update(fleet.pop_metrics())
 
 
 def _record(

@@ -10,6 +10,8 @@ import time
 import pytest
 
 from megatron_rpt.errors import InputError
+from megatron_rpt.rollout.placement import EnginePlacement
+from megatron_rpt.rollout.routing import block_seed
 from megatron_rpt.rollout.scheduling import RolloutRequest
 from megatron_rpt.rollout.types import Completion, RolloutEngine, SamplingParams
 from megatron_rpt.testing.faults import EngineFaults, FaultyEngine
@@ -18,6 +20,8 @@ from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.weight_sync import WeightSyncError
 
 PARAMS = SamplingParams(temperature=0.8, n=2, max_new_tokens=4, seed=5)
+SEED = block_seed(5, 0)  # both requests are one block (one document)
+EXPECTED = [f"3-{SEED}-0", f"3-{SEED}-1", f"3-{SEED}-0", f"3-{SEED}-1"]
 
 
 class CannedEngine:
@@ -64,14 +68,17 @@ def make_guard(faults, *, timeout_s=5.0, max_restarts=2, sync_fails=()):
     syncs = []
     guard = EngineGuard(lambda: FaultyEngine(CannedEngine(), faults), timeout_s=timeout_s)
 
-    def push(version):
+    def push(version, engines):
         syncs.append((id(guard.engine), version))
         if len(syncs) in sync_fails:
             raise WeightSyncError(f"injected sync failure #{len(syncs)}")
         guard.update_weights([], version=version)
         return len(syncs)
 
-    return EngineFleet(guard, push, max_restarts=max_restarts), syncs
+    fleet = EngineFleet(
+        EnginePlacement(1, 1), guard, push, rank=0, max_restarts=max_restarts, block_contexts=8
+    )
+    return fleet, syncs
 
 
 def rollout(guard, prompts=((1, 2), (3,))):
@@ -93,8 +100,8 @@ def test_the_guard_is_an_engine():
 def test_no_fault():
     guard, syncs = make_guard(EngineFaults())
     guard.start(version=0)
-    assert rollout(guard) == ["3-5-0", "3-5-1", "3-5-0", "3-5-1"]
-    assert guard.restarts == 0 and len(syncs) == 1
+    assert rollout(guard) == [*EXPECTED]
+    assert guard.restarts == [0] and len(syncs) == 1
 
 
 def test_engine_dies_once_then_recovers(caplog):
@@ -103,12 +110,13 @@ def test_engine_dies_once_then_recovers(caplog):
     guard.start(version=3)
     with caplog.at_level("WARNING"):
         out = rollout(guard)
-    assert out == ["3-5-0", "3-5-1", "3-5-0", "3-5-1"]  # the retried work, same result
-    assert faults.engines_built == 2 and guard.restarts == 1 and guard.failures == 0
+    assert out == [*EXPECTED]  # the retried work, same result
+    assert faults.engines_built == 2
     # The new engine got the trainer's weights (a full sync at the current version) first.
     assert [v for _, v in syncs] == [3, 3] and syncs[0][0] != syncs[1][0]
     assert guard.guard.engine.version == 3
-    assert "rollout engine failure 1/2" in caplog.text and "injected: engine died" in caplog.text
+    assert guard.failures == [0] and guard.restarts == [1]
+    assert "rollout engine 0 failure 1/2" in caplog.text and "injected: engine died" in caplog.text
 
 
 def test_hung_engine_is_abandoned_and_replaced(caplog):
@@ -119,8 +127,8 @@ def test_hung_engine_is_abandoned_and_replaced(caplog):
     with caplog.at_level("WARNING"):
         out = rollout(guard)
     assert time.monotonic() - t0 < 10  # detected by the deadline, not by the 30 s sleep
-    assert out == ["3-5-0", "3-5-1", "3-5-0", "3-5-1"]
-    assert faults.engines_built == 2 and guard.restarts == 1
+    assert out == [*EXPECTED]
+    assert faults.engines_built == 2 and guard.restarts == [1]
     assert "did not return within 0.5 s" in caplog.text
 
 
@@ -129,7 +137,8 @@ def test_always_failing_engine_stops_the_run():
     guard, _ = make_guard(faults, max_restarts=2)
     guard.start(version=0)
     with pytest.raises(
-        RolloutEngineError, match=r"failed 3 times in a row \(rollout.max_restarts=2\)"
+        RolloutEngineError,
+        match=r"rollout engine 0 \(lead rank 0\) failed 3 times in a row \(rollout.max_restarts=2\)",
     ):
         rollout(guard)
     assert faults.engines_built == 3  # the first engine + 2 restarts, then stop
@@ -149,4 +158,4 @@ def test_errors_outside_the_engine_are_not_retried():
     guard.start(version=0)
     with pytest.raises(InputError, match="prompt too long"):
         rollout(guard, prompts=((1, 2, 3, 4),))
-    assert faults.engines_built == 1 and guard.restarts == 0
+    assert faults.engines_built == 1 and guard.restarts == [0]
