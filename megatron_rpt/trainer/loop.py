@@ -46,7 +46,7 @@ from megatron_rpt.trainer.metrics import StepMetrics
 from megatron_rpt.trainer.ntp import ntp_metrics
 from megatron_rpt.trainer.run_logger import RunLogger
 from megatron_rpt.trainer.run_state import RunState
-from megatron_rpt.trainer.step_batch import StepBatch
+from megatron_rpt.trainer.step_batch import BatchSource, StepBatch
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,8 @@ def run_training(
     ``engine_factory`` replaces the engine ``rollout.engine`` describes. ``on_phase`` is
     called at fixed points of every step (tests stop a run there).
     """
-    policy = build_train_step(cfg, groups, resume)
-    source, fleet = build_source(cfg, policy, engine_factory)
-    flops = FlopsCounter.for_arch(
-        policy.built.arch, recompute=cfg.model.recompute_granularity == "full"
-    )
-    state = RunState(
-        policy, source.sampler, flops, objective=cfg.train.objective, checkpoint=cfg.checkpoint,
-        total_steps=cfg.train.steps, checkpoints_dir=Path(cfg.run.run_dir) / "checkpoints",
-    )  # fmt: skip
-    if resume:
-        state.resume(resume)
+    state, source, fleet = _build(cfg, groups, resume, engine_factory)
+    policy, flops = state.policy, state.flops
     log = RunLogger(
         cfg.log, Path(cfg.run.run_dir), run_name=cfg.run.name, objective=cfg.train.objective,
         start_step=policy.step, total_steps=cfg.train.steps, config=to_dict(cfg),
@@ -134,6 +125,24 @@ def run_training(
             fleet.shutdown()
         log.close()
     return TrainResult(policy.step, checkpoint, record)
+
+
+def _build(
+    cfg: Any, groups: Any, resume: str | Path | None, engine_factory: EngineFactory | None
+) -> tuple[RunState, BatchSource, EngineFleet | None]:
+    """The policy and the stateful parts (resumed), the batch source and its engines."""
+    policy = build_train_step(cfg, groups, resume)
+    source, fleet = build_source(cfg, policy, engine_factory)
+    flops = FlopsCounter.for_arch(
+        policy.built.arch, recompute=cfg.model.recompute_granularity == "full"
+    )
+    state = RunState(
+        policy, source.sampler, flops, objective=cfg.train.objective, checkpoint=cfg.checkpoint,
+        total_steps=cfg.train.steps, checkpoints_dir=Path(cfg.run.run_dir) / "checkpoints",
+    )  # fmt: skip
+    if resume:
+        state.resume(resume)
+    return state, source, fleet
 
 
 class StepTimes:
