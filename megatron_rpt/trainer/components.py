@@ -95,6 +95,9 @@ def _sglang_server_of(rollout: Any, placement: EnginePlacement | None, engine: i
     sglang = dataclasses.replace(
         s, tp_size=placement.gpus_per_engine, port=s.port + engine % per_node if s.port else 0,
         extra_args={**s.extra_args, "base-gpu-id": placement.base_gpu_id(engine)},
+        # disaggregated: each engine's own NCCL weight group with its lead rank
+        nccl_master_port=s.nccl_master_port + engine % per_node,
+        weight_group_name=f"{s.weight_group_name}_{engine}",
     )  # fmt: skip
     return dataclasses.replace(rollout, sglang=sglang)
 

@@ -70,3 +70,18 @@ def test_block_seeds_differ_per_block_and_keep_none():
     seeds = {block_seed(3, b) for b in range(100)}
     assert len(seeds) == 100 and block_seed(None, 5) is None
     assert block_seed(3, 7) == block_seed(3, 7) != block_seed(4, 7)
+
+
+def test_each_sglang_engine_gets_its_gpus_port_and_weight_group():
+    from megatron_rpt.rollout.config import RolloutConfig
+    from megatron_rpt.trainer.components import _sglang_server_of
+
+    rollout = RolloutConfig(engine="sglang")
+    p = EnginePlacement(16, 4, gpus_per_node=8)
+    s = _sglang_server_of(rollout, p, 3).sglang  # second engine of the second node
+    assert (s.tp_size, s.port, s.extra_args["base-gpu-id"]) == (4, 30001, 4)
+    assert (s.nccl_master_port, s.weight_group_name) == (29601, "megatron_rpt_weights_3")
+    d = EnginePlacement(16, 4, gpus_per_node=8, mode="disaggregated", engine_gpu_offset=8)
+    assert _sglang_server_of(rollout, d, 2).sglang.extra_args["base-gpu-id"] == 8
+    wide = EnginePlacement(16, 16, gpus_per_node=8)  # the one-engine fallback keeps tp_size
+    assert _sglang_server_of(rollout, wide, 0) is rollout
