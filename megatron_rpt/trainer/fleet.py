@@ -108,6 +108,7 @@ class EngineFleet:
         )  # fmt: skip
         done: Blocks = {}
         todo = {e: list(bs) for e, bs in enumerate(plan.engines) if bs}
+        self._fatal = None
         while todo:
             mine = todo.get(self.slot.engine, []) if self.slot.is_lead else []
             report = self._run_blocks(plan, requests, params, mine)
