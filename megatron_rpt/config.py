@@ -142,6 +142,11 @@ def _check_rollout(cfg: RPTConfig) -> None:
         raise ConfigError(f"rollout.timeout_s must be > 0, got {r.timeout_s}")
     if r.max_restarts < 0:
         raise ConfigError(f"rollout.max_restarts must be >= 0, got {r.max_restarts}")
+    for name in ("gpus_per_engine", "block_contexts"):
+        if getattr(r, name) is not None and getattr(r, name) < 1:
+            raise ConfigError(f"rollout.{name} must be >= 1 (or None), got {getattr(r, name)}")
+    if r.engine_gpu_offset < 0:
+        raise ConfigError(f"rollout.engine_gpu_offset must be >= 0, got {r.engine_gpu_offset}")
 
 
 @rule

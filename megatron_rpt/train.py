@@ -31,7 +31,11 @@ import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron_rpt.trainer.engine_guard import EngineFactory
+    from megatron_rpt.trainer.loop import PhaseHook
 
 logger = logging.getLogger("megatron_rpt.train")
 
@@ -148,8 +152,17 @@ def distributed(cfg: Any) -> Iterator[Any]:
             dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point (see the module docstring)."""
+def main(
+    argv: list[str] | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    on_phase: PhaseHook | None = None,
+) -> int:
+    """Entry point (see the module docstring).
+
+    ``engine_factory`` and ``on_phase`` go to ``trainer.loop.run_training`` (embedding the
+    entry point: a custom engine, a callback at fixed points of every step).
+    """
     args = parse_args(argv)
     if args.help_config:
         from megatron_rpt.config_utils import format_description
@@ -170,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
     final = resume if done else None
     with distributed(cfg) as groups:
-        final = _train(cfg, groups, hf_dir, resume) if not done else final
+        if not done:
+            final = _train(cfg, groups, hf_dir, resume, engine_factory, on_phase)
     if rank == 0:
         if done:
             logger.info("%s already completed train.steps=%d", resume, cfg.train.steps)
@@ -178,7 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train(cfg: Any, groups: Any, hf_dir: Path, resume: Path | None) -> Path | None:
+def _train(
+    cfg: Any,
+    groups: Any,
+    hf_dir: Path,
+    resume: Path | None,
+    engine_factory: EngineFactory | None,
+    on_phase: PhaseHook | None,
+) -> Path | None:
     import torch.distributed as dist
 
     from megatron_rpt.config import save_config
@@ -195,7 +216,9 @@ def _train(cfg: Any, groups: Any, hf_dir: Path, resume: Path | None) -> Path | N
             "resuming from " + str(resume) if resume else "fresh start",
         )
     dist.barrier()
-    result = run_training(cfg, groups, resume=resume)
+    result = run_training(
+        cfg, groups, resume=resume, engine_factory=engine_factory, on_phase=on_phase
+    )
     dist.barrier()
     return result.checkpoint or resume
 

@@ -13,10 +13,24 @@ optimizer step per rollout batch), prompts up to 4,096 tokens (contexts of 3,840
 responses up to 8,192 tokens, dynamic sampling from step 500, 1,000 steps.
 
 Layout: TP 4 x PP 2 = one 8-GPU node per model replica, the rest data-parallel (DP 4 on 32
-GPUs). Rollouts: one SGLang engine colocated on the first node (engine TP 4 on GPUs 0-3,
-memory released to the trainer during the update); rank 0 drives it and broadcasts the
-rollouts. With one engine for the whole cluster rollout throughput, not training, bounds the
-step time; several engines (one per DP replica) are not implemented.
+GPUs).
+
+Rollout engines (docs/ROLLOUT.md): SGLang colocated with the trainer, memory released to the
+trainer during the update. ``rollout.gpus_per_engine`` (default: TP = 4) sets the fleet:
+32 / 4 = 8 engines of engine TP 4, one per 4 GPUs, each driven by its first rank, contexts
+routed to them by document and balanced by expected tokens. With PP = 2, though, the weight
+sync still feeds one engine per model-parallel group (a group spans both pipeline stages, on
+two nodes), so until per-engine-rank weight payloads exist the default falls back to a single
+engine (``rollout.sglang.tp_size`` = 4, on GPUs 0-3 of the first node; a warning says so) and
+rollout throughput, not training, bounds the step time. At PP = 1 the fleet is used as is.
+
+Memory plan per GPU (80-141 GB, estimates, not measured): the trainer's shard (bf16
+parameters and gradients plus the distributed optimizer's fp32 state, roughly 13-17 GB at
+TP 4 x PP 2 x DP 4) stays resident; an engine GPU adds its weight shard (about 7.4 GB at engine
+TP 4) and a KV-cache pool sized at launch by ``rollout.sglang.mem_fraction_static = 0.5`` of
+the GPU. The engine releases weights and KV cache after each rollout and resumes them before
+the next; as long as the trainer keeps its optimizer state and gradients on the GPU during
+rollout, the KV pool must fit next to that resident shard.
 
 Precision: Transformer Engine layers with FP8 tensorwise (current) scaling on Hopper
 (``precision.fp8=tensorwise``, first and last layer kept in bf16; master weights, optimizer

@@ -5,8 +5,9 @@
 The task (megatron_rpt/testing/synthetic.py): six words that always follow each other in a
 fixed cycle, a byte-level BPE tokenizer trained on them, and a 2-layer, 64-wide Llama warmed
 up on the plain text and on answering in the RPT format with a *random* word. Its reward
-starts at chance (about 1/6) and rises as RPT learns to box the word that comes next (0.6-1.0
-after the 30 steps, about 30 s on 2 CPU cores). The task is built on first use into
+starts at chance (about 1/6) and rises as RPT learns to box the word that comes next (0.5-0.7
+after the 30 steps with run.seed=1 or 2, slower with the default seed 1234; about 30 s on 2
+CPU cores). The task is built on first use into
 ``$MEGATRON_RPT_TINY_ASSETS`` (default ``runs/tiny/assets``, about 10 s).
 
 Not the paper's settings where a tiny model needs otherwise: lr 3e-3 with a 5-step warm-up

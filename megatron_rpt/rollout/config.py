@@ -101,15 +101,27 @@ class RolloutConfig:
     weights, KV cache and CUDA graphs in the freed memory (use 'optimizer' or 'all' with a
     colocated SGLang engine at real model sizes); on CPU they go to a temporary file. Training
     stays bitwise identical."""
+    gpus_per_engine: int | None = None
+    """GPUs (ranks) per rollout engine: the run has world_size / gpus_per_engine engines, each
+    on consecutive ranks and driven by the first of them (rollout/placement.py). None: the
+    trainer's tensor-parallel size. SGLang engines run with --tp-size gpus_per_engine."""
+    engine_gpu_offset: int = 0
+    """Disaggregated mode: first GPU index of the engines on every node (the GPUs after the
+    trainer's); engine i of a node starts at engine_gpu_offset + i * gpus_per_engine."""
+    block_contexts: int | None = None
+    """Most contexts per engine call (whole documents stay together; rollout/routing.py).
+    Blocks and their seeds do not depend on the number of engines. None: max_batch_rows //
+    n_samples (one HF decode batch); raise it for SGLang, which batches server-side."""
     sglang: SGLangServerConfig = field(default_factory=SGLangServerConfig)
     """SGLang server settings (used when engine = 'sglang')."""
     timeout_s: float = 3600.0
-    """The training loop's limit for one engine call (a step's generate round): a call that
-    takes longer counts as a hung engine, which is restarted (trainer/engine_guard.py)."""
+    """The training loop's limit for one engine call (one block of a round): a call that
+    takes longer counts as a hung engine, which is restarted alone (trainer/fleet.py)."""
     max_restarts: int = 3
-    """Consecutive engine failures (error, hang, unhealthy, failed weight push) the training
-    loop recovers from by restarting the engine and retrying the step; one more stops the run
-    with an error instead of training on partial data."""
+    """Consecutive failures of one engine (error, hang, unhealthy, failed weight push) the
+    training loop recovers from by restarting that engine and retrying its requests with the
+    same seeds; one more stops the run with an error naming the engine instead of training on
+    partial data."""
 
     def sampling_params(self, *, seed: int | None = None, n: int | None = None):  # noqa: ANN201
         """The ``SamplingParams`` these defaults describe."""

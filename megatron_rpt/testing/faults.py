@@ -1,11 +1,8 @@
-"""Fault injection for tests: corrupted weight buckets, failing engines, a stall hook.
+"""Fault injection for tests: corrupted weight buckets, failing engines.
 
 * ``corrupt_bucket``: a weight-sync tamper hook (below);
 * ``FaultyEngine`` / ``EngineFaults``: a rollout engine wrapper whose sampling calls die or
-  hang on a plan shared across restarts (trainer/engine_guard.py tests);
-* ``stall_point``: the training loop calls it at fixed points; with
-  ``MEGATRON_RPT_TEST_STALL=<phase>:<step>:<marker file>`` set, the run writes the marker and
-  sleeps there, so a test can SIGKILL it at a known point of a step (a no-op otherwise).
+  hang on a plan shared across restarts (trainer/fleet.py tests).
 
 ``sync_weights(..., tamper=corrupt_bucket(i))`` applies the hook to bucket ``i`` *after* the
 trainer-side fingerprints were recorded and before the engine sees it, as a transport bug
@@ -15,15 +12,11 @@ views of the trainer's parameters, which must stay untouched.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-
-STALL_ENV = "MEGATRON_RPT_TEST_STALL"
 
 
 def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a Tamper hook
@@ -55,17 +48,6 @@ def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a
         return [(name, bad), *rest]
 
     return tamper
-
-
-def stall_point(phase: str, step: int) -> None:
-    """Test hook (see the module docstring); returns at once unless the env var names this point."""
-    spec = os.environ.get(STALL_ENV)
-    if not spec:
-        return
-    want_phase, want_step, marker = spec.split(":", 2)
-    if phase == want_phase and step == int(want_step):
-        Path(marker).write_text(f"{os.getpid()} {phase} {step}\n")
-        time.sleep(3600)
 
 
 class EngineFaults:

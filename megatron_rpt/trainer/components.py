@@ -1,13 +1,13 @@
-"""Building the pieces the training loop drives: training step, data phase, engine, sync.
+"""Building the parts the training loop drives: the policy, the batch source, the engines.
 
 * ``build_train_step``: the Megatron model (from the initial weights, or straight from the
   checkpoint being resumed) wrapped in a ``TrainStep``; the NTP objective trains at
   temperature 1 (plain cross-entropy), RPT at the sampling temperature.
-* ``build_phase``: for RPT a ``RolloutPhase`` (train ``SampleStore``, tokenizer,
-  ``ContextSampler``, ``EngineGuard`` around the rollout engine on rank 0, ``WeightSync``);
-  for NTP an ``NTPPhase`` over windows of the same prepared data. Both answer the same small
-  interface the loop uses: ``sampler``, ``start``, ``next_batch``, ``push_weights``,
-  ``shutdown``.
+* ``build_source``: for RPT a ``RolloutSource`` (train ``SampleStore``, tokenizer,
+  ``ContextSampler``) whose generate function is the ``EngineFleet``: one engine per
+  ``rollout.gpus_per_engine`` ranks (``fleet_placement``), each in an ``EngineGuard`` on its
+  lead rank and fed by that rank's ``WeightSync``; for NTP an ``NTPSource`` over windows of
+  the same prepared data, and no engines.
 * ``default_engine_factory``: the engine ``rollout.engine`` names, loaded from
   ``rollout.model`` or ``model.hf_path``. A directory without weights (an HF config given for
   a Megatron checkpoint) gives an engine with placeholder weights: the first weight sync
@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from megatron_rpt.errors import ConfigError
+from megatron_rpt.rollout.placement import EnginePlacement, default_gpus_per_engine
 from megatron_rpt.trainer.engine_guard import EngineFactory, EngineGuard
-from megatron_rpt.trainer.ntp import NTPPhase, NTPWindows
-from megatron_rpt.trainer.rollout_phase import RolloutPhase, StepRollouts
+from megatron_rpt.trainer.fleet import EngineFleet
+from megatron_rpt.trainer.ntp import NTPSource, NTPWindows
+from megatron_rpt.trainer.rollout_source import RolloutSource
 from megatron_rpt.trainer.sampler import ContextSampler
 from megatron_rpt.trainer.step import TrainStep
 from megatron_rpt.weight_sync.fp8 import DequantizingEngine, rollout_quantization
@@ -42,8 +46,10 @@ def build_train_step(cfg: Any, groups: Any, resume: str | Path | None) -> TrainS
     return TrainStep.from_config(cfg, groups, model=model_cfg, temperature=1.0 if ntp else None)
 
 
-def default_engine_factory(cfg: Any) -> EngineFactory:
-    """Builds the engine ``cfg.rollout`` describes (called on the driver rank only)."""
+def default_engine_factory(
+    cfg: Any, placement: EnginePlacement | None = None, engine: int = 0
+) -> EngineFactory:
+    """Builds engine ``engine`` of ``placement`` as ``cfg.rollout`` describes (on its lead rank)."""
     from megatron_rpt.assets import resolve_model_path
 
     path = resolve_model_path(cfg.rollout.model or cfg.model.hf_path)
@@ -60,7 +66,7 @@ def default_engine_factory(cfg: Any) -> EngineFactory:
             return DequantizingEngine(engine, quantization, dtype)
         from megatron_rpt.rollout.sglang_engine import SGLangEngine
 
-        rollout = cfg.rollout
+        rollout = _sglang_server_of(cfg.rollout, placement, engine)
         if not has_weights:  # SGLang allocates random weights; the first sync fills them
             sglang = dataclasses.replace(
                 rollout.sglang, extra_args={**rollout.sglang.extra_args, "load-format": "dummy"}
@@ -69,6 +75,31 @@ def default_engine_factory(cfg: Any) -> EngineFactory:
         return SGLangEngine.launch(rollout, str(path), seed=cfg.run.seed)
 
     return build
+
+
+def _sglang_server_of(rollout: Any, placement: EnginePlacement | None, engine: int) -> Any:
+    """``rollout`` with engine ``engine``'s GPUs (--tp-size, --base-gpu-id) and its own port.
+
+    An engine wider than a node (the one-engine fallback) keeps ``rollout.sglang.tp_size``
+    GPUs of its lead's node, as a single engine always did.
+    """
+    s = rollout.sglang
+    if placement is None or placement.gpus_per_engine > placement.node_size:
+        return rollout
+    if s.tp_size != placement.gpus_per_engine:
+        logger.warning(
+            "rollout.sglang.tp_size=%d: engines run with --tp-size rollout.gpus_per_engine=%d",
+            s.tp_size, placement.gpus_per_engine,
+        )  # fmt: skip
+    per_node = placement.node_size // placement.gpus_per_engine
+    sglang = dataclasses.replace(
+        s, tp_size=placement.gpus_per_engine, port=s.port + engine % per_node if s.port else 0,
+        extra_args={**s.extra_args, "base-gpu-id": placement.base_gpu_id(engine)},
+        # disaggregated: each engine's own NCCL weight group with its lead rank
+        nccl_master_port=s.nccl_master_port + engine % per_node,
+        weight_group_name=f"{s.weight_group_name}_{engine}",
+    )  # fmt: skip
+    return dataclasses.replace(rollout, sglang=sglang)
 
 
 def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
@@ -80,63 +111,18 @@ def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
     )  # fmt: skip
 
 
-class RPTPhase:
-    """The RPT side of the loop: rollouts through the guarded engine, weight pushes."""
-
-    def __init__(self, rollouts: RolloutPhase, guard: EngineGuard) -> None:
-        self.rollouts, self.guard, self.sampler = rollouts, guard, rollouts.sampler
-
-    def start(self, version: int) -> Any:
-        """Engine up, trainer weights pushed (collective)."""
-        return self.guard.start(version)
-
-    def next_batch(self, step: int) -> StepRollouts:
-        """The step's global batch (collective)."""
-        return self.rollouts.next_batch(step)
-
-    def push_weights(self, version: int) -> Any:
-        """Weight sync after the optimizer step (collective)."""
-        return self.guard.push_weights(version)
-
-    def shutdown(self) -> None:
-        """Stop the engine."""
-        self.guard.shutdown()
-
-
-class NTPControlPhase:
-    """The NTP side: windows only; nothing to generate or push."""
-
-    def __init__(self, windows: NTPPhase) -> None:
-        self.windows, self.sampler = windows, windows.sampler
-
-    def start(self, version: int) -> None:
-        """Nothing to start."""
-
-    def next_batch(self, step: int) -> StepRollouts:
-        """The step's windows as a batch (identical on every rank, no communication)."""
-        batch, record = self.windows.next_batch(step)
-        return StepRollouts(batch, record, self.sampler.state_dict(), ([], []))
-
-    def push_weights(self, version: int) -> None:
-        """No engine."""
-
-    def shutdown(self) -> None:
-        """Nothing to stop."""
-
-
-def build_phase(
+def build_source(
     cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
-) -> RPTPhase | NTPControlPhase:
-    """The data side of the loop for ``cfg.train.objective`` (collective for RPT)."""
+) -> tuple[RolloutSource | NTPSource, EngineFleet | None]:
+    """The batch source for ``cfg.train.objective`` and the engines it samples from (RPT)."""
     prepared = Path(cfg.data.prepared_dir)
     if cfg.train.objective == "ntp":
         windows = NTPWindows(prepared, cfg.data.context_tokens)
         sampler = ContextSampler(len(windows), cfg.run.seed)
-        return NTPControlPhase(NTPPhase(windows, sampler, cfg.train.contexts_per_step))
+        return NTPSource(windows, sampler, cfg.train.contexts_per_step), None
     from transformers import AutoTokenizer
 
     from megatron_rpt.data.store import SampleStore
-    from megatron_rpt.weight_sync import WeightSync
 
     store = SampleStore.open(
         prepared,
@@ -144,33 +130,89 @@ def build_phase(
         context_tokens=cfg.data.context_tokens,
         continuation_tokens=cfg.data.continuation_tokens,
     )
-    driver = dist.get_rank() == 0
-    tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir) if driver else None
+    tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir)
+    fleet = build_fleet(cfg, train_step, engine_factory)
+    sampler = ContextSampler(len(store), cfg.run.seed)
+    return RolloutSource(cfg, store, tokenizer, sampler, fleet.generate), fleet
+
+
+def build_fleet(
+    cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
+) -> EngineFleet:
+    """The run's engines (one per ``rollout.gpus_per_engine`` ranks) and their weight sync."""
+    from megatron_rpt.weight_sync import WeightSync, sync_weights
+
+    r, rank = cfg.rollout, dist.get_rank()
+    placement = fleet_placement(cfg, dist.get_world_size())
+    crowded = _crowded_model_parallel_group(placement, train_step.groups)
+    if crowded and r.gpus_per_engine is None:  # the default cannot work here: one engine
+        logger.warning(
+            "rollout.gpus_per_engine defaults to TP=%d, which puts the lead ranks %s of several "
+            "engines in one model-parallel group (pipeline parallel); the weight sync feeds one "
+            "engine per group, so this run uses one engine for all %d ranks",
+            placement.gpus_per_engine, crowded, placement.world_size,
+        )  # fmt: skip
+        placement = dataclasses.replace(placement, gpus_per_engine=placement.world_size)
+    elif crowded:
+        raise ConfigError(
+            f"rollout.gpus_per_engine={placement.gpus_per_engine} puts the lead ranks {crowded} "
+            "of several engines in one model-parallel group; the weight sync feeds one engine "
+            "per model-parallel group: choose rollout.gpus_per_engine so that each group holds "
+            "at most one lead (a multiple of the tensor-parallel size at PP = 1)"
+        )
+    slot = placement.slot(rank)
+    guard = None
+    if slot.is_lead:
+        factory = engine_factory or default_engine_factory(cfg, placement, slot.engine)
+        guard = EngineGuard(factory, timeout_s=r.timeout_s, name=f"rollout engine {slot.engine}")
     wsync = WeightSync(
-        train_step.built, train_step.groups, None, cfg.weight_sync,
+        train_step.built, train_step.groups, guard, cfg.weight_sync,
         rollout_quantization(cfg.precision),
     )  # fmt: skip
 
-    def sync(engine: Any, version: int) -> Any:
+    def push(version: int, engines: frozenset[int] | None) -> Any:
+        # Seam for the colocated hand-off and per-engine-rank payloads: every lead rank feeds
+        # its own engine from its model-parallel group; a restart feeds only ``engines``.
         train_step.finish_param_sync()
-        wsync.engine = engine
-        return wsync(version=version)
+        if engines is None or slot.engine in engines:
+            return wsync(version=version)
+        return sync_weights(
+            wsync.built, wsync.groups, None, wsync.plan, version=version, cfg=wsync.cfg
+        )
 
-    guard = EngineGuard(
-        (engine_factory or default_engine_factory(cfg)) if driver else None,
-        sync,
-        timeout_s=cfg.rollout.timeout_s,
-        max_restarts=cfg.rollout.max_restarts,
-        is_driver=driver,
-    )
-    sampler = ContextSampler(len(store), cfg.run.seed)
-    return RPTPhase(RolloutPhase(cfg, store, tokenizer, sampler, guard), guard)
+    n = r.n_samples
+    return EngineFleet(
+        placement, guard, push, rank=rank, max_restarts=r.max_restarts,
+        block_contexts=r.block_contexts or max(1, r.max_batch_rows // n),
+        release_after_rollout=r.engine == "sglang" and r.mode == "colocated",
+    )  # fmt: skip
+
+
+def fleet_placement(cfg: Any, world_size: int) -> EnginePlacement:
+    """The engines' placement for ``cfg.rollout`` over ``world_size`` ranks."""
+    r = cfg.rollout
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    return EnginePlacement(
+        world_size,
+        default_gpus_per_engine(r.gpus_per_engine, cfg.parallel.tensor_model_parallel_size),
+        gpus_per_node=int(local) if local else None, mode=r.mode,
+        engine_gpu_offset=r.engine_gpu_offset,
+    )  # fmt: skip
+
+
+def _crowded_model_parallel_group(placement: EnginePlacement, groups: Any) -> list[int]:
+    """Lead ranks of a model-parallel group holding more than one (collective; [] if none)."""
+    leads = set(placement.leads())
+    mine = [r for r in dist.get_process_group_ranks(groups.pg_collection.mp) if r in leads]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return next((x for x in everyone if len(x) > 1), [])
 
 
 __all__ = [
-    "NTPControlPhase",
-    "RPTPhase",
-    "build_phase",
+    "build_fleet",
+    "fleet_placement",
+    "build_source",
     "build_train_step",
     "default_engine_factory",
 ]

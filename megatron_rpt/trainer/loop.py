@@ -21,7 +21,7 @@ Deviations from the paper (RPT_PAPER.md), one per line:
 * Before dynamic sampling starts, all-equal groups stay in the batch (advantage 0, as verl).
 * Dynamic sampling trains on a partial batch after its last round and skips an empty one.
 * The global gradient norm is clipped at 1.0; the paper's "clip 0.2" is the PPO ratio clip.
-* A failed or hung engine is restarted and the step retried (the paper reports nothing).
+* A failed or hung engine is restarted and its call retried (the paper reports nothing).
 * The CPU default (examples/smollm2_cpu) is scaled down and prefills an empty reasoning block.
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,21 +39,21 @@ import torch.distributed as dist
 
 from megatron_rpt.config_utils import to_dict
 from megatron_rpt.eval.flops import FlopsCounter
-from megatron_rpt.testing.faults import stall_point
-from megatron_rpt.trainer.checkpoint import (
-    TrainerState,
-    is_save_step,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
-from megatron_rpt.trainer.components import build_phase, build_train_step
+from megatron_rpt.trainer.components import build_source, build_train_step
 from megatron_rpt.trainer.engine_guard import EngineFactory
+from megatron_rpt.trainer.fleet import EngineFleet
+from megatron_rpt.trainer.metrics import StepMetrics
 from megatron_rpt.trainer.ntp import ntp_metrics
 from megatron_rpt.trainer.run_logger import RunLogger
+from megatron_rpt.trainer.run_state import RunState
+from megatron_rpt.trainer.step_batch import BatchSource, StepBatch
 
 logger = logging.getLogger(__name__)
 
 _MAX_SKIPPED_STEPS = 5
+
+PhaseHook = Callable[[str, int], None]
+"""``hook(phase, step)`` before "rollout", "train" and (when one is written) "checkpoint"."""
 
 
 @dataclass
@@ -71,92 +72,126 @@ def run_training(
     *,
     resume: str | Path | None = None,
     engine_factory: EngineFactory | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> TrainResult:
     """Train ``cfg`` (an ``RPTConfig``) to ``train.steps``; collective over all ranks.
 
     ``resume``: a training checkpoint to continue from (weights, optimizer, data order).
-    ``engine_factory`` replaces the engine ``rollout.engine`` describes (driver rank only).
+    ``engine_factory`` replaces the engine ``rollout.engine`` describes. ``on_phase`` is
+    called at fixed points of every step (tests stop a run there).
     """
-    run_dir, ckpt_dir = Path(cfg.run.run_dir), Path(cfg.run.run_dir) / "checkpoints"
-    train_step = build_train_step(cfg, groups, resume)
-    state = load_training_checkpoint(train_step, resume) if resume else TrainerState(step=0)
-    phase = build_phase(cfg, train_step, engine_factory)
-    flops = FlopsCounter.for_arch(
-        train_step.built.arch, recompute=cfg.model.recompute_granularity == "full"
-    )
-    _restore(state, cfg, phase, flops)
+    state, source, fleet = _build(cfg, groups, resume, engine_factory)
+    policy, flops = state.policy, state.flops
     log = RunLogger(
-        cfg.log, run_dir, run_name=cfg.run.name, objective=cfg.train.objective,
-        start_step=train_step.step, total_steps=cfg.train.steps, config=to_dict(cfg),
+        cfg.log, Path(cfg.run.run_dir), run_name=cfg.run.name, objective=cfg.train.objective,
+        start_step=policy.step, total_steps=cfg.train.steps, config=to_dict(cfg),
         enabled=dist.get_rank() == 0, log_interval=cfg.train.log_interval,
     )  # fmt: skip
+    hook = on_phase or (lambda phase, step: None)
     checkpoint, record, skipped = None, None, 0
     try:
-        phase.start(version=train_step.step)  # a resumed engine gets the checkpoint's weights
+        if fleet is not None:
+            fleet.start(version=policy.step)  # a resumed engine gets the checkpoint's weights
         with _console(log):
-            while train_step.step < cfg.train.steps:
-                step, t0 = train_step.step, time.perf_counter()
-                # Sample contexts, generate G responses each, reward them, GRPO advantages.
-                stall_point("rollout", step)
-                rollouts = phase.next_batch(step)
-                t_rollout = time.perf_counter() - t0
-                flops.add_rollout(*rollouts.rollout_flops)
-                if rollouts.batch is None:
-                    skipped = _skip(skipped, step)
-                    continue
-                skipped = 0
-                # One policy-gradient step on the whole batch (exactly on-policy).
-                stall_point("train", step)
-                metrics = train_step.train_step(rollouts.batch)
-                seqs = rollouts.batch.sequences
-                flops.add_training(
-                    [s.prompt_ids.numel() for s in seqs], [s.response_ids.numel() for s in seqs]
-                )
-                # The engine samples the next step from the new weights.
-                t1 = time.perf_counter()
-                sync = phase.push_weights(version=train_step.step)
-                metrics.time_s.update(rollout=t_rollout, weight_sync=time.perf_counter() - t1)
-                record = {**metrics.as_dict(), **rollouts.record, **flops.end_step()}
-                if sync is not None:
-                    record.update(sync.as_dict())
-                # Checkpoint: weights, optimizer, RNG, and where the data order stands.
-                t2 = time.perf_counter()
-                saved = is_save_step(train_step.step, cfg.checkpoint, cfg.train.steps)
-                if saved:
-                    stall_point("checkpoint", step)
-                    extra = {"sampler": phase.sampler.state_dict(), "flops": flops.state_dict(),
-                             "objective": cfg.train.objective}  # fmt: skip
-                    checkpoint = save_training_checkpoint(
-                        train_step, ckpt_dir, cfg.checkpoint, extra=extra
-                    )
-                record["time/checkpoint_s"] = time.perf_counter() - t2
-                record["time/step_s"] = time.perf_counter() - t0
-                record["time/step_tokens_per_s"] = metrics.batch["tokens"] / record["time/step_s"]
-                if cfg.train.objective == "ntp":
-                    record = ntp_metrics(record)
+            while policy.step < cfg.train.steps:
+                step, times = policy.step, StepTimes()
+                with times("step"):
+                    hook("rollout", step)
+                    with times("rollout"):  # contexts -> G responses -> rewards -> advantages
+                        # Colocated hand-off, before: trainer offload, engines resume (seam).
+                        rollouts = source.next_batch(step)
+                        _after_rollout(fleet, rollouts)
+                    flops.add_rollout(*rollouts.rollout_flops)
+                    if rollouts.batch is None:  # dynamic sampling kept no group
+                        skipped = _skip(skipped, step)
+                        continue
+                    skipped = 0
+                    hook("train", step)
+                    metrics = policy.train_step(rollouts.batch)  # one exactly on-policy step
+                    with times("weight_sync"):  # the engines sample the next step from theta
+                        synced = fleet.push_weights(policy.step) if fleet is not None else None
+                    record = _record(metrics, rollouts, flops, synced, times)  # counts FLOPs
+                    with times("checkpoint"):  # weights, optimizer, RNG, data order, FLOPs
+                        saved = state.save_due()
+                        if saved:
+                            hook("checkpoint", step)
+                            checkpoint = state.save()
+                record = _with_times(record, metrics, times, cfg.train.objective)
                 log.log(record)
                 if saved:
                     log.plot()
     finally:
-        phase.shutdown()
+        if fleet is not None:
+            fleet.shutdown()
         log.close()
-    return TrainResult(train_step.step, checkpoint, record)
+    return TrainResult(policy.step, checkpoint, record)
 
 
-def _restore(state: TrainerState, cfg: Any, phase: Any, flops: FlopsCounter) -> None:
-    """Data order and FLOP counts of a resumed run (nothing for a fresh one)."""
-    if state.step == 0 and not state.extra:
-        return
-    saved = state.extra.get("objective", "rpt")
-    if saved != cfg.train.objective:
-        from megatron_rpt.errors import CheckpointError
+def _build(
+    cfg: Any, groups: Any, resume: str | Path | None, engine_factory: EngineFactory | None
+) -> tuple[RunState, BatchSource, EngineFleet | None]:
+    """The policy and the stateful parts (resumed), the batch source and its engines."""
+    policy = build_train_step(cfg, groups, resume)
+    source, fleet = build_source(cfg, policy, engine_factory)
+    flops = FlopsCounter.for_arch(
+        policy.built.arch, recompute=cfg.model.recompute_granularity == "full"
+    )
+    state = RunState(
+        policy, source.sampler, flops, objective=cfg.train.objective, checkpoint=cfg.checkpoint,
+        total_steps=cfg.train.steps, checkpoints_dir=Path(cfg.run.run_dir) / "checkpoints",
+    )  # fmt: skip
+    if resume:
+        state.resume(resume)
+    return state, source, fleet
 
-        raise CheckpointError(
-            f"the checkpoint was trained with train.objective={saved}, this run sets "
-            f"{cfg.train.objective}; use another run.run_dir"
-        )
-    phase.sampler.load_state_dict(state.extra["sampler"])
-    flops.load_state_dict(state.extra["flops"])
+
+class StepTimes:
+    """Wall times of a step's phases: ``with times("rollout"): ...`` (seconds by name)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        """Time the block (accumulates when a name repeats)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _after_rollout(fleet: EngineFleet | None, rollouts: StepBatch) -> None:
+    """Hand the memory back to the trainer (colocated engines release theirs; seam for the
+    trainer's reload); the engines' per-step metrics join the step's record."""
+    if fleet is not None:
+        fleet.after_rollout()
+        rollouts.record.update(fleet.pop_metrics())
+
+
+def _record(
+    metrics: StepMetrics, rollouts: StepBatch, flops: FlopsCounter, synced: Any, times: StepTimes
+) -> dict[str, Any]:
+    """The step's flat metrics; closes the step's FLOP count (before a checkpoint saves it)."""
+    seqs = rollouts.batch.sequences if rollouts.batch is not None else []
+    flops.add_training([s.prompt_ids.numel() for s in seqs], [s.response_ids.numel() for s in seqs])
+    metrics.time_s.update(
+        rollout=times.seconds["rollout"], weight_sync=times.seconds["weight_sync"]
+    )
+    record = {**metrics.as_dict(), **rollouts.record, **flops.end_step()}
+    if synced is not None:
+        record.update(synced.as_dict())
+    return record
+
+
+def _with_times(
+    record: dict[str, Any], metrics: StepMetrics, times: StepTimes, objective: str
+) -> dict[str, Any]:
+    """The checkpoint and whole-step times added; the NTP control's metric names."""
+    step_s = times.seconds["step"]
+    record = {**record, "time/checkpoint_s": times.seconds["checkpoint"], "time/step_s": step_s,
+              "time/step_tokens_per_s": metrics.batch["tokens"] / step_s}  # fmt: skip
+    return ntp_metrics(record) if objective == "ntp" else record
 
 
 def _skip(skipped: int, step: int) -> int:

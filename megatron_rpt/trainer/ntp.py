@@ -35,6 +35,7 @@ import torch
 from megatron_rpt.errors import DataError
 from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
 from megatron_rpt.trainer.sampler import ContextSampler
+from megatron_rpt.trainer.step_batch import StepBatch
 
 
 class NTPWindows:
@@ -83,15 +84,15 @@ class NTPWindows:
         return np.asarray(self.tokens.get(doc, offset=start, length=length), dtype=np.int64)
 
 
-class NTPPhase:
+class NTPSource:
     """Batches of ``train.contexts_per_step`` windows (every rank computes the same)."""
 
     def __init__(self, windows: NTPWindows, sampler: ContextSampler, contexts_per_step: int):
         """Draw ``contexts_per_step`` windows per step from ``sampler`` (over ``windows``)."""
         self.windows, self.sampler, self.n = windows, sampler, contexts_per_step
 
-    def next_batch(self, step: int) -> tuple[RolloutBatch, dict[str, Any]]:
-        """The step's batch and its data record (collective-free)."""
+    def next_batch(self, step: int) -> StepBatch:
+        """The step's windows as a batch, with its data record (no communication)."""
         ids = self.sampler.take(self.n)
         sequences = []
         for g, i in enumerate(ids):
@@ -111,7 +112,7 @@ class NTPPhase:
             "data/consumed": float(self.sampler.consumed),
             "data/sample_ids": ids,
         }
-        return RolloutBatch(sequences), record
+        return StepBatch(RolloutBatch(sequences), record, ([], []))
 
 
 def ntp_metrics(record: dict[str, Any]) -> dict[str, Any]:
@@ -129,4 +130,4 @@ def ntp_metrics(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["NTPPhase", "NTPWindows", "ntp_metrics"]
+__all__ = ["NTPSource", "NTPWindows", "ntp_metrics"]

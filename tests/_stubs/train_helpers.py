@@ -60,6 +60,29 @@ def train_cmd(run_dir: Path, *sets: str) -> list[str]:
     return [sys.executable, "-m", "megatron_rpt.train", *train_argv(run_dir, *sets)]
 
 
+def stalling_cmd(run_dir: Path, phase: str, step: int, marker: Path, *sets: str) -> list[str]:
+    """``train_cmd`` whose run writes ``marker`` and sleeps at ``phase`` of ``step`` (0-based)."""
+    code = "import sys; from tests._stubs.train_helpers import _main_stalling; _main_stalling()"
+    return [sys.executable, "-c", code, phase, str(step), str(marker), *train_argv(run_dir, *sets)]
+
+
+def _main_stalling() -> None:
+    """The entry point with a phase hook that stalls (the process of ``stalling_cmd``)."""
+    import time
+
+    from megatron_rpt.cli import run_cli
+    from megatron_rpt.train import main
+
+    phase, step, marker, *argv = sys.argv[1:]
+
+    def hook(at_phase: str, at_step: int) -> None:
+        if (at_phase, at_step) == (phase, int(step)):
+            Path(marker).write_text(f"{os.getpid()} {phase} {step}\n")
+            time.sleep(3600)
+
+    run_cli(lambda _: main(argv, on_phase=hook))
+
+
 def run_train(run_dir: Path, *sets: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a training subprocess to completion; fail with its output if it fails."""
     proc = subprocess.run(

@@ -1,7 +1,8 @@
 """examples/pretrain_rpt.sh on 2 CPU processes (torchrun, gloo) at TP=2 with the tiny recipe.
 
-The launcher starts torchrun itself; rank 0 drives the HF engine and broadcasts the rollouts,
-the weight sync gathers the two TP shards to it. The first step trains on exactly the batch the
+The launcher starts torchrun itself; one HF engine (rollout.gpus_per_engine defaults to TP = 2)
+driven by rank 0, its completions gathered to both ranks; the weight sync gathers the two TP
+shards to it. The first step trains on exactly the batch the
 single-process reference run trained on (same initial weights, same seeds), so its rewards and
 contexts are identical and its gradient norm equal up to the reduction order; the checkpoint
 records the TP=2 layout and exports to HF.

@@ -1,8 +1,7 @@
 """Reliability of a real training run (tiny recipe, 5 steps, a checkpoint after every step).
 
-* Kill and resume: the entry point is SIGKILLed in the middle of step 4 (a test-only stall
-  hook, megatron_rpt.testing.faults.stall_point, holds it there so the kill lands at a known
-  point); the same command run again resumes from the last complete checkpoint (step 3).
+* Kill and resume: the entry point is SIGKILLed in the middle of step 4 (a phase hook passed
+  to ``megatron_rpt.train.main`` holds it there so the kill lands at a known point); the same command run again resumes from the last complete checkpoint (step 3).
   Over the whole run the contexts consumed, the per-step rewards and the final weights equal
   an uninterrupted run's: no context trained twice or skipped, an exact resume.
 * Engine faults inside the loop: the engine dies in one step and hangs in another; each is
@@ -39,9 +38,8 @@ def _assert_same_run(run, reference):
 def test_sigkill_mid_step_then_same_command_resumes_exactly(tmp_path):
     reference = th.reference_run()
     run, marker = tmp_path / "run", tmp_path / "stalled"
-    cmd = th.train_cmd(run, *th.SHORT)
-    env = {**th.env(), "MEGATRON_RPT_TEST_STALL": f"train:3:{marker}"}
-    proc = subprocess.Popen(cmd, env=env, cwd=th.ROOT, start_new_session=True,
+    cmd = th.stalling_cmd(run, "train", 3, marker, *th.SHORT)
+    proc = subprocess.Popen(cmd, env=th.env(), cwd=th.ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 400
     while not marker.exists():
@@ -62,18 +60,12 @@ def test_sigkill_mid_step_then_same_command_resumes_exactly(tmp_path):
 
 def _train_with_faults(rank, world_size, argv, plan, always):
     from megatron_rpt.testing.faults import EngineFaults, FaultyEngine
-    from megatron_rpt.train import main
-    from megatron_rpt.trainer import components
+    from megatron_rpt.train import main, parse_args, resolve_config
+    from megatron_rpt.trainer.components import default_engine_factory
 
     faults = EngineFaults(plan, always=always, hang_s=600)
-    make = components.default_engine_factory
-
-    def factory(cfg):
-        inner = make(cfg)
-        return lambda: FaultyEngine(inner(), faults)
-
-    components.default_engine_factory = factory
-    main(argv)
+    inner = default_engine_factory(resolve_config(parse_args(argv)))
+    main(argv, engine_factory=lambda: FaultyEngine(inner(), faults))
     return faults.injected, faults.engines_built
 
 

@@ -77,3 +77,52 @@ def test_no_print_in_library():
 )
 def test_every_module_imports_without_gpu_extras(module):
     importlib.import_module(module)
+
+
+# The RL orchestration, lowest layer first: each module may import only modules before it
+# (the loop drives the source, the source calls the fleet's generate, the fleet the guarded
+# engine: loop -> source -> fleet -> engine).
+ORCHESTRATION = [
+    "megatron_rpt.rollout.types",
+    "megatron_rpt.rollout.placement",
+    "megatron_rpt.rollout.routing",
+    "megatron_rpt.trainer.engine_guard",
+    "megatron_rpt.trainer.fleet",
+    "megatron_rpt.trainer.step_batch",
+    "megatron_rpt.trainer.rollout_source",
+    "megatron_rpt.trainer.ntp",
+    "megatron_rpt.trainer.run_state",
+    "megatron_rpt.trainer.components",
+    "megatron_rpt.trainer.loop",
+]
+
+
+def _module_imports(module: str) -> set[str]:
+    path = ROOT / (module.replace(".", "/") + ".py")
+    return set(_imports(ast.parse(path.read_text())))
+
+
+def test_orchestration_import_order():
+    present = [m for m in ORCHESTRATION if (ROOT / (m.replace(".", "/") + ".py")).is_file()]
+    bad = []
+    for i, module in enumerate(present):
+        later = present[i + 1 :]
+        for name in _module_imports(module):
+            for other in later:
+                if name == other or name.startswith(other + "."):
+                    bad.append(f"{module} imports {other}, which is above it")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_product_code_has_no_test_hooks():
+    bad = []
+    for path in _modules():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("megatron_rpt/testing/"):
+            continue
+        text = path.read_text()
+        if any(n.startswith("megatron_rpt.testing") for n in _imports(ast.parse(text))):
+            bad.append(f"{rel} imports megatron_rpt.testing")
+        if "MEGATRON_RPT_TEST" in text:
+            bad.append(f"{rel} reads a test environment variable")
+    assert not bad, "\n".join(sorted(bad))

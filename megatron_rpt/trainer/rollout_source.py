@@ -1,14 +1,15 @@
 r"""One step's rollouts: contexts -> G responses each -> reward -> GRPO advantages -> a batch.
 
-``RolloutPhase.next_batch(step)`` is collective. The driver (global rank 0, which holds the
-engine through ``EngineGuard``) does, per sampling round:
+``RolloutSource.next_batch(step)`` runs on every rank and computes the same batch everywhere:
+only its ``generate`` function (the engine fleet, trainer/fleet.py) communicates, returning
+every request's completions on every rank. Per sampling round:
 
 1. **sample contexts**: the next ``train.contexts_per_step`` (then: the missing) sample ids
    from the ``ContextSampler``; each becomes a prompt (``data.prompt.build_prompt``: template,
    chat wrapper, reasoning opener);
-2. **generate G trajectories**: one ``engine.generate`` call with ``n = rollout.n_samples``,
-   requests ordered by document and position (``rollout.scheduling``) for prefix-cache reuse,
-   seeded by ``(run.seed, "rollout", contexts consumed so far)``, so a resumed or retried step
+2. **generate G trajectories**: one ``generate`` call with ``n = rollout.n_samples`` for the
+   round's requests (document and position travel with each prompt, for prefix-cache-aware
+   scheduling), seeded by ``(run.seed, "rollout", contexts consumed so far)``, so a resumed or retried step
    samples exactly what the uninterrupted one did;
 3. **parse and reward**: the registered reward (``reward.name``) scores the *assistant turn*:
    the reasoning opener the prompt already contains (``prompt.think_opener`` when
@@ -19,8 +20,8 @@ engine through ``EngineGuard``) does, per sampling round:
    rewards are all equal are dropped and more contexts are sampled until the batch is full
    (``DynamicBatchFiller``; every drawn context counts as consumed).
 
-The resulting ``RolloutBatch`` (with per-step statistics and the new sampler position) is
-broadcast, so every rank trains on the same global batch. Statistics cover every generated
+Every rank draws the same contexts (the sampler is deterministic) and scores the same
+completions, so every rank holds the same global batch. Statistics cover every generated
 response of the step, before dynamic sampling drops groups.
 """
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +43,14 @@ from megatron_rpt.loss.advantages import (
     grpo_advantages,
 )
 from megatron_rpt.reward import RewardTarget, extract_prediction, get_reward
-from megatron_rpt.rollout.scheduling import RolloutRequest, generate_in_document_order
-from megatron_rpt.rollout.types import Completion
+from megatron_rpt.rollout.scheduling import RolloutRequest
+from megatron_rpt.rollout.types import Completion, SamplingParams
 from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
-from megatron_rpt.trainer.engine_guard import EngineFailure, EngineGuard
 from megatron_rpt.trainer.sampler import ContextSampler, derive_seed
+from megatron_rpt.trainer.step_batch import StepBatch
+
+GenerateFn = Callable[[Sequence[RolloutRequest], SamplingParams], list[list[Completion]]]
+"""``generate(requests, params)``: ``params.n`` completions per request, in request order."""
 
 logger = logging.getLogger(__name__)
 
@@ -63,47 +67,19 @@ class Group:
     """The assistant turn has a parsable prediction (closed reasoning + closed box)."""
 
 
-@dataclass
-class StepRollouts:
-    """What the driver broadcasts after the rollout phase of a step."""
-
-    batch: RolloutBatch | None
-    """None when dynamic sampling kept no group (the step is skipped)."""
-    record: dict[str, Any]
-    """Flat per-step metrics (``rollout/*``, ``time/*``, ``data/*``, sample ids)."""
-    sampler_state: dict[str, Any]
-    rollout_flops: tuple[list[int], list[list[int]]]
-    """Prompt lengths and response lengths of every generated group (FLOP accounting)."""
-
-
-class RolloutPhase:
+class RolloutSource:
     """Contexts -> scored groups -> ``RolloutBatch`` (see the module docstring)."""
 
     def __init__(
-        self, cfg: Any, store: Any, tokenizer: Any, sampler: ContextSampler, guard: EngineGuard
+        self, cfg: Any, store: Any, tokenizer: Any, sampler: ContextSampler, generate: GenerateFn
     ) -> None:
         """``cfg`` is the run's ``RPTConfig``; ``store`` the train ``SampleStore``."""
         self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
-        self.sampler, self.guard = sampler, guard
+        self.sampler, self.generate = sampler, generate
         self.reward_fn = get_reward(cfg.reward.name)
-        r = cfg.rollout
-        self.colocated_sglang = r.engine == "sglang" and r.mode == "colocated"
 
-    def next_batch(self, step: int) -> StepRollouts:
-        """The global batch of optimizer step ``step`` (0-based; collective)."""
-        start = self.sampler.state_dict()
-
-        def produce(guard: EngineGuard) -> StepRollouts:
-            self.sampler.load_state_dict(start)  # a retried step draws the same contexts
-            return self._rollout(step)
-
-        out = self.guard.run(produce, version=step)
-        self.sampler.load_state_dict(out.sampler_state)
-        return out
-
-    # ------------------------------------------------------------------ driver
-
-    def _rollout(self, step: int) -> StepRollouts:
+    def next_batch(self, step: int) -> StepBatch:
+        """The global batch of optimizer step ``step`` (0-based; collective through generate)."""
         cfg = self.cfg
         target = cfg.train.contexts_per_step
         filler = None
@@ -133,8 +109,6 @@ class RolloutPhase:
                 kept = filler.finish()
                 break
             need = filler.groups_needed
-        if self.colocated_sglang:  # give the GPU memory back to the trainer
-            self.guard.call(lambda e: e.release_memory(), "engine.release_memory")
         batch = self._make_batch(kept) if kept else None
         if batch is None:
             logger.warning("step %d: no group with unequal rewards was sampled; skipping it", step)
@@ -143,7 +117,7 @@ class RolloutPhase:
             [len(g.prompt_ids) for g in generated],
             [[len(c.token_ids) for c in g.completions] for g in generated],
         )
-        return StepRollouts(batch, record, self.sampler.state_dict(), lengths)
+        return StepBatch(batch, record, lengths)
 
     def _round(self, ids: list[int], seed: int, times: dict[str, float]) -> list[Group]:
         """Prompts of ``ids``, their G responses each, scored."""
@@ -156,12 +130,7 @@ class RolloutPhase:
             RolloutRequest(s.doc_id, s.position, tuple(p))
             for s, (p, _) in zip(samples, prompts, strict=True)
         ]
-        if cfg.rollout.schedule == "document":
-            completions = generate_in_document_order(
-                lambda ps: self.guard.generate(ps, params), requests
-            )
-        else:
-            completions = self.guard.generate([r.prompt_ids for r in requests], params)
+        completions = self.generate(requests, params)
         t1 = time.perf_counter()
         groups = [
             self._score(s, p, opener, c)
@@ -202,8 +171,7 @@ class RolloutPhase:
             for comp, adv, reward in zip(group.completions, adv_G, group.rewards, strict=True):
                 if not comp.token_ids:
                     continue  # nothing to train on (an engine that returned no token)
-                if comp.logprobs is None:
-                    raise EngineFailure("the engine returned no log-probs (return_logprobs)")
+                assert comp.logprobs is not None, "EngineGuard.generate checks log-probs"
                 sequences.append(
                     TrainSequence(
                         prompt_ids=group.prompt_ids,
@@ -255,4 +223,4 @@ def _statistics(
     }
 
 
-__all__ = ["Group", "RolloutPhase", "StepRollouts"]
+__all__ = ["GenerateFn", "Group", "RolloutSource"]

@@ -1,0 +1,69 @@
+"""Everything a training checkpoint holds, in one place: the policy, the data order, FLOPs.
+
+The policy (weights, optimizer, scheduler, RNG, step) is written by
+``trainer.checkpoint.save_training_checkpoint``; the loop's own state (the sampler's position,
+the FLOP counters, the objective) travels in its ``extra`` entry. ``RunState`` registers those
+parts once, so the loop only asks it to resume or to save when a save is due.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_rpt.errors import CheckpointError
+from megatron_rpt.eval.flops import FlopsCounter
+from megatron_rpt.trainer.checkpoint import (
+    is_save_step,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from megatron_rpt.trainer.config import CheckpointConfig
+from megatron_rpt.trainer.sampler import ContextSampler
+from megatron_rpt.trainer.step import TrainStep
+
+
+class RunState:
+    """The stateful parts of a run, saved and restored together (collective)."""
+
+    def __init__(
+        self,
+        policy: TrainStep,
+        sampler: ContextSampler,
+        flops: FlopsCounter,
+        *,
+        objective: str,
+        checkpoint: CheckpointConfig,
+        total_steps: int,
+        checkpoints_dir: Path,
+    ) -> None:
+        """``objective`` is ``train.objective`` (a checkpoint refuses to continue another)."""
+        self.policy, self.sampler, self.flops = policy, sampler, flops
+        self.objective, self.cfg = objective, checkpoint
+        self.total_steps, self.dir = total_steps, Path(checkpoints_dir)
+
+    def resume(self, path: str | Path) -> None:
+        """Weights, optimizer, RNG and step, then the data order and FLOP counts."""
+        extra = load_training_checkpoint(self.policy, path).extra
+        if self.policy.step == 0 and not extra:
+            return
+        saved = extra.get("objective", "rpt")
+        if saved != self.objective:
+            raise CheckpointError(
+                f"the checkpoint was trained with train.objective={saved}, this run sets "
+                f"{self.objective}; use another run.run_dir"
+            )
+        self.sampler.load_state_dict(extra["sampler"])
+        self.flops.load_state_dict(extra["flops"])
+
+    def save_due(self) -> bool:
+        """A checkpoint is due after the current step (``checkpoint.interval``, the last step)."""
+        return is_save_step(self.policy.step, self.cfg, self.total_steps)
+
+    def save(self) -> Path:
+        """Write ``<checkpoints_dir>/step_NNNNNNN`` (collective)."""
+        extra = {"sampler": self.sampler.state_dict(), "flops": self.flops.state_dict(),
+                 "objective": self.objective}  # fmt: skip
+        return save_training_checkpoint(self.policy, self.dir, self.cfg, extra=extra)
+
+
+__all__ = ["RunState"]
