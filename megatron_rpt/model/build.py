@@ -49,7 +49,7 @@ from megatron_rpt.model.config import (
     check_parallel_config,
     check_precision_config,
 )
-from megatron_rpt.model.specs import layer_spec, resolve_spec_name
+from megatron_rpt.model.specs import layer_spec, local_block_spec, resolve_spec_name
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +257,17 @@ def build_model(
     chunks: list[torch.nn.Module] = []
     for vp_stage in range(groups.num_chunks):
         pre, post = groups.stage_flags(vp_stage)
+        chunk_vp = vp_stage if groups.vpp_size else None
+        block = (
+            local_block_spec(spec.spec, config, chunk_vp, groups.pp_rank)
+            if spec.name == "local"
+            else spec.spec
+        )
         # Tied embeddings over PP stages call `weight.data.cuda()` while building.
         with patches.cuda_device_mode():
             model = model_cls(
                 config=config,
-                transformer_layer_spec=spec.spec,
+                transformer_layer_spec=block,
                 vocab_size=vocab.padded,
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=pre,
@@ -272,7 +278,7 @@ def build_model(
                 rope_scaling=arch.rope_scaling_factor is not None,
                 rope_scaling_factor=arch.rope_scaling_factor or 8.0,
                 pg_collection=groups.pg_collection,
-                vp_stage=vp_stage if groups.vpp_size else None,
+                vp_stage=chunk_vp,
                 **extra,
             )
         if config.bf16:
