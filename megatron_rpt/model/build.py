@@ -134,13 +134,8 @@ def build_transformer_config(
     check_parallel_config(parallel)
     check_parallel_fit(arch, parallel)
     on_cpu = not capabilities.have_cuda()
-    if on_cpu and model_cfg.recompute_granularity != "none":
-        # Megatron's activation checkpointing saves/restores the CUDA RNG state, which CPU-only
-        # torch does not have; recomputation would only cost time on CPU anyway.
-        raise ConfigError(
-            f"model.recompute_granularity={model_cfg.recompute_granularity} needs a GPU "
-            "(Megatron's activation checkpointing uses the CUDA RNG); use 'none' on CPU"
-        )
+    if on_cpu:
+        _check_cpu_settings(model_cfg, parallel)
     dtype = DTYPES[model_cfg.dtype]
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
@@ -161,6 +156,8 @@ def build_transformer_config(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -185,6 +182,22 @@ def build_transformer_config(
         # (Megatron-LM #5100); the trainer pads its micro-batches to one shape there instead.
         config.variable_seq_lengths = True
     return config
+
+
+def _check_cpu_settings(model_cfg: ModelConfig, parallel: ParallelConfig) -> None:
+    """Settings that need a GPU, or a CPU patch that has been switched off."""
+    from megatron_rpt import patches
+
+    if parallel.context_parallel_size > 1:
+        raise ConfigError(
+            f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
+            "Engine attention on a GPU (model.spec=te); use 1 on CPU"
+        )
+    if model_cfg.recompute_granularity != "none" and "rng" not in patches.enabled_patches():
+        raise ConfigError(
+            f"model.recompute_granularity={model_cfg.recompute_granularity} on CPU needs the "
+            f"'rng' patch, switched off by {patches.ENV_VAR}; add it or use 'none'"
+        )
 
 
 def _fp8_kwargs(

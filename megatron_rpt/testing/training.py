@@ -134,10 +134,13 @@ def build_train_step(
     seed: int = 0,
     megatron_checkpoint: str | None = None,
     precision: Any = None,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> Any:
     """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``.
 
-    ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU).
+    ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU);
+    ``recompute``: ``model.recompute_granularity`` (none, selective, full).
     """
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.loss.config import LossConfig
@@ -152,8 +155,10 @@ def build_train_step(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel,
     )
     model_cfg = ModelConfig(
+        recompute_granularity=recompute,  # type: ignore[arg-type]
         hf_path=hf_dir,
         dtype=dtype,
         spec=spec,  # type: ignore[arg-type]
