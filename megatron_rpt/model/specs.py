@@ -71,7 +71,6 @@ def layer_spec(choice: str, arch: ArchSpec) -> LayerSpec:
 def local_layer_spec(arch: ArchSpec) -> object:
     """Megatron-Core local modules + RMSNorm + SDPA core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     from megatron.core.transformer.identity_op import IdentityOp
 
     from megatron_rpt.model.sdpa_attention import SDPACoreAttention

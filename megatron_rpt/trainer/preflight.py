@@ -11,6 +11,12 @@ process group) raises ``InputError`` naming the setting for
 * an engine this machine cannot run (``rollout.engine=sglang`` without a GPU and SGLang);
 * a corpus that does not exist when the prepared data must be (re)built.
 
+``check_memory(cfg, hf_dir, world_size)`` is the GPU preflight: the planner
+(``megatron_rpt.planning``) estimates the trainer's and the colocated engine's memory per GPU
+from the architecture and the config, and a run that cannot fit fails here, before any model
+is built, naming the setting to change. It runs when a GPU is present (its memory is read from
+the device) or when a GPU memory is stated (tests, planning on a laptop).
+
 ``data_status`` tells whether ``data.prepared_dir`` holds data prepared with the run's data
 settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise.
 ``resolve_resume`` turns ``--resume auto|none|PATH`` into a checkpoint path or None.
@@ -62,11 +68,12 @@ def check_run(cfg: Any, world_size: int) -> Path:
     hf_dir = policy_hf_dir(cfg)
     check_parallel_fit(read_arch(hf_dir), cfg.parallel)
     p = cfg.parallel
-    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % mp:
         raise ConfigError(
-            f"parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size = {mp} "
-            f"must divide the number of processes ({world_size})"
+            f"parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size x "
+            f"parallel.context_parallel_size = {mp} must divide the number of processes "
+            f"({world_size})"
         )
     dp = world_size // mp
     per_step = cfg.train.contexts_per_step * (
@@ -92,6 +99,46 @@ def check_run(cfg: Any, world_size: int) -> Path:
     if status != "ok":
         check_corpus(cfg)
     return hf_dir
+
+
+def check_memory(
+    cfg: Any,
+    hf_dir: Path,
+    world_size: int,
+    *,
+    gpu_memory_gib: float | None = None,
+    gpus_per_node: int | None = None,
+) -> Any:
+    """Refuse a run that cannot fit in GPU memory (ConfigError naming the setting).
+
+    Returns the ``RunPlan`` (logged), or None without a GPU and without ``gpu_memory_gib``.
+    ``gpus_per_node`` defaults to torchrun's ``LOCAL_WORLD_SIZE``.
+    """
+    import os
+
+    from megatron_rpt import capabilities
+    from megatron_rpt.model.arch import read_arch
+    from megatron_rpt.planning import ClusterSpec, PlanAssumptions, check_fit, format_plan
+    from megatron_rpt.planning.cluster import GiB
+    from megatron_rpt.planning.plan import plan_run
+
+    if gpu_memory_gib is None:
+        if not capabilities.have_cuda():
+            return None
+        import torch
+
+        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GiB
+    per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    per_node = max(1, min(per_node, world_size))
+    cluster = ClusterSpec(
+        nodes=max(1, world_size // per_node), gpus_per_node=per_node, gpu_memory_gib=gpu_memory_gib
+    )
+    assume = PlanAssumptions()
+    plan = plan_run(cfg, read_arch(hf_dir), cluster, assume)
+    logger.info("memory plan (tools/plan_run.py for step times):\n%s",
+                format_plan(plan, cluster, assume))  # fmt: skip
+    check_fit(plan)
+    return plan
 
 
 def check_corpus(cfg: Any) -> None:
@@ -215,6 +262,7 @@ def checkpoint_step(path: Path) -> int:
 
 __all__ = [
     "check_corpus",
+    "check_memory",
     "check_run",
     "checkpoint_step",
     "data_status",

@@ -8,8 +8,6 @@
 * configuration errors.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 

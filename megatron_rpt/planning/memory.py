@@ -1,0 +1,244 @@
+"""Per-GPU memory of the trainer and of the colocated rollout engine, from the architecture.
+
+Letters: L layers, H hidden, n_q / n_kv query / KV heads of size d, I MLP width, V (padded)
+vocabulary, t/p/c/dp the TP/PP/CP/DP sizes, a the activation dtype's bytes, T tokens of a
+micro-batch. Counted in bytes, for the worst pipeline stage:
+
+* **parameters** ``(layer matmuls / t) * L/p`` + replicated norms + the embedding (first stage)
+  / output layer (last stage) ``V*H/t``; a tied output layer is a second copy on the last
+  stage when p > 1 (as Megatron keeps it);
+* **gradients**: Megatron DDP's fp32 buffer, 4 bytes per parameter (``grad_reduce_in_fp32``);
+* **optimizer**: Adam's two fp32 moments + fp32 master weights for bf16 parameters (12 bytes;
+  8 for fp32 parameters), SGD's master weights and momentum; divided by dp x c with the
+  distributed optimizer;
+* **activations** saved for backward per layer and token (flash-style attention, no dropout)::
+
+      a * (4H/s + ((2 n_q + 2 n_kv) d + 3 I + q/k-norm inputs) / t) + 4 n_q / t
+
+  the two norm inputs and outputs (1/t of the tokens with sequence parallelism, s = t, else
+  s = 1), rotated q/k, v and the attention output, the gated MLP's two inputs and product,
+  the fp32 log-sum-exp. An attention backend that materialises the scores (torch's math SDPA
+  on CPU) adds ``a * n_q/t * S`` per token for S-token segments, removed by selective
+  recompute. Full recompute keeps only each layer's input ``a*H/s`` plus one layer's working
+  set. The first stage holds min(p, micro-batches) micro-batches in flight (1F1B); context
+  parallelism divides T by c;
+* **log-prob buffers** (last stage): a few fp32 ``[C, V/t]`` chunks of the fused log-prob
+  (C = ``loss.logprob_chunk_size``) and its output-weight gradient buffer;
+* **engine**: the model's weights / engine GPUs, and its KV cache
+  ``2 L d ceil(n_kv / g) * bytes`` per token on each of the engine's g GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_rpt.model.arch import ArchSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerShape:
+    """What the trainer's memory depends on besides the architecture."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    param_bytes: int = 2
+    """2 for bf16 parameters and activations, 4 for fp32."""
+    distributed_optimizer: bool = True
+    optimizer: str = "adam"
+    sgd_momentum: float = 0.0
+    recompute: str = "none"
+    """none | selective | full (Megatron's recompute_granularity)."""
+    microbatch_tokens: int = 16384
+    """Tokens of the largest micro-batch (all its rows)."""
+    microbatches: int = 1
+    """Micro-batches per DP rank per step."""
+    response_tokens: int | None = None
+    """Response (loss) tokens of the largest micro-batch; None: all its tokens."""
+    logprob_chunk: int = 1024
+    score_segment_tokens: int = 0
+    """Longest attention segment when the backend materialises scores (CPU math SDPA); 0 for
+    flash-style attention."""
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of one model replica."""
+
+    per_layer_matmul: int
+    per_layer_replicated: int
+    embedding: int
+    final_norm: int
+    tied: bool
+    layers: int
+
+    @classmethod
+    def from_arch(cls, arch: ArchSpec, padded_vocab: int | None = None) -> ParamCounts:
+        """Counts of ``arch`` (embedding rows: ``padded_vocab`` if given)."""
+        h, d, nq, nkv = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_kv_heads
+        matmul = h * d * (2 * nq + 2 * nkv) + 3 * h * arch.intermediate_size
+        if arch.qkv_bias:
+            matmul += d * (nq + 2 * nkv)  # split over TP with their projection
+        replicated = 2 * h + (2 * d if arch.qk_norm else 0)
+        vocab = padded_vocab or arch.vocab_size
+        return cls(matmul, replicated, vocab * h, h, arch.tie_word_embeddings, arch.num_layers)
+
+    @property
+    def total(self) -> int:
+        """Parameters of the model (a tied output layer counted once)."""
+        body = self.layers * (self.per_layer_matmul + self.per_layer_replicated)
+        return body + self.embedding * (1 if self.tied else 2) + self.final_norm
+
+    def stage(self, tp: int, pp: int, first: bool, last: bool) -> int:
+        """Parameters one GPU of a pipeline stage holds."""
+        n = math.ceil(self.layers / pp) * (self.per_layer_matmul // tp + self.per_layer_replicated)
+        if first:
+            n += self.embedding // tp
+        if last:
+            n += self.final_norm
+            if not self.tied or pp > 1:
+                n += self.embedding // tp
+        return n
+
+
+@dataclass(frozen=True)
+class TrainerMemory:
+    """Bytes on the worst trainer GPU, by kind."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    logprob_buffers: int
+    stage: str
+    """'first' or 'last' (the worst pipeline stage; 'only' without PP)."""
+
+    @property
+    def states(self) -> int:
+        """Parameters + gradients + optimizer state (what an offload can move to the host)."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        """Everything the training phase holds at its peak."""
+        return self.states + self.activations + self.logprob_buffers
+
+
+def _optimizer_bytes_per_param(shape: TrainerShape) -> int:
+    master = 4 if shape.param_bytes < 4 else 0
+    if shape.optimizer == "adam":
+        return master + 8
+    return master + (4 if shape.sgd_momentum else 0)
+
+
+def activation_bytes_per_token_layer(arch: ArchSpec, shape: TrainerShape) -> tuple[float, float]:
+    """(saved without recompute, of which attention scores) per token and layer on one GPU."""
+    a, t = shape.param_bytes, shape.tp
+    s = t if shape.sequence_parallel else 1
+    h, d, nq, nkv = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_kv_heads
+    tp_split = (2 * nq + 2 * nkv) * d + 3 * arch.intermediate_size
+    if arch.qk_norm:
+        tp_split += (nq + nkv) * d
+    saved = a * (4 * h / s + tp_split / t) + 4 * nq / t
+    scores = a * nq / t * shape.score_segment_tokens
+    return saved + scores, scores
+
+
+def activation_bytes(arch: ArchSpec, shape: TrainerShape, *, in_flight: int) -> int:
+    """Activations one GPU holds with ``in_flight`` micro-batches of its stage's layers."""
+    tokens = shape.microbatch_tokens / shape.cp
+    layers = math.ceil(arch.num_layers / shape.pp)
+    per_layer, scores = activation_bytes_per_token_layer(arch, shape)
+    s = shape.tp if shape.sequence_parallel else 1
+    if shape.recompute == "full":
+        kept = shape.param_bytes * arch.hidden_size / s
+        stored = tokens * (kept * layers * in_flight + per_layer)  # + the layer recomputed
+    else:
+        if shape.recompute == "selective":
+            per_layer -= scores
+        stored = tokens * per_layer * layers * in_flight
+    # Embedding output and the final norm's input/output, outside the layers.
+    stored += 3 * tokens * shape.param_bytes * arch.hidden_size / s * in_flight
+    return int(stored)
+
+
+def logprob_buffer_bytes(arch: ArchSpec, shape: TrainerShape, padded_vocab: int) -> int:
+    """The fused log-prob's transient buffers on the last stage (forward + backward peak)."""
+    local_vocab = padded_vocab // shape.tp
+    responses = shape.response_tokens or shape.microbatch_tokens
+    chunk = min(shape.logprob_chunk, responses)
+    chunks = 3 * 4 * chunk * local_vocab  # fp32 logits, exp, gradient of one chunk
+    grad_weight = (shape.param_bytes + (4 if shape.param_bytes < 4 else 0)) * local_vocab
+    # Selected response rows and their gradient; with SP also the gathered hidden states.
+    rows = 2 * responses + (shape.microbatch_tokens if shape.sequence_parallel else 0)
+    return int(chunks + (grad_weight + shape.param_bytes * rows) * arch.hidden_size)
+
+
+def trainer_memory(arch: ArchSpec, shape: TrainerShape, padded_vocab: int) -> TrainerMemory:
+    """Worst-stage bytes of the trainer (see the module docstring)."""
+    counts = ParamCounts.from_arch(arch, padded_vocab)
+    shards = shape.dp * shape.cp if shape.distributed_optimizer else 1
+    stages = [("only", True, True, 1)]  # no pipelining: one micro-batch at a time
+    if shape.pp > 1:
+        stages = [("first", True, False, shape.pp), ("last", False, True, 1)]
+    best: TrainerMemory | None = None
+    for name, first, last, flight in stages:
+        n = counts.stage(shape.tp, shape.pp, first, last)
+        mem = TrainerMemory(
+            params=n * shape.param_bytes,
+            grads=n * 4,
+            optimizer=math.ceil(n * _optimizer_bytes_per_param(shape) / shards),
+            activations=activation_bytes(arch, shape, in_flight=min(flight, shape.microbatches)),
+            logprob_buffers=logprob_buffer_bytes(arch, shape, padded_vocab) if last else 0,
+            stage=name,
+        )
+        if best is None or mem.total > best.total:
+            best = mem
+    assert best is not None
+    return best
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """Bytes of one colocated engine on each of its GPUs."""
+
+    weights: int
+    kv_bytes_per_token: int
+    kv_tokens: int
+    """KV-cache tokens the step asks of this engine at full concurrency."""
+
+    @property
+    def kv_cache(self) -> int:
+        """KV cache for ``kv_tokens``."""
+        return self.kv_bytes_per_token * self.kv_tokens
+
+    @property
+    def total(self) -> int:
+        """Weights + full KV cache."""
+        return self.weights + self.kv_cache
+
+
+def engine_memory(
+    arch: ArchSpec, *, gpus_per_engine: int, weight_bytes: int, kv_bytes: int, kv_tokens: int
+) -> EngineMemory:
+    """Weights and KV cache of an engine spanning ``gpus_per_engine`` GPUs (per GPU)."""
+    counts = ParamCounts.from_arch(arch)
+    kv_heads = math.ceil(arch.num_kv_heads / gpus_per_engine)  # replicated beyond n_kv GPUs
+    per_token = 2 * arch.num_layers * arch.head_dim * kv_heads * kv_bytes
+    return EngineMemory(counts.total * weight_bytes // gpus_per_engine, per_token, kv_tokens)
+
+
+__all__ = [
+    "EngineMemory",
+    "ParamCounts",
+    "TrainerMemory",
+    "TrainerShape",
+    "activation_bytes",
+    "activation_bytes_per_token_layer",
+    "engine_memory",
+    "logprob_buffer_bytes",
+    "trainer_memory",
+]
