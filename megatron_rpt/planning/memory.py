@@ -11,17 +11,23 @@ micro-batch. Counted in bytes, for the worst pipeline stage:
 * **optimizer**: Adam's two fp32 moments + fp32 master weights for bf16 parameters (12 bytes;
   8 for fp32 parameters), SGD's master weights and momentum; divided by dp x c with the
   distributed optimizer;
-* **activations** saved for backward per layer and token (flash-style attention, no dropout)::
+* **activations** saved for backward per layer and token (flash-style attention, no dropout),
+  counted tensor by tensor on the local (torch) layer spec and checked against autograd's saved
+  tensors (Transformer Engine's fused modules save somewhat less: an upper bound on GPU)::
 
-      a * (4H/s + ((2 n_q + 2 n_kv) d + 3 I + q/k-norm inputs) / t) + 4 n_q / t
+      a * (6H/s + ((n_q + 2 n_kv) d + (3 n_q + n_kv) d + 5 I [+ (2 n_q + n_kv) d]) / t + 4d)
+        + 4 n_q / t
 
-  the two norm inputs and outputs (1/t of the tokens with sequence parallelism, s = t, else
-  s = 1), rotated q/k, v and the attention output, the gated MLP's two inputs and product,
-  the fp32 log-sum-exp. An attention backend that materialises the scores (torch's math SDPA
+  the two RMSNorms' input, normalised input and output (1/t of the tokens with sequence
+  parallelism, s = t, else s = 1); the QKV output, rotated q and k, the attention output and
+  its copy for the output projection; the gated MLP's input (2I), gate activation, product and
+  views (5I in all); with q/k norms their inputs and normalised values; the RoPE tables; the
+  fp32 log-sum-exp. With ``spec='te'`` the fused norm+linear modules save 2H per norm and the
+  attention q, k, v and output (from TE's saved-tensor lists; not measured here). An attention backend that materialises the scores (torch's math SDPA
   on CPU) adds ``a * n_q/t * S`` per token for S-token segments, removed by selective
   recompute. Full recompute keeps only each layer's input ``a*H/s`` plus one layer's working
   set. The first stage holds min(p, micro-batches) micro-batches in flight (1F1B); context
-  parallelism divides T by c;
+  parallelism divides T by c; backward adds one layer's worth of gradients (the working set);
 * **log-prob buffers** (last stage): a few fp32 ``[C, V/t]`` chunks of the fused log-prob
   (C = ``loss.logprob_chunk_size``) and its output-weight gradient buffer;
 * **engine**: the model's weights / engine GPUs, and its KV cache
@@ -62,6 +68,9 @@ class TrainerShape:
     score_segment_tokens: int = 0
     """Longest attention segment when the backend materialises scores (CPU math SDPA); 0 for
     flash-style attention."""
+    spec: str = "local"
+    """Layer spec whose saved tensors are counted: 'local' (torch modules, measured) or 'te'
+    (Transformer Engine's fused norm+linear and attention)."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +148,19 @@ def activation_bytes_per_token_layer(arch: ArchSpec, shape: TrainerShape) -> tup
     a, t = shape.param_bytes, shape.tp
     s = t if shape.sequence_parallel else 1
     h, d, nq, nkv = arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_kv_heads
-    tp_split = (2 * nq + 2 * nkv) * d + 3 * arch.intermediate_size
-    if arch.qk_norm:
-        tp_split += (nq + nkv) * d
-    saved = a * (4 * h / s + tp_split / t) + 4 * nq / t
+    mlp = 5 * arch.intermediate_size  # input (2I), gate activation, product and views
+    if shape.spec == "te":
+        # Fused norm+linear saves the norm's input and output; attention its q, k, v, output.
+        norms, attention = 4 * h, (2 * nq + 2 * nkv) * d + ((nq + nkv) * d if arch.qk_norm else 0)
+        saved = a * (norms / s + (attention + mlp) / t) + 4 * nq / t
+    else:
+        # QKV output (kept alive by the value view), rotated q and k, attention output and its
+        # [s, b, n*d] copy for the output projection; q/k norms save input and normalised values.
+        attention = (nq + 2 * nkv) * d + (3 * nq + nkv) * d
+        if arch.qk_norm:
+            attention += (2 * nq + nkv) * d
+        # Each RMSNorm saves its input, the normalised input and (for the next GEMM) its output.
+        saved = a * (6 * h / s + (attention + mlp) / t + 4 * d) + 4 * nq / t
     scores = a * nq / t * shape.score_segment_tokens
     return saved + scores, scores
 
@@ -153,15 +171,18 @@ def activation_bytes(arch: ArchSpec, shape: TrainerShape, *, in_flight: int) -> 
     layers = math.ceil(arch.num_layers / shape.pp)
     per_layer, scores = activation_bytes_per_token_layer(arch, shape)
     s = shape.tp if shape.sequence_parallel else 1
+    if shape.recompute == "selective":
+        per_layer -= scores
+    # Backward of a layer holds gradients about the size of what it saved (the working set);
+    # with full recompute the layer's recomputed activations come on top.
+    working = tokens * per_layer
     if shape.recompute == "full":
         kept = shape.param_bytes * arch.hidden_size / s
-        stored = tokens * (kept * layers * in_flight + per_layer)  # + the layer recomputed
+        stored = tokens * kept * layers * in_flight + 2 * working
     else:
-        if shape.recompute == "selective":
-            per_layer -= scores
-        stored = tokens * per_layer * layers * in_flight
-    # Embedding output and the final norm's input/output, outside the layers.
-    stored += 3 * tokens * shape.param_bytes * arch.hidden_size / s * in_flight
+        stored = tokens * per_layer * layers * in_flight + working
+    # The final norm's input and normalised input, outside the layers.
+    stored += 2 * tokens * shape.param_bytes * arch.hidden_size / s * in_flight
     return int(stored)
 
 

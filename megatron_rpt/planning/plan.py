@@ -141,6 +141,7 @@ def trainer_shape(cfg: RPTConfig, world: int, work: timing.Workload) -> TrainerS
         microbatches=mb.count,
         response_tokens=mb.response_tokens,
         logprob_chunk=cfg.loss.logprob_chunk_size,
+        spec="local" if cfg.model.spec == "local" else "te",
     )
 
 

@@ -76,6 +76,7 @@ def check_run(cfg: Any, world_size: int) -> Path:
             f"({world_size})"
         )
     dp = world_size // mp
+    check_context_parallel(cfg)
     per_step = cfg.train.contexts_per_step * (
         cfg.rollout.n_samples if cfg.train.objective == "rpt" else 1
     )
@@ -99,6 +100,32 @@ def check_run(cfg: Any, world_size: int) -> Path:
     if status != "ok":
         check_corpus(cfg)
     return hf_dir
+
+
+def check_context_parallel(cfg: Any) -> None:
+    """Context parallelism: a GPU with Transformer Engine, and a layout it composes with.
+
+    CP splits every sequence over ``parallel.context_parallel_size`` ranks inside TE's
+    attention (load-balanced halves of each packed segment, ring K/V exchange). The
+    shared-prefix layout's pieces attend to a prefix held elsewhere in the row, which TE's
+    context-parallel attention cannot express; the padded layout is not implemented either.
+    """
+    from megatron_rpt import capabilities
+
+    cp = cfg.parallel.context_parallel_size
+    if cp == 1:
+        return
+    if not capabilities.have_te():
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine attention on GPUs "
+            "(model.spec=te); use 1 here, or parallel.sequence_parallel with TP for long sequences"
+        )
+    if cfg.train.micro_batch_layout != "packed":
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} works with train.micro_batch_layout=packed "
+            f"only, not {cfg.train.micro_batch_layout!r} (shared-prefix pieces attend to a "
+            "prefix on another context-parallel rank)"
+        )
 
 
 def check_memory(
@@ -261,6 +288,7 @@ def checkpoint_step(path: Path) -> int:
 
 
 __all__ = [
+    "check_context_parallel",
     "check_corpus",
     "check_memory",
     "check_run",

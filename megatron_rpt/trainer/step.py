@@ -323,6 +323,15 @@ def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) 
             "parallel.pipeline_model_parallel_size >= 3 for training: Megatron-Core 0.16.1's "
             "interleaved schedule swaps activations and gradients at PP=2 (Megatron-LM #5271)"
         )
+    if built.config.context_parallel_size > 1:
+        # Each CP rank must get its load-balanced halves of every packed segment (and the
+        # loss only its own response positions); the micro-batch split is not written yet.
+        raise ConfigError(
+            f"parallel.context_parallel_size={built.config.context_parallel_size}: the RPT "
+            "trainer does not split micro-batches over context-parallel ranks yet; use "
+            "parallel.sequence_parallel with TP and model.recompute_granularity for long "
+            "sequences (docs/SCALING.md)"
+        )
     modules = [unwrap_model(chunk) for chunk in built.chunks]
     if not all(isinstance(m, RPTGPTModel) and m.output_hidden_states for m in modules):
         raise ValueError(

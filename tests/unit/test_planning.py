@@ -212,3 +212,27 @@ def test_plan_run_tool_prints_the_table(qwen14b_dir):
                            text=True, timeout=300)  # fmt: skip
     assert small.returncode == 1 and "DOES NOT FIT: change" in small.stdout
     assert math.isfinite(float(rows[0][-2]))
+
+
+def test_flop_counter_matches_megatrons_published_8b_throughput():
+    """Llama-3-8B FP8 pretraining on H100: 744 model TFLOP/s per GPU = 14,451 tokens/s/GPU
+    at 8k sequences; the counter's FLOPs per token reproduce that ratio to 1 %."""
+    arch = arch_from_dict({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+        "vocab_size": 128256,
+    })  # fmt: skip
+    per_token = ModelFlops.from_arch(arch).training(8192, 0, head_on_all_tokens=True) / 8192
+    assert 744e12 / per_token == pytest.approx(14451, rel=0.01)
+
+
+def test_cpu_preflight_refuses_context_parallelism():
+    from megatron_rpt import capabilities
+    from megatron_rpt.trainer.preflight import check_context_parallel
+
+    if capabilities.have_te():
+        pytest.skip("machine has Transformer Engine")
+    cfg = RPTConfig()
+    cfg.parallel.context_parallel_size = 2
+    with pytest.raises(ConfigError, match="context_parallel_size=2 needs Transformer Engine"):
+        check_context_parallel(cfg)
