@@ -175,10 +175,44 @@ def build_train_step(
     )
 
 
+def sgd_step_gradients(
+    hf_dir: str, layout: str, batch: RolloutBatch, *, budget: int, **build: Any
+) -> dict[str, Any]:
+    """One plain-SGD step (no clipping, no weight decay) on ``batch``: the log-probs before it,
+    its loss, grad norm, batch statistics, ``token_alignment`` and the full reduced gradients.
+
+    ``build``: further ``build_train_step`` keywords (tp, pp, vpp, dtype, sequence_parallel,
+    recompute, ...); ``budget``: ``train.max_tokens_per_microbatch``.
+    """
+    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+
+    sgd = OptimizerConfig(
+        optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
+    )
+    ts = build_train_step(
+        hf_dir,
+        optimizer=sgd,
+        train=TrainConfig(max_tokens_per_microbatch=budget, micro_batch_layout=layout),
+        **build,
+    )
+    logprobs = ts.compute_logprobs(batch)
+    metrics = ts.train_step(batch)
+    return {
+        "loss": metrics.loss,
+        "grad_norm": metrics.grad_norm,
+        "logprobs": logprobs,
+        "layout_tokens": metrics.batch["layout_tokens"],
+        "micro_batches": metrics.batch["micro_batches"],
+        "alignment": ts.token_alignment,
+        "grads": gather_full_gradients(ts.model_modules, ts.groups),
+    }
+
+
 __all__ = [
     "build_train_step",
     "gather_full_gradients",
     "gather_full_parameters",
     "random_group_batch",
     "random_rollout_batch",
+    "sgd_step_gradients",
 ]
