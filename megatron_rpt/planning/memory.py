@@ -27,7 +27,8 @@ micro-batch. Counted in bytes, for the worst pipeline stage:
   on CPU) adds ``a * n_q/t * S`` per token for S-token segments, removed by selective
   recompute. Full recompute keeps only each layer's input ``a*H/s`` plus one layer's working
   set. The first stage holds min(p, micro-batches) micro-batches in flight (1F1B); context
-  parallelism divides T by c; backward adds one layer's worth of gradients (the working set);
+  parallelism divides T by c; backward adds one layer's worth of gradients (the working set;
+  twice that with full recompute), which is never alive together with the log-prob buffers;
 * **log-prob buffers** (last stage): a few fp32 ``[C, V/t]`` chunks of the fused log-prob
   (C = ``loss.logprob_chunk_size``) and its output-weight gradient buffer;
 * **engine**: the model's weights / engine GPUs, and its KV cache
@@ -121,9 +122,12 @@ class TrainerMemory:
     grads: int
     optimizer: int
     activations: int
+    """Saved for backward (all layers and micro-batches in flight)."""
     logprob_buffers: int
     stage: str
     """'first' or 'last' (the worst pipeline stage; 'only' without PP)."""
+    backward_working: int = 0
+    """One layer's backward (and, with full recompute, its recomputed forward)."""
 
     @property
     def states(self) -> int:
@@ -132,8 +136,9 @@ class TrainerMemory:
 
     @property
     def total(self) -> int:
-        """Everything the training phase holds at its peak."""
-        return self.states + self.activations + self.logprob_buffers
+        """Everything the training phase holds at its peak: the log-prob buffers live while
+        the loss backpropagates, before any layer's backward starts."""
+        return self.states + self.activations + max(self.logprob_buffers, self.backward_working)
 
 
 def _optimizer_bytes_per_param(shape: TrainerShape) -> int:
@@ -173,17 +178,24 @@ def activation_bytes(arch: ArchSpec, shape: TrainerShape, *, in_flight: int) -> 
     s = shape.tp if shape.sequence_parallel else 1
     if shape.recompute == "selective":
         per_layer -= scores
-    # Backward of a layer holds gradients about the size of what it saved (the working set);
-    # with full recompute the layer's recomputed activations come on top.
-    working = tokens * per_layer
     if shape.recompute == "full":
         kept = shape.param_bytes * arch.hidden_size / s
-        stored = tokens * kept * layers * in_flight + 2 * working
+        stored = tokens * kept * layers * in_flight
     else:
-        stored = tokens * per_layer * layers * in_flight + working
+        stored = tokens * per_layer * layers * in_flight
     # The final norm's input and normalised input, outside the layers.
     stored += 2 * tokens * shape.param_bytes * arch.hidden_size / s * in_flight
     return int(stored)
+
+
+def backward_working_bytes(arch: ArchSpec, shape: TrainerShape) -> int:
+    """Gradients of one layer's saved tensors during its backward, about what it saved; with
+    full recompute also the layer's recomputed activations."""
+    per_layer, scores = activation_bytes_per_token_layer(arch, shape)
+    if shape.recompute != "none":
+        per_layer -= scores
+    tokens = shape.microbatch_tokens / shape.cp
+    return int(tokens * per_layer * (2 if shape.recompute == "full" else 1))
 
 
 def logprob_buffer_bytes(arch: ArchSpec, shape: TrainerShape, padded_vocab: int) -> int:
@@ -198,28 +210,36 @@ def logprob_buffer_bytes(arch: ArchSpec, shape: TrainerShape, padded_vocab: int)
     return int(chunks + (grad_weight + shape.param_bytes * rows) * arch.hidden_size)
 
 
-def trainer_memory(arch: ArchSpec, shape: TrainerShape, padded_vocab: int) -> TrainerMemory:
-    """Worst-stage bytes of the trainer (see the module docstring)."""
+def stage_memories(arch: ArchSpec, shape: TrainerShape, padded_vocab: int) -> list[TrainerMemory]:
+    """Bytes of a GPU of each distinct pipeline stage: [only] or [first, last] (see the module
+    docstring; middle stages hold the first stage's activations without its embedding)."""
     counts = ParamCounts.from_arch(arch, padded_vocab)
     shards = shape.dp * shape.cp if shape.distributed_optimizer else 1
     stages = [("only", True, True, 1)]  # no pipelining: one micro-batch at a time
     if shape.pp > 1:
         stages = [("first", True, False, shape.pp), ("last", False, True, 1)]
-    best: TrainerMemory | None = None
+    out = []
     for name, first, last, flight in stages:
         n = counts.stage(shape.tp, shape.pp, first, last)
-        mem = TrainerMemory(
-            params=n * shape.param_bytes,
-            grads=n * 4,
-            optimizer=math.ceil(n * _optimizer_bytes_per_param(shape) / shards),
-            activations=activation_bytes(arch, shape, in_flight=min(flight, shape.microbatches)),
-            logprob_buffers=logprob_buffer_bytes(arch, shape, padded_vocab) if last else 0,
-            stage=name,
+        out.append(
+            TrainerMemory(
+                params=n * shape.param_bytes,
+                grads=n * 4,
+                optimizer=math.ceil(n * _optimizer_bytes_per_param(shape) / shards),
+                activations=activation_bytes(
+                    arch, shape, in_flight=min(flight, shape.microbatches)
+                ),
+                logprob_buffers=logprob_buffer_bytes(arch, shape, padded_vocab) if last else 0,
+                stage=name,
+                backward_working=backward_working_bytes(arch, shape),
+            )
         )
-        if best is None or mem.total > best.total:
-            best = mem
-    assert best is not None
-    return best
+    return out
+
+
+def trainer_memory(arch: ArchSpec, shape: TrainerShape, padded_vocab: int) -> TrainerMemory:
+    """Worst-stage bytes of the trainer (see the module docstring)."""
+    return max(stage_memories(arch, shape, padded_vocab), key=lambda m: m.total)
 
 
 @dataclass(frozen=True)
@@ -259,7 +279,9 @@ __all__ = [
     "TrainerShape",
     "activation_bytes",
     "activation_bytes_per_token_layer",
+    "backward_working_bytes",
     "engine_memory",
     "logprob_buffer_bytes",
+    "stage_memories",
     "trainer_memory",
 ]

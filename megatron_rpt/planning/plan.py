@@ -229,8 +229,9 @@ def _problems(plan: RunPlan, cfg: RPTConfig, work: timing.Workload) -> list[tupl
         out.append((
             _trainer_remedy(cfg, plan.shape),
             f"the trainer needs {gib(plan.trainer.total)} GiB per GPU (states "
-            f"{gib(plan.trainer.states)}, activations {gib(plan.trainer.activations)}, log-prob "
-            f"buffers {gib(plan.trainer.logprob_buffers)}) of {gib(plan.usable)} usable",
+            f"{gib(plan.trainer.states)}, activations {gib(plan.trainer.activations)}, backward "
+            f"{gib(max(plan.trainer.backward_working, plan.trainer.logprob_buffers))}) of "
+            f"{gib(plan.usable)} usable",
         ))  # fmt: skip
     if cfg.train.objective == "rpt" and cfg.rollout.mode == "colocated":
         group = (
@@ -335,6 +336,7 @@ def format_plan(plan: RunPlan, cluster: ClusterSpec, assume: PlanAssumptions) ->
         ("gradients (fp32)", gib(t.grads)),
         ("optimizer state", gib(t.optimizer)),
         ("activations", gib(t.activations)),
+        ("backward working set", gib(t.backward_working)),
         ("log-prob buffers", gib(t.logprob_buffers)),
         ("trainer total", gib(t.total)),
         ("engine weights", gib(e.weights)),

@@ -91,6 +91,7 @@ def measure_train_step(
         "microbatches": len(micro_batches),
         "padded_vocab": int(ts.built.vocab.padded),
         "dp": int(ts.groups.dp_size),
+        "pp_rank": int(ts.groups.pp_rank),
     }
 
 
