@@ -69,10 +69,16 @@ def upstream_fails() -> bool:
     """Run the unpatched upstream call site; True when it fails the CPU-only way."""
     from megatron_rpt.patches import is_cuda_failure
 
+    random = _module()
+    # _get_all_rng_states() creates Megatron's global RNG tracker when there is none; put the
+    # previous state back so that a later seed_model_parallel() installs its own tracker.
+    saved = random._CUDA_RNG_STATE_TRACKER, random._CUDA_RNG_STATE_TRACKER_INITIALIZED
     try:
-        _module()._get_all_rng_states()
+        random._get_all_rng_states()
     except Exception as exc:  # noqa: BLE001 - classified below
         if is_cuda_failure(exc):
             return True
         raise
+    finally:
+        random._CUDA_RNG_STATE_TRACKER, random._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved
     return False
