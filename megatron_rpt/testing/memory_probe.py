@@ -2,15 +2,17 @@
 
 Run in a fresh process per rank (``run_distributed``), with glibc told to serve every
 allocation over 64 KiB by ``mmap`` (``mallopt``, which also stops glibc from raising that
-threshold as it goes): freed tensors then leave the resident set at once, so the kernel's
-resident-set high-water mark (``VmHWM``) is the peak of live memory.
+threshold as it goes): freed tensors then leave the resident set at once. The resident
+*anonymous* memory (``RssAnon``: heap and mmap'ed tensors, not the shared libraries' pages,
+which the kernel drops and reloads under memory pressure) is sampled every millisecond by a
+thread while the step runs (torch releases the GIL inside its kernels); its maximum is the
+peak of live memory.
 
 ``measure_train_step`` records the resident set before the model is built, builds the
 ``TrainStep``, runs one step (the optimizer allocates its state in its first ``step()``,
-after that step's backward: a first step's peak is not a training run's), resets the
-high-water mark (``/proc/self/clear_refs``), runs a second step and returns
-``VmHWM - baseline``: parameters, gradient buffers, optimizer state, activations and the
-loss's buffers of a steady-state step. It also returns what the planner needs to
+after that step's backward: a first step's peak is not a training run's), runs a second step
+while sampling and returns ``peak - baseline``: parameters, gradient buffers, optimizer state,
+activations and the loss's buffers of a steady-state step. It also returns what the planner needs to
 estimate the same run: the largest micro-batch's tokens and response tokens, and the number of
 micro-batches.
 """
@@ -35,16 +37,36 @@ def mmap_large_allocations(threshold: int = 65536) -> None:
 
 
 def proc_status_bytes(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
+    """``VmRSS`` / ``RssAnon`` / ... of this process in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def reset_peak() -> None:
-    """Set ``VmHWM`` to the current resident set."""
-    Path("/proc/self/clear_refs").write_text("5")
+class PeakSampler:
+    """Context manager: the largest ``RssAnon`` seen every ``interval`` seconds inside it."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        import threading
+
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc_status_bytes("RssAnon"))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, proc_status_bytes("RssAnon"))
 
 
 def measure_train_step(
@@ -75,14 +97,14 @@ def measure_train_step(
     )
     step_batch = random_group_batch(**batch)
     gc.collect()
-    baseline = proc_status_bytes("VmRSS")
+    baseline = proc_status_bytes("RssAnon")
     ts = build_train_step(hf_dir, optimizer=opt, train=train, **layout)
     _, micro_batches = ts._micro_batches(step_batch)
     ts.train_step(step_batch)
     gc.collect()
-    reset_peak()
-    ts.train_step(step_batch)
-    peak = proc_status_bytes("VmHWM")
+    with PeakSampler() as sampler:
+        ts.train_step(step_batch)
+    peak = sampler.peak
     largest = max(micro_batches, key=lambda mb: mb.tokens.numel())
     return {
         "measured": peak - baseline,
@@ -95,4 +117,4 @@ def measure_train_step(
     }
 
 
-__all__ = ["measure_train_step", "mmap_large_allocations", "proc_status_bytes", "reset_peak"]
+__all__ = ["PeakSampler", "measure_train_step", "mmap_large_allocations", "proc_status_bytes"]
