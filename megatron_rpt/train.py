@@ -6,7 +6,8 @@
 
 Order of work: resolve the config (defaults -> recipe -> YAML -> --set -> --init-from ->
 validate), check the model, parallel layout, batch, engine and corpus (``trainer.preflight``;
-a mistake fails here with one line naming the setting, before anything heavy), start
+a mistake fails here with one line naming the setting, before anything heavy), on GPUs check
+that the trainer and the colocated engine fit in memory (``preflight.check_memory``), start
 torch.distributed (torchrun's environment, NCCL on GPUs, gloo on CPU; a single process
 without torchrun), prepare the data on rank 0 if ``data.prepared_dir`` is missing or was made
 with other settings, write ``<run_dir>/config.yaml``, train (``trainer.loop``), and export the
@@ -138,10 +139,12 @@ def distributed(cfg: Any) -> Iterator[Any]:
         )
     try:
         p = cfg.parallel
+        cp = {"context_parallel_size": p.context_parallel_size} if p.context_parallel_size > 1 else {}
         groups = initialize_model_parallel(
             p.tensor_model_parallel_size,
             p.pipeline_model_parallel_size,
             p.virtual_pipeline_model_parallel_size,
+            **cp,
         )
         seed_model_parallel(cfg.run.seed, groups)
         yield groups
@@ -178,6 +181,7 @@ def main(
 
     cfg = resolve_config(args)
     hf_dir = preflight.check_run(cfg, world)
+    preflight.check_memory(cfg, hf_dir, world)  # GPU only: before any model is built
     resume = preflight.resolve_resume(args.resume, cfg)
     cfg.checkpoint.load = None if resume is None else str(resume)
     done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps

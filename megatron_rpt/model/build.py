@@ -49,7 +49,7 @@ from megatron_rpt.model.config import (
     check_parallel_config,
     check_precision_config,
 )
-from megatron_rpt.model.specs import layer_spec, resolve_spec_name
+from megatron_rpt.model.specs import layer_spec, local_block_spec, resolve_spec_name
 
 logger = logging.getLogger(__name__)
 
@@ -134,13 +134,8 @@ def build_transformer_config(
     check_parallel_config(parallel)
     check_parallel_fit(arch, parallel)
     on_cpu = not capabilities.have_cuda()
-    if on_cpu and model_cfg.recompute_granularity != "none":
-        # Megatron's activation checkpointing saves/restores the CUDA RNG state, which CPU-only
-        # torch does not have; recomputation would only cost time on CPU anyway.
-        raise ConfigError(
-            f"model.recompute_granularity={model_cfg.recompute_granularity} needs a GPU "
-            "(Megatron's activation checkpointing uses the CUDA RNG); use 'none' on CPU"
-        )
+    if on_cpu:
+        _check_cpu_settings(model_cfg, parallel)
     dtype = DTYPES[model_cfg.dtype]
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
@@ -161,6 +156,8 @@ def build_transformer_config(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -185,6 +182,22 @@ def build_transformer_config(
         # (Megatron-LM #5100); the trainer pads its micro-batches to one shape there instead.
         config.variable_seq_lengths = True
     return config
+
+
+def _check_cpu_settings(model_cfg: ModelConfig, parallel: ParallelConfig) -> None:
+    """Settings that need a GPU, or a CPU patch that has been switched off."""
+    from megatron_rpt import patches
+
+    if parallel.context_parallel_size > 1:
+        raise ConfigError(
+            f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
+            "Engine attention on a GPU (model.spec=te); use 1 on CPU"
+        )
+    if model_cfg.recompute_granularity != "none" and "rng" not in patches.enabled_patches():
+        raise ConfigError(
+            f"model.recompute_granularity={model_cfg.recompute_granularity} on CPU needs the "
+            f"'rng' patch, switched off by {patches.ENV_VAR}; add it or use 'none'"
+        )
 
 
 def _fp8_kwargs(
@@ -257,11 +270,17 @@ def build_model(
     chunks: list[torch.nn.Module] = []
     for vp_stage in range(groups.num_chunks):
         pre, post = groups.stage_flags(vp_stage)
+        chunk_vp = vp_stage if groups.vpp_size else None
+        block = (
+            local_block_spec(spec.spec, config, chunk_vp, groups.pp_rank)
+            if spec.name == "local"
+            else spec.spec
+        )
         # Tied embeddings over PP stages call `weight.data.cuda()` while building.
         with patches.cuda_device_mode():
             model = model_cls(
                 config=config,
-                transformer_layer_spec=spec.spec,
+                transformer_layer_spec=block,
                 vocab_size=vocab.padded,
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=pre,
@@ -272,7 +291,7 @@ def build_model(
                 rope_scaling=arch.rope_scaling_factor is not None,
                 rope_scaling_factor=arch.rope_scaling_factor or 8.0,
                 pg_collection=groups.pg_collection,
-                vp_stage=vp_stage if groups.vpp_size else None,
+                vp_stage=chunk_vp,
                 **extra,
             )
         if config.bf16:

@@ -35,6 +35,8 @@ RESERVED_OVERRIDES = frozenset(
         "tensor_model_parallel_size",
         "pipeline_model_parallel_size",
         "virtual_pipeline_model_parallel_size",
+        "sequence_parallel",
+        "context_parallel_size",
         "params_dtype",
         "bf16",
         "fp16",
@@ -107,6 +109,15 @@ class ParallelConfig:
     """Pipeline-parallel size (stages x virtual stages must divide the layer count)."""
     virtual_pipeline_model_parallel_size: int | None = None
     """Model chunks per pipeline rank (interleaved 1F1B); None for one chunk."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism (needs TP >= 2): norms, residuals and dropout run on
+    1/TP of the tokens; each layer's all-reduce becomes an all-gather + reduce-scatter.
+    Activation memory outside attention/MLP drops by TP; micro-batches are padded to a
+    multiple of TP tokens. Works with every micro-batch layout, on CPU and GPU."""
+    context_parallel_size: int = 1
+    """Context parallelism: the sequence is split over this many ranks inside attention
+    (Transformer Engine attention, GPU only; packed layout only, see docs/SCALING.md).
+    The data-parallel size becomes world / (TP x PP x CP)."""
 
 
 @dataclass(kw_only=True)
@@ -212,8 +223,12 @@ def check_transformer_overrides(overrides: dict[str, Any]) -> None:
 
 
 def check_parallel_config(parallel: ParallelConfig) -> None:
-    """Sizes are positive; virtual stages need pipeline parallelism."""
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+    """Sizes are positive; virtual stages need pipeline parallelism, SP needs TP >= 2."""
+    for name in (
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+    ):
         if getattr(parallel, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1")
     vpp = parallel.virtual_pipeline_model_parallel_size
@@ -225,6 +240,11 @@ def check_parallel_config(parallel: ParallelConfig) -> None:
                 "parallel.virtual_pipeline_model_parallel_size needs "
                 "parallel.pipeline_model_parallel_size >= 2"
             )
+    if parallel.sequence_parallel and parallel.tensor_model_parallel_size < 2:
+        raise ConfigError(
+            "parallel.sequence_parallel needs parallel.tensor_model_parallel_size >= 2 "
+            "(it splits the tokens over the tensor-parallel ranks)"
+        )
 
 
 __all__ = [

@@ -21,9 +21,10 @@ swaps Megatron's rotary table ``[M, 1, 1, d]`` (``M = max_seqlen_kv``, the longe
 keys, i.e. one past the largest position) for its rows at ``position_ids``, ``[T, 1, 1, d]``,
 which Megatron's attention applies row by row in the params' sbhd format.
 
-Not supported with hidden output: multi-token prediction (its heads live in ``_postprocess``)
-and sequence parallelism (the hidden states would be split over TP ranks along the sequence;
-``build_model`` refuses both).
+Sequence parallelism: the returned hidden states are this TP rank's 1/TP of the rows
+(``[S/tp, B, H]``); the loss gathers them (trainer/forward.py), as Megatron's output layer
+gathers its input. Not supported with hidden output: multi-token prediction (its heads live in
+``_postprocess``; refused here).
 """
 
 from __future__ import annotations
@@ -93,14 +94,6 @@ def _check_hidden_output_supported(config: Any) -> None:
     if config.mtp_num_layers is not None:
         raise ConfigError(
             "model.transformer_overrides: mtp_num_layers is not supported by the RPT trainer "
-            "(RPTGPTModel's hidden-state output)"
-        )
-    if config.sequence_parallel:
-        # The fused loss would need gather_from_sequence_parallel_region (with
-        # logprobs_from_hidden(reduce_hidden_grad=False)) and packed rows padded to a multiple
-        # of TP; not implemented (and sequence parallelism cannot run on CPU to test it).
-        raise ConfigError(
-            "model.transformer_overrides: sequence_parallel is not supported by the RPT trainer "
             "(RPTGPTModel's hidden-state output)"
         )
 

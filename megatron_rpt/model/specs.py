@@ -9,7 +9,9 @@ otherwise, chosen by ``ModelConfig.spec`` (auto | local | te) and logged.
   fallback.
 * ``local``: Megatron's ``get_gpt_layer_local_spec`` with RMSNorm, and its core attention
   swapped for ``SDPACoreAttention`` (torch SDPA; see sdpa_attention.py for the masking
-  contract). Runs on CPU and GPU.
+  contract). Its norms (layer, q/k and the block's final norm: ``local_block_spec``) are
+  ``TorchNorm`` (model/torch_norm.py), Megatron's torch fallback that also works with sequence
+  parallelism. Runs on CPU and GPU.
 * ``auto``: ``te`` when available, else ``local``.
 
 Both specs give identical checkpoint keys: the local spec maps ``input_layernorm`` /
@@ -69,12 +71,38 @@ def layer_spec(choice: str, arch: ArchSpec) -> LayerSpec:
 def local_layer_spec(arch: ArchSpec) -> object:
     """Megatron-Core local modules + RMSNorm + SDPA core attention."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
 
     from megatron_rpt.model.sdpa_attention import SDPACoreAttention
+    from megatron_rpt.model.torch_norm import TorchNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
+    if arch.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = TorchNorm
+    else:
+        assert attention.q_layernorm is IdentityOp, attention.q_layernorm
     return spec
+
+
+def local_block_spec(layer: object, config: Any, vp_stage: int | None, pp_rank: int) -> object:
+    """The decoder block of one pipeline chunk: ``layer`` repeated + a ``TorchNorm`` final norm.
+
+    Given a layer spec, Megatron picks the block's final norm itself (``WrappedTorchNorm``
+    without Apex/TE, which refuses sequence parallelism); a block spec names it.
+    """
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    from megatron_rpt.model.torch_norm import TorchNorm
+
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchNorm)
 
 
 def te_layer_spec(arch: ArchSpec) -> object:

@@ -19,8 +19,11 @@ typestr    CPU ``Tensor.type()`` reports the       the optimizer's ``param.type(
            CUDA name, in ``optimizer_mode()``      (DistributedOptimizer, Float16 optimizer)
            only
 optckpt    DistributedOptimizer checkpoint fixes   torch-Adam ``step`` state on checkpoint load
-           (global; whenever Megatron falls back   (MEGATRON_ON_CPU.md section 6: three bugs)
+           (global; whenever Megatron falls back   (three upstream bugs, see the module)
            to torch Adam, i.e. without TE/Apex)
+rng        Megatron's ``_get/_set_cuda_rng_state`` activation recompute (full and selective):
+           -> no-ops (global, applied once)        ``CheckpointFunction`` saves/restores the
+                                                   CUDA RNG state around the recomputed forward
 =========  ======================================  ==============================================
 
 Rules: patches are applied only when no CUDA device is usable (``capabilities.have_cuda()``),
@@ -42,6 +45,7 @@ from types import ModuleType
 
 from megatron_rpt.patches import (
     cuda_current_device,
+    cuda_rng_state,
     cuda_synchronize,
     cuda_to_cpu_mode,
     cuda_type_string,
@@ -56,6 +60,7 @@ PATCHES: dict[str, ModuleType] = {
     "mode": cuda_to_cpu_mode,
     "typestr": cuda_type_string,
     "optckpt": dist_optimizer_checkpoint,
+    "rng": cuda_rng_state,
 }
 ENV_VAR = "MEGATRON_RPT_CPU_PATCHES"
 

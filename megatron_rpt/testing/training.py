@@ -134,10 +134,13 @@ def build_train_step(
     seed: int = 0,
     megatron_checkpoint: str | None = None,
     precision: Any = None,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> Any:
     """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``.
 
-    ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU).
+    ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU);
+    ``recompute``: ``model.recompute_granularity`` (none, selective, full).
     """
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.loss.config import LossConfig
@@ -152,8 +155,10 @@ def build_train_step(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sequence_parallel,
     )
     model_cfg = ModelConfig(
+        recompute_granularity=recompute,  # type: ignore[arg-type]
         hf_path=hf_dir,
         dtype=dtype,
         spec=spec,  # type: ignore[arg-type]
@@ -170,10 +175,44 @@ def build_train_step(
     )
 
 
+def sgd_step_gradients(
+    hf_dir: str, layout: str, batch: RolloutBatch, *, budget: int, **build: Any
+) -> dict[str, Any]:
+    """One plain-SGD step (no clipping, no weight decay) on ``batch``: the log-probs before it,
+    its loss, grad norm, batch statistics, ``token_alignment`` and the full reduced gradients.
+
+    ``build``: further ``build_train_step`` keywords (tp, pp, vpp, dtype, sequence_parallel,
+    recompute, ...); ``budget``: ``train.max_tokens_per_microbatch``.
+    """
+    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+
+    sgd = OptimizerConfig(
+        optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
+    )
+    ts = build_train_step(
+        hf_dir,
+        optimizer=sgd,
+        train=TrainConfig(max_tokens_per_microbatch=budget, micro_batch_layout=layout),
+        **build,
+    )
+    logprobs = ts.compute_logprobs(batch)
+    metrics = ts.train_step(batch)
+    return {
+        "loss": metrics.loss,
+        "grad_norm": metrics.grad_norm,
+        "logprobs": logprobs,
+        "layout_tokens": metrics.batch["layout_tokens"],
+        "micro_batches": metrics.batch["micro_batches"],
+        "alignment": ts.token_alignment,
+        "grads": gather_full_gradients(ts.model_modules, ts.groups),
+    }
+
+
 __all__ = [
     "build_train_step",
     "gather_full_gradients",
     "gather_full_parameters",
     "random_group_batch",
     "random_rollout_batch",
+    "sgd_step_gradients",
 ]

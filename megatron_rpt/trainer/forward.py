@@ -131,9 +131,21 @@ def response_logprobs(
     *,
     entropy_requires_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropy ``[T]`` (fp32) of the response tokens of ``mb``."""
+    """Log-probs and entropy ``[T]`` (fp32) of the response tokens of ``mb``.
+
+    With sequence parallelism ``hidden_SBH`` is this rank's ``[S/tp, B, H]``: it is gathered
+    first; the gather's backward reduce-scatters the hidden-state gradient, which therefore is
+    not also summed over TP inside ``logprobs_from_hidden``.
+    """
     rpt_model = unwrap_model(model)
     weight_vH = rpt_model.output_weight()
+    sequence_parallel = ctx.tp_group is not None and rpt_model.config.sequence_parallel
+    if sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        hidden_SBH = gather_from_sequence_parallel_region(
+            hidden_SBH, tensor_parallel_output_grad=True, group=ctx.tp_group
+        )
     hidden_TH = hidden_SBH.reshape(-1, hidden_SBH.shape[-1]).index_select(0, mb.hidden_index_T)
     logprobs_T, entropy_T = logprobs_from_hidden(
         hidden_TH,
@@ -146,6 +158,7 @@ def response_logprobs(
         compute_entropy=True,
         entropy_requires_grad=entropy_requires_grad,
         temperature=ctx.temperature,
+        reduce_hidden_grad=not sequence_parallel,
     )
     assert entropy_T is not None
     return logprobs_T, entropy_T

@@ -11,6 +11,12 @@ process group) raises ``InputError`` naming the setting for
 * an engine this machine cannot run (``rollout.engine=sglang`` without a GPU and SGLang);
 * a corpus that does not exist when the prepared data must be (re)built.
 
+``check_memory(cfg, hf_dir, world_size)`` is the GPU preflight: the planner
+(``megatron_rpt.planning``) estimates the trainer's and the colocated engine's memory per GPU
+from the architecture and the config, and a run that cannot fit fails here, before any model
+is built, naming the setting to change. It runs when a GPU is present (its memory is read from
+the device) or when a GPU memory is stated (tests, planning on a laptop).
+
 ``data_status`` tells whether ``data.prepared_dir`` holds data prepared with the run's data
 settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise.
 ``resolve_resume`` turns ``--resume auto|none|PATH`` into a checkpoint path or None.
@@ -62,13 +68,15 @@ def check_run(cfg: Any, world_size: int) -> Path:
     hf_dir = policy_hf_dir(cfg)
     check_parallel_fit(read_arch(hf_dir), cfg.parallel)
     p = cfg.parallel
-    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     if world_size % mp:
         raise ConfigError(
-            f"parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size = {mp} "
-            f"must divide the number of processes ({world_size})"
+            f"parallel.tensor_model_parallel_size x parallel.pipeline_model_parallel_size x "
+            f"parallel.context_parallel_size = {mp} must divide the number of processes "
+            f"({world_size})"
         )
     dp = world_size // mp
+    check_context_parallel(cfg)
     per_step = cfg.train.contexts_per_step * (
         cfg.rollout.n_samples if cfg.train.objective == "rpt" else 1
     )
@@ -92,6 +100,72 @@ def check_run(cfg: Any, world_size: int) -> Path:
     if status != "ok":
         check_corpus(cfg)
     return hf_dir
+
+
+def check_context_parallel(cfg: Any) -> None:
+    """Context parallelism: a GPU with Transformer Engine, and a layout it composes with.
+
+    CP splits every sequence over ``parallel.context_parallel_size`` ranks inside TE's
+    attention (load-balanced halves of each packed segment, ring K/V exchange). The
+    shared-prefix layout's pieces attend to a prefix held elsewhere in the row, which TE's
+    context-parallel attention cannot express; the padded layout is not implemented either.
+    """
+    from megatron_rpt import capabilities
+
+    cp = cfg.parallel.context_parallel_size
+    if cp == 1:
+        return
+    if not capabilities.have_te():
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine attention on GPUs "
+            "(model.spec=te); use 1 here, or parallel.sequence_parallel with TP for long sequences"
+        )
+    if cfg.train.micro_batch_layout != "packed":
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} works with train.micro_batch_layout=packed "
+            f"only, not {cfg.train.micro_batch_layout!r} (shared-prefix pieces attend to a "
+            "prefix on another context-parallel rank)"
+        )
+
+
+def check_memory(
+    cfg: Any,
+    hf_dir: Path,
+    world_size: int,
+    *,
+    gpu_memory_gib: float | None = None,
+    gpus_per_node: int | None = None,
+) -> Any:
+    """Refuse a run that cannot fit in GPU memory (ConfigError naming the setting).
+
+    Returns the ``RunPlan`` (logged), or None without a GPU and without ``gpu_memory_gib``.
+    ``gpus_per_node`` defaults to torchrun's ``LOCAL_WORLD_SIZE``.
+    """
+    import os
+
+    from megatron_rpt import capabilities
+    from megatron_rpt.model.arch import read_arch
+    from megatron_rpt.planning import ClusterSpec, PlanAssumptions, check_fit, format_plan
+    from megatron_rpt.planning.cluster import GiB
+    from megatron_rpt.planning.plan import plan_run
+
+    if gpu_memory_gib is None:
+        if not capabilities.have_cuda():
+            return None
+        import torch
+
+        gpu_memory_gib = torch.cuda.get_device_properties(0).total_memory / GiB
+    per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    per_node = max(1, min(per_node, world_size))
+    cluster = ClusterSpec(
+        nodes=max(1, world_size // per_node), gpus_per_node=per_node, gpu_memory_gib=gpu_memory_gib
+    )
+    assume = PlanAssumptions()
+    plan = plan_run(cfg, read_arch(hf_dir), cluster, assume)
+    logger.info("memory plan (tools/plan_run.py for step times):\n%s",
+                format_plan(plan, cluster, assume))  # fmt: skip
+    check_fit(plan)
+    return plan
 
 
 def check_corpus(cfg: Any) -> None:
@@ -214,7 +288,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 __all__ = [
+    "check_context_parallel",
     "check_corpus",
+    "check_memory",
     "check_run",
     "checkpoint_step",
     "data_status",

@@ -20,6 +20,7 @@ current weights, identical on every rank.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import partial
 from typing import Any
@@ -87,8 +88,11 @@ class TrainStep:
         self.step = 0
         """Optimizer steps completed."""
         self.device = next(self.chunks[0].parameters()).device
-        self.token_alignment = token_alignment(built.config)
-        """Micro-batch token counts are padded to a multiple of this (FP8 GEMMs: 16 or 32)."""
+        self.token_alignment = math.lcm(
+            token_alignment(built.config), groups.tp_size if built.config.sequence_parallel else 1
+        )
+        """Micro-batch token counts are padded to a multiple of this (FP8 GEMMs: 16 or 32;
+        sequence parallelism: TP, the rows are split over the TP ranks)."""
 
     @classmethod
     def from_config(
@@ -300,7 +304,8 @@ class TrainStep:
 
 def _align_width(mb: MicroBatch, multiple: int) -> MicroBatch:
     """Pad a micro-batch's length to a multiple of ``multiple`` (FP8 GEMMs need the token
-    dimension aligned). Packed: one extra zero-loss segment; padded: columns of token 0."""
+    dimension aligned, sequence parallelism splits it over TP). Packed and shared-prefix: one
+    extra zero-loss segment; padded: columns of token 0."""
     rows, width = mb.tokens.shape
     return _pad_micro_batch(mb, rows, -(-width // multiple) * multiple)
 
@@ -317,6 +322,15 @@ def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) 
             "parallel.virtual_pipeline_model_parallel_size needs "
             "parallel.pipeline_model_parallel_size >= 3 for training: Megatron-Core 0.16.1's "
             "interleaved schedule swaps activations and gradients at PP=2 (Megatron-LM #5271)"
+        )
+    if built.config.context_parallel_size > 1:
+        # Each CP rank must get its load-balanced halves of every packed segment (and the
+        # loss only its own response positions); the micro-batch split is not written yet.
+        raise ConfigError(
+            f"parallel.context_parallel_size={built.config.context_parallel_size}: the RPT "
+            "trainer does not split micro-batches over context-parallel ranks yet; use "
+            "parallel.sequence_parallel with TP and model.recompute_granularity for long "
+            "sequences (docs/SCALING.md)"
         )
     modules = [unwrap_model(chunk) for chunk in built.chunks]
     if not all(isinstance(m, RPTGPTModel) and m.output_hidden_states for m in modules):
@@ -350,7 +364,6 @@ def _check_shared_prefix(built: BuiltModel) -> None:
         "fused_single_qkv_rope": cfg.fused_single_qkv_rope,
         "multi_latent_attention": cfg.multi_latent_attention,
         "window_size (sliding-window attention)": cfg.window_size is not None,
-        "sequence_parallel": cfg.sequence_parallel,
     }
     bad = [name for name, on in unsupported.items() if on]
     if bad:

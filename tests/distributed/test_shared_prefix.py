@@ -26,36 +26,12 @@ pytestmark = pytest.mark.slow
 
 
 def _one_step(hf_dir, layout, seed, *, tp=1, pp=1, vpp=None, dtype="fp32"):
-    from megatron_rpt.testing.training import (
-        build_train_step,
-        gather_full_gradients,
-        random_group_batch,
-    )
-    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from megatron_rpt.testing.training import random_group_batch, sgd_step_gradients
 
-    sgd = OptimizerConfig(
-        optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
-    )
-    ts = build_train_step(
-        hf_dir,
-        tp=tp,
-        pp=pp,
-        vpp=vpp,
-        dtype=dtype,
-        optimizer=sgd,
-        train=TrainConfig(max_tokens_per_microbatch=BUDGET, micro_batch_layout=layout),
-    )
     batch = random_group_batch(VOCAB, seed=seed)
-    logprobs = ts.compute_logprobs(batch)
-    metrics = ts.train_step(batch)
-    return {
-        "loss": metrics.loss,
-        "grad_norm": metrics.grad_norm,
-        "logprobs": logprobs,
-        "layout_tokens": metrics.batch["layout_tokens"],
-        "micro_batches": metrics.batch["micro_batches"],
-        "grads": gather_full_gradients(ts.model_modules, ts.groups),
-    }
+    return sgd_step_gradients(
+        hf_dir, layout, batch, budget=BUDGET, tp=tp, pp=pp, vpp=vpp, dtype=dtype
+    )
 
 
 def _adam_steps(hf_dir, layout, steps=3):

@@ -69,7 +69,7 @@ def test_parallel_fit_needs_the_architecture():
         )
 
 
-def test_transformer_config_reflects_the_architecture():
+def test_transformer_config_reflects_the_architecture(monkeypatch):
     qwen3 = arch_from_dict(tiny_config_dict("qwen3"))
     cfg = build_transformer_config(
         qwen3,
@@ -90,12 +90,17 @@ def test_transformer_config_reflects_the_architecture():
     )
     assert qwen2.add_qkv_bias and not qwen2.qk_layernorm
     recompute = ModelConfig(recompute_granularity="full")
-    if capabilities.have_cuda():
-        full = build_transformer_config(qwen3, recompute, ParallelConfig())
-        assert (full.recompute_granularity, full.recompute_method) == ("full", "uniform")
-    else:  # Megatron's activation checkpointing needs the CUDA RNG
-        with pytest.raises(ConfigError, match="recompute_granularity=full needs a GPU"):
+    full = build_transformer_config(qwen3, recompute, ParallelConfig())
+    assert (full.recompute_granularity, full.recompute_method) == ("full", "uniform")
+    sp = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True)
+    assert build_transformer_config(qwen3, ModelConfig(), sp).sequence_parallel
+    if not capabilities.have_cuda():  # the CUDA RNG patch makes recompute run on CPU
+        monkeypatch.setenv("MEGATRON_RPT_CPU_PATCHES", "device,sync,mode,typestr,optckpt")
+        with pytest.raises(ConfigError, match="needs the 'rng' patch"):
             build_transformer_config(qwen3, recompute, ParallelConfig())
+        cp = ParallelConfig(context_parallel_size=2)
+        with pytest.raises(ConfigError, match="context_parallel_size=2 needs Transformer"):
+            build_transformer_config(qwen3, ModelConfig(), cp)
 
 
 @pytest.mark.skipif(capabilities.have_te(), reason="machine has Transformer Engine")

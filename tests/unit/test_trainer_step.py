@@ -8,8 +8,6 @@
 * configuration errors.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -215,23 +213,14 @@ def test_configuration_errors(models, process_group):
         TrainStep(logits_model, groups, temperature=1.0, **kwargs)
     with pytest.raises(ConfigError, match="rollout.temperature=0"):
         build_train_step(models["qwen2"], temperature=0.0)
-    # Sequence parallelism needs TP > 1 (Megatron checks that first): flip it on a built config.
-    from megatron_rpt.model.arch import read_arch
-    from megatron_rpt.model.build import build_transformer_config
-    from megatron_rpt.model.rpt_gpt import RPTGPTModel
-    from megatron_rpt.model.specs import local_layer_spec
+    # Sequence parallelism is a parallel.* setting and needs TP >= 2.
+    from megatron_rpt.model.config import check_model_config, check_parallel_config
 
-    arch = read_arch(Path(models["qwen2"]))
-    config = build_transformer_config(arch, ModelConfig(dtype="fp32"), ParallelConfig())
-    config.sequence_parallel = True
-    with pytest.raises(ConfigError, match="sequence_parallel is not supported"):
-        RPTGPTModel(
-            config=config,
-            transformer_layer_spec=local_layer_spec(arch),
-            vocab_size=256,
-            max_sequence_length=64,
-            pg_collection=groups.pg_collection,
-        )
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size >= 2"):
+        check_parallel_config(ParallelConfig(sequence_parallel=True))
+    for key in ("sequence_parallel", "context_parallel_size"):
+        with pytest.raises(ConfigError, match="parallel config"):
+            check_model_config(ModelConfig(transformer_overrides={key: True}))
 
 
 def test_from_run_config(models, process_group):
