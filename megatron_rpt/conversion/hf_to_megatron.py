@@ -20,7 +20,7 @@ import torch
 from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.conversion.hf_io import HFWeights
 from megatron_rpt.errors import CheckpointError
-from megatron_rpt.fileio import check_output_dir
+from megatron_rpt.fileio import check_not_inside, check_output_dir
 from megatron_rpt.model.arch import read_arch
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def convert_hf_to_megatron(
     arch = read_arch(hf_dir)
     weights = HFWeights(hf_dir)
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
+    check_not_inside(out_dir, hf_dir, "--hf-dir")
     if dtype == "auto":
         dtype = source_dtype(weights)
     if dtype not in ("fp32", "bf16"):

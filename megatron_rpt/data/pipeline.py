@@ -42,7 +42,13 @@ import numpy as np
 
 from megatron_rpt.data.config import DataConfig, validate_data_config
 from megatron_rpt.data.entropy import EntropyScorer, ScoringStats, score_corpus
-from megatron_rpt.data.readers import ReadStats, input_files, iter_documents, split_of
+from megatron_rpt.data.readers import (
+    ReadStats,
+    corpus_entries,
+    input_files,
+    iter_documents,
+    split_of,
+)
 from megatron_rpt.data.samples import (
     SAMPLE_DTYPE,
     Summary,
@@ -52,7 +58,12 @@ from megatron_rpt.data.samples import (
 )
 from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer, write_vocab_bytes
 from megatron_rpt.errors import DataError
-from megatron_rpt.fileio import atomic_output_dir, atomic_write_json, check_output_dir
+from megatron_rpt.fileio import (
+    atomic_output_dir,
+    atomic_write_json,
+    check_not_inside,
+    check_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +284,9 @@ def prepare_data(
     validate_data_config(cfg)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite=overwrite)
+    for entry in corpus_entries(cfg):
+        if not entry.startswith("embedded:"):
+            check_not_inside(out_dir, entry, "data.corpus")
     tokenizer, tokenizer_name = _resolve_tokenizer(policy_tokenizer, cfg)
     vocab = ByteVocabulary.from_tokenizer(tokenizer)
     proxy = _proxy_path(cfg, tokenizer_name)

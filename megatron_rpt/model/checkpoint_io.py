@@ -5,8 +5,9 @@ the trainer)::
 
     <ckpt>/
       metadata.json    format version, architecture, dtype, true/padded vocabulary, the TP/PP
-                       it was saved at, its source; written last (a directory without it is
-                       not a checkpoint)
+                       it was saved at, its source (a directory without it is not a checkpoint)
+      manifest.json    size and CRC-32 blocks of every other file, written last and checked
+                       before any load (model/manifest.py)
       model/           Megatron dist_checkpointing save (torch_dist, fully reshardable) of the
                        model's sharded_state_dict: loads at any TP/PP/DP
       hf/              config.json, tokenizer files, generation_config.json of the source model
@@ -40,6 +41,13 @@ import torch.distributed as dist
 
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import atomic_output_dir, atomic_write_json
+from megatron_rpt.model.manifest import verify_checkpoint, write_manifest
+from megatron_rpt.model.safe_load import (
+    LOAD_ERRORS,
+    check_dcp_metadata,
+    failure_message,
+    safe_byte_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +191,16 @@ def _megatron_lm(root: Path) -> ResolvedCheckpoint:
 def _latest_in_run_dir(root: Path) -> Path | None:
     named = root / LATEST_FILE
     if named.is_file():
-        target = root / named.read_text().strip()
-        if not is_checkpoint(target):
+        try:
+            name = named.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{named}: cannot read ({exc})") from None
+        if not name or name in (".", "..") or Path(name).name != name:
+            raise CheckpointError(
+                f"{named}: must name a checkpoint directory inside {root}, got {name!r}"
+            )
+        target = root / name
+        if target.is_symlink() or not is_checkpoint(target):
             raise CheckpointError(
                 f"{named}: names {target.name}, which is not a complete checkpoint"
             )
@@ -245,12 +261,15 @@ def save_checkpoint(
         dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
         if extra_writer is not None:
             extra_writer(tmp)
+        if dist.get_world_size() > 1:
+            dist.barrier()  # every rank's files are complete before rank 0 checksums them
         if rank == 0:
             if hf_source is not None:
                 (tmp / HF_DIR).mkdir()
                 copy_side_files(hf_source, tmp / HF_DIR)
             meta = dict(metadata.to_json(), created=_now())
             atomic_write_json(tmp / METADATA_FILE, meta)
+            write_manifest(tmp)
     logger.info("saved checkpoint %s", path)
     return path
 
@@ -296,25 +315,33 @@ class _Rank0AtomicDir:
         return False
 
 
-def load_checkpoint(chunks: list[torch.nn.Module], ckpt: ResolvedCheckpoint) -> None:
+def load_checkpoint(
+    chunks: list[torch.nn.Module], ckpt: ResolvedCheckpoint, *, verify: bool = True
+) -> None:
     """Load model weights from a resolved checkpoint into this rank's chunks (collective).
 
     Any saved TP/PP layout loads into any other. Keys the model needs but the checkpoint
-    lacks, or tensors whose shapes differ, raise CheckpointError naming them.
+    lacks, or tensors whose shapes differ, raise CheckpointError naming them. ``verify``:
+    check the checkpoint's files against its manifest first (model/manifest.py).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_rpt.conversion.converter import unwrap_model
 
+    if verify:
+        verify_checkpoint(ckpt.root if ckpt.kind == "megatron_rpt" else ckpt.model_dir)
     sharded = model_sharded_state_dict(chunks)
     check_shapes(sharded, ckpt.model_dir)
     try:
-        state = dist_checkpointing.load(
-            sharded, str(ckpt.model_dir), strict=StrictHandling.RAISE_UNEXPECTED
-        )
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt.model_dir}: cannot load model weights: {exc}") from exc
+        with safe_byte_entries():
+            state = dist_checkpointing.load(
+                sharded, str(ckpt.model_dir), strict=StrictHandling.RAISE_UNEXPECTED
+            )
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(
+            f"{ckpt.model_dir}: cannot load model weights: {failure_message(exc)}"
+        ) from None
     if len(chunks) == 1:
         _load_module(unwrap_model(chunks[0]), state, ckpt)
     else:
@@ -335,10 +362,7 @@ def check_shapes(sharded: dict[str, Any], model_dir: Path) -> None:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    try:
-        saved = dist_checkpointing.load_tensors_metadata(str(model_dir))
-    except Exception as exc:
-        raise CheckpointError(f"{model_dir}: not a readable dist checkpoint: {exc}") from exc
+    saved = _tensors_metadata(model_dir)
     for value in nested_values(sharded):
         if not isinstance(value, ShardedTensor):
             continue  # factories (SwiGLU fc1) are checked by the load itself
@@ -352,11 +376,22 @@ def check_shapes(sharded: dict[str, Any], model_dir: Path) -> None:
             )
 
 
-def checkpoint_tensor_info(model_dir: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-    """Global shape and dtype of one tensor of a dist checkpoint (metadata only)."""
+def _tensors_metadata(model_dir: Path) -> dict[str, Any]:
+    """dist_checkpointing's tensor index, after ``.metadata`` passed the restricted unpickler."""
     from megatron.core import dist_checkpointing
 
-    saved = dist_checkpointing.load_tensors_metadata(str(model_dir))
+    check_dcp_metadata(model_dir)
+    try:
+        return dist_checkpointing.load_tensors_metadata(str(model_dir))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{model_dir}: not a readable dist checkpoint: {failure_message(exc)}"
+        ) from None
+
+
+def checkpoint_tensor_info(model_dir: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """Global shape and dtype of one tensor of a dist checkpoint (metadata only)."""
+    saved = _tensors_metadata(model_dir)
     if key not in saved:
         raise CheckpointError(f"{model_dir}: checkpoint has no tensor '{key}'")
     return tuple(saved[key].global_shape), saved[key].dtype
