@@ -58,6 +58,7 @@ from megatron_rpt.data.samples import (
 )
 from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer, write_vocab_bytes
 from megatron_rpt.errors import DataError
+from megatron_rpt.dir_lock import output_lock
 from megatron_rpt.fileio import (
     atomic_output_dir,
     atomic_write_json,
@@ -278,8 +279,23 @@ def prepare_data(
 
     Raises:
         DataError / ConfigError: bad input, with a one-line message; nothing is written to
-        ``out_dir`` then.
+        ``out_dir`` then. InputError at once when another process is preparing ``out_dir``
+        (an exclusive lock on the hidden sibling ``.<name>.lock``).
     """
+    with output_lock(out_dir):
+        return _prepare_locked(
+            cfg, out_dir, overwrite=overwrite, policy_tokenizer=policy_tokenizer, progress=progress
+        )
+
+
+def _prepare_locked(
+    cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool,
+    policy_tokenizer: Any,
+    progress: bool | None,
+) -> Summary:
     t0 = time.perf_counter()
     validate_data_config(cfg)
     out_dir = Path(out_dir)

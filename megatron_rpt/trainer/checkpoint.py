@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -201,8 +202,23 @@ def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
     if not checkpoints_dir.is_dir():
         return
     for p in checkpoints_dir.glob(".step_*.tmp-*"):
+        if _pid_alive(p.name.rpartition("-")[2]):
+            continue  # a save in progress (the run-dir lock keeps other runs out)
         logger.warning("removing %s, left by an interrupted checkpoint save", p)
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid_text: str) -> bool:
+    """Is the process named in a temporary directory's suffix alive (and not us)?"""
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 # ----------------------------------------------------------------------------- load

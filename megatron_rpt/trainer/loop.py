@@ -48,7 +48,7 @@ from megatron_rpt.trainer.checkpoint import (
 from megatron_rpt.trainer.components import build_phase, build_train_step
 from megatron_rpt.trainer.engine_guard import EngineFactory
 from megatron_rpt.trainer.ntp import ntp_metrics
-from megatron_rpt.trainer.run_logger import RunLogger
+from megatron_rpt.trainer.run_logger import RunLogger, jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def run_training(
         cfg.log, run_dir, run_name=cfg.run.name, objective=cfg.train.objective,
         start_step=train_step.step, total_steps=cfg.train.steps, config=to_dict(cfg),
         enabled=dist.get_rank() == 0, log_interval=cfg.train.log_interval,
+        restored_record=state.extra.get("metrics_record"),
     )  # fmt: skip
     checkpoint, record, skipped = None, None, 0
     try:
@@ -125,7 +126,8 @@ def run_training(
                 if saved:
                     stall_point("checkpoint", step)
                     extra = {"sampler": phase.sampler.state_dict(), "flops": flops.state_dict(),
-                             "objective": cfg.train.objective}  # fmt: skip
+                             "objective": cfg.train.objective,
+                             "metrics_record": jsonable(record)}  # fmt: skip
                     checkpoint = save_training_checkpoint(
                         train_step, ckpt_dir, cfg.checkpoint, extra=extra
                     )
