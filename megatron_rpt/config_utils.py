@@ -253,7 +253,9 @@ def load_yaml(cfg: T, path: str | Path) -> T:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, Mapping):
@@ -274,7 +276,9 @@ def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(value):
             rows.extend(describe(value, key + "."))
         else:
-            rows.append((key, _type_name(_hints(type(cfg))[f.name]), repr(value), docs.get(f.name, "")))
+            rows.append(
+                (key, _type_name(_hints(type(cfg))[f.name]), repr(value), docs.get(f.name, ""))
+            )
     return rows
 
 

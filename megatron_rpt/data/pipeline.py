@@ -57,8 +57,8 @@ from megatron_rpt.data.samples import (
     new_summary,
 )
 from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer, write_vocab_bytes
-from megatron_rpt.errors import DataError
 from megatron_rpt.dir_lock import output_lock
+from megatron_rpt.errors import DataError
 from megatron_rpt.fileio import (
     atomic_output_dir,
     atomic_write_json,

@@ -358,7 +358,6 @@ def _load_module(module: torch.nn.Module, state: dict[str, Any], ckpt: ResolvedC
 
 def check_shapes(sharded: dict[str, Any], model_dir: Path) -> None:
     """Compare the model's global tensor shapes with the checkpoint's, naming mismatches."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 

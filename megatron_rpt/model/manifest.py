@@ -144,7 +144,12 @@ def verify_manifest(root: str | Path) -> bool:
     for rel, crcs in found.items():
         if crcs != listed[rel].get("blocks"):
             bad = next(
-                (i for i, (a, b) in enumerate(zip(crcs, listed[rel]["blocks"])) if a != b), 0
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(crcs, listed[rel]["blocks"], strict=False))
+                    if a != b
+                ),
+                0,
             )
             raise CheckpointError(
                 f"{root / rel}: checksum mismatch in bytes {bad * block}-"

@@ -96,8 +96,7 @@ def check_dcp_metadata(directory: str | Path) -> Any:
 
     if not isinstance(metadata, Metadata):
         raise CheckpointError(
-            f"{path}: holds a {type(metadata).__name__}, not torch.distributed.checkpoint "
-            "Metadata"
+            f"{path}: holds a {type(metadata).__name__}, not torch.distributed.checkpoint Metadata"
         )
     return metadata
 
@@ -151,8 +150,7 @@ def _safe_bytes(value: io.BytesIO, fqn: str) -> None:
             torch.load(value, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
-            f"checkpoint entry '{fqn}' is not plain data, refusing to load it: "
-            f"{clean_message(exc)}"
+            f"checkpoint entry '{fqn}' is not plain data, refusing to load it: {clean_message(exc)}"
         ) from None
     value.seek(0)
 
@@ -175,4 +173,11 @@ def safe_byte_entries() -> Iterator[None]:
         DefaultLoadPlanner.load_bytes = original  # type: ignore[method-assign]
 
 
-__all__ = ["LOAD_ERRORS", "check_dcp_metadata", "clean_message", "failure_message", "load_tensor_file", "safe_byte_entries"]
+__all__ = [
+    "LOAD_ERRORS",
+    "check_dcp_metadata",
+    "clean_message",
+    "failure_message",
+    "load_tensor_file",
+    "safe_byte_entries",
+]

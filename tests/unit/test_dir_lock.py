@@ -41,7 +41,10 @@ def test_second_run_fails_at_once_naming_pid_and_host(tmp_path):
             pass
         assert time.monotonic() - start < 5
         msg = str(err.value)
-        assert f"run.run_dir={run_dir} is in use by PID {proc.pid} on host {socket.gethostname()}" in msg
+        assert (
+            f"run.run_dir={run_dir} is in use by PID {proc.pid} on host {socket.gethostname()}"
+            in msg
+        )
         assert "\n" not in msg
     finally:
         proc.kill()
