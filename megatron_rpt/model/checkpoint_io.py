@@ -138,6 +138,8 @@ def find_checkpoint(path: str | Path) -> ResolvedCheckpoint:
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"{root}: checkpoint not found")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
     if is_checkpoint(root):
         hf = root / HF_DIR
         return ResolvedCheckpoint(
@@ -249,11 +251,32 @@ def save_checkpoint(
     model and before ``metadata.json`` (the trainer adds its optimizer and state there); if it
     raises on any rank, nothing appears at ``path``.
     """
+    path = Path(path)
+    try:
+        _save(chunks, path, metadata, hf_source, overwrite, extra_writer)
+    except CheckpointError:
+        raise
+    except LOAD_ERRORS as exc:  # disk full, permissions: one line naming the checkpoint
+        raise CheckpointError(
+            f"{path}: cannot save the checkpoint ({failure_message(exc)}); the previous "
+            "checkpoint is intact"
+        ) from None
+    logger.info("saved checkpoint %s", path)
+    return path
+
+
+def _save(
+    chunks: list[torch.nn.Module],
+    path: Path,
+    metadata: CheckpointMetadata,
+    hf_source: Path | None,
+    overwrite: bool,
+    extra_writer: Callable[[Path], None] | None,
+) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_rpt.conversion.hf_io import copy_side_files
 
-    path = Path(path)
     rank = dist.get_rank()
     with _Rank0AtomicDir(path, overwrite) as tmp:
         tmp = Path(tmp)
@@ -270,8 +293,6 @@ def save_checkpoint(
             meta = dict(metadata.to_json(), created=_now())
             atomic_write_json(tmp / METADATA_FILE, meta)
             write_manifest(tmp)
-    logger.info("saved checkpoint %s", path)
-    return path
 
 
 class _Rank0AtomicDir:
