@@ -41,11 +41,12 @@ def main() -> None:
     args = parser.parse_args()
     from megatron.core import dist_checkpointing
 
-    from megatron_rpt.distributed import single_process_group
+    from megatron_rpt.distributed import initialize_model_parallel, single_process_group
 
     root = Path(tempfile.mkdtemp(prefix="bench-manifest-"))
     try:
         with single_process_group():
+            initialize_model_parallel(1, 1)  # also applies the CPU patches (no CUDA sync)
             state = _state(args.mb)
             (root / "model").mkdir()
             t = time.perf_counter()

@@ -11,6 +11,7 @@ refused without ``overwrite``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def convert_hf_to_megatron(
     weights = HFWeights(hf_dir)
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     check_not_inside(out_dir, hf_dir, "--hf-dir")
+    _check_json_side_files(hf_dir)
     if dtype == "auto":
         dtype = source_dtype(weights)
     if dtype not in ("fp32", "bf16"):
@@ -84,3 +86,12 @@ def convert_hf_to_megatron(
         "converted %s -> %s (%s) in %.1f s", hf_dir, out_dir, dtype, time.monotonic() - start
     )
     return out_dir
+
+
+def _check_json_side_files(hf_dir: Path) -> None:
+    """A broken tokenizer.json (or other JSON side file) fails here, not at training time."""
+    for path in sorted(Path(hf_dir).glob("*.json")):
+        try:
+            json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None

@@ -77,3 +77,10 @@ def test_num_attention_heads_zero_is_one_error(hf, tmp_path):
     with pytest.raises(CheckpointError, match="num_attention_heads=0 must be a positive integer"):
         convert_hf_to_megatron(hf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_broken_tokenizer_json_fails_at_conversion(hf, tmp_path):
+    (hf / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: not valid JSON"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
