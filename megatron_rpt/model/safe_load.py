@@ -104,8 +104,8 @@ def check_dcp_metadata(directory: str | Path) -> Any:
 def clean_message(exc: BaseException) -> str:
     """``exc``'s message on one line, without torch's advice to load with weights_only=False.
 
-    >>> clean_message(ValueError("Weights only load failed. Re-running torch.load with x"))
-    'Weights only load failed.'
+    >>> clean_message(ValueError("Load failed. Re-running with weights_only=False works."))
+    'Load failed.'
     """
     kept = [
         s.strip()
