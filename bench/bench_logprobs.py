@@ -72,12 +72,8 @@ def _child(args: argparse.Namespace) -> None:
         return lp.detach(), ent.detach(), h.grad, w.grad
 
     # A tiny call first, so lazily loaded kernels and thread pools are not counted as peak.
-    run(
-        hidden[:8].clone().requires_grad_(),
-        weight[:64].clone().requires_grad_(),
-        labels[:8] % 64,
-        g_lp[:8],
-    )
+    run(hidden[:8].clone().requires_grad_(), weight[:64].clone().requires_grad_(),
+        labels[:8] % 64, g_lp[:8])
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
     base_rss = psutil.Process().memory_info().rss
@@ -101,39 +97,18 @@ def _child(args: argparse.Namespace) -> None:
     out = tuple(t.cpu() for t in out)
     torch.save(dict(zip(("lp", "ent", "gh", "gw"), out, strict=True)), args.dump)
     json.dump(
-        {
-            "peak_extra_bytes": peak - base_rss,
-            "base_rss_bytes": base_rss,
-            "seconds_median": statistics.median(times),
-            "seconds_all": times,
-        },
+        {"peak_extra_bytes": peak - base_rss, "base_rss_bytes": base_rss,
+         "seconds_median": statistics.median(times), "seconds_all": times},
         sys.stdout,
     )
 
 
 def _run_variant(args: argparse.Namespace, variant: str, chunk: int, dump: Path) -> dict:
     cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        "--variant",
-        variant,
-        "--chunk",
-        str(chunk),
-        "--tokens",
-        str(args.tokens),
-        "--vocab",
-        str(args.vocab),
-        "--hidden",
-        str(args.hidden),
-        "--reps",
-        str(args.reps),
-        "--threads",
-        str(args.threads),
-        "--dump",
-        str(dump),
-        "--device",
-        args.device,
+        sys.executable, __file__, "--child", "--variant", variant, "--chunk", str(chunk),
+        "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+        "--reps", str(args.reps), "--threads", str(args.threads), "--dump", str(dump),
+        "--device", args.device,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -195,10 +170,8 @@ def main() -> None:
         "benchmark": "log-prob + entropy forward/backward, fp32, single rank (tp=1)",
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
-        f"{args.threads}",
-        "device": args.device
-        if args.device == "cpu"
-        else __import__("torch").cuda.get_device_name(0),
+                   f"{args.threads}",
+        "device": args.device if args.device == "cpu" else __import__("torch").cuda.get_device_name(0),
         "torch": __import__("torch").__version__,
         "shape": {"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden},
         "full_logits_fp32_bytes": args.tokens * args.vocab * 4,
@@ -207,21 +180,15 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     gib = 2**30
-    print(
-        f"T={args.tokens} V={args.vocab} H={args.hidden} fp32; full [T,V] logits = "
-        f"{result['full_logits_fp32_bytes'] / gib:.2f} GiB"
-    )
-    print(
-        f"{'variant':<22}{'peak extra GiB':>15}{'mem ratio':>11}{'time s':>9}"
-        f"{'time ratio':>12}{'max|dlogp|':>12}{'max|dgW|':>11}"
-    )
+    print(f"T={args.tokens} V={args.vocab} H={args.hidden} fp32; full [T,V] logits = "
+          f"{result['full_logits_fp32_bytes'] / gib:.2f} GiB")
+    print(f"{'variant':<22}{'peak extra GiB':>15}{'mem ratio':>11}{'time s':>9}"
+          f"{'time ratio':>12}{'max|dlogp|':>12}{'max|dgW|':>11}")
     for r in rows:
         d = r["max_abs_diff_vs_naive"]
-        print(
-            f"{r['name']:<22}{r['peak_extra_bytes'] / gib:>15.2f}"
-            f"{r['memory_ratio_naive_over_this']:>11.2f}{r['seconds_median']:>9.2f}"
-            f"{r['time_ratio_this_over_naive']:>12.2f}{d['lp']:>12.1e}{d['gw']:>11.1e}"
-        )
+        print(f"{r['name']:<22}{r['peak_extra_bytes'] / gib:>15.2f}"
+              f"{r['memory_ratio_naive_over_this']:>11.2f}{r['seconds_median']:>9.2f}"
+              f"{r['time_ratio_this_over_naive']:>12.2f}{d['lp']:>12.1e}{d['gw']:>11.1e}")
     print(f"wrote {args.out}")
 
 

@@ -81,9 +81,7 @@ def main() -> None:
                 "seconds": round(time.perf_counter() - t0, 1),
             })  # fmt: skip
     total = sum(len(r.prompt_ids) for r in reqs) * G
-    print(
-        f"{len(reqs)} contexts x G={G}, {total:,} prompt tokens, {RESPONSE_TOKENS} response tokens/sample"
-    )
+    print(f"{len(reqs)} contexts x G={G}, {total:,} prompt tokens, {RESPONSE_TOKENS} response tokens/sample")
     print_table(rows)
     path = write_result(
         "prefix_schedule", rows, contexts=len(reqs), samples_per_context=G,

@@ -20,18 +20,7 @@ from megatron_rpt.reward import RewardTarget, extract_prediction, get_reward  # 
 
 
 def make_response(rng: random.Random, n_chars: int, answer: str) -> str:
-    words = [
-        "Let",
-        "x",
-        "be",
-        "\\frac{1}{2}",
-        "so",
-        "\\{a, b\\}",
-        "maybe",
-        "\\boxed{ y}",
-        "wait",
-        "{z}",
-    ]
+    words = ["Let", "x", "be", "\\frac{1}{2}", "so", "\\{a, b\\}", "maybe", "\\boxed{ y}", "wait", "{z}"]
     parts, size = [], 0
     while size < n_chars:
         w = rng.choice(words)
@@ -58,13 +47,7 @@ def main() -> None:
     for label, size in [("typical ~2 KB", 2_000), ("max-length ~32 KB", 32_000)]:
         group = [make_response(rng, size, rng.choice([" 4", "4", " 4}."])) for _ in range(8)]
         n, secs = time_it(lambda g=group: reward(g, target))
-        rows.append(
-            {
-                "input": label,
-                "rewards_per_s": n * len(group) / secs,
-                "us_per_reward": 1e6 * secs / (n * len(group)),
-            }
-        )
+        rows.append({"input": label, "rewards_per_s": n * len(group) / secs, "us_per_reward": 1e6 * secs / (n * len(group))})
     adversarial = {
         "1 MB nested \\boxed{": "</think>" + "\\boxed{" * 150_000,
         "1 MB open braces": "</think>\\boxed{" + "{" * 1_000_000,

@@ -284,21 +284,20 @@ def _save(
         dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / MODEL_DIR))
         if extra_writer is not None:
             extra_writer(tmp)
-        if dist.get_world_size() > 1:
-            dist.barrier()  # every rank's files are complete before rank 0 checksums them
         if rank == 0:
             if hf_source is not None:
                 (tmp / HF_DIR).mkdir()
                 copy_side_files(hf_source, tmp / HF_DIR)
             meta = dict(metadata.to_json(), created=_now())
             atomic_write_json(tmp / METADATA_FILE, meta)
-            write_manifest(tmp)
+    # manifest.json is written by _Rank0AtomicDir once every rank reported its files complete.
 
 
 class _Rank0AtomicDir:
     """``atomic_output_dir`` on rank 0; its temporary path broadcast to the other ranks.
 
-    Every rank reports success before rank 0 renames the directory into place.
+    Every rank reports success before rank 0 writes the manifest and renames the directory
+    into place.
     """
 
     def __init__(self, path: Path, overwrite: bool) -> None:
@@ -327,6 +326,11 @@ class _Rank0AtomicDir:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if dist.get_rank() == 0:
             if ok.item() == 1:
+                try:
+                    write_manifest(self.holder[0])  # every rank's files are complete now
+                except Exception as error:
+                    self.ctx.__exit__(type(error), error, None)
+                    raise
                 self.ctx.__exit__(None, None, None)
             else:
                 error = exc or CheckpointError("checkpoint save failed on another rank")
