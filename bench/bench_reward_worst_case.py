@@ -9,7 +9,6 @@ per-brace scanner and, in the same run, times a per-brace regex scan with the sa
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -18,26 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
 from megatron_rpt.reward import extract_prediction  # noqa: E402
-
-_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
-
-
-def per_brace_scan(response: str) -> str | None:
-    """Baseline: one regex match per brace or escape (same rules as extract_prediction)."""
-    cut = response.find("</think>")
-    if cut < 0:
-        return None
-    pos, last = cut + len("</think>"), None
-    while (start := response.find("\\boxed{", pos)) >= 0:
-        content, depth = start + len("\\boxed{"), 1
-        for m in _TOKENS.finditer(response, content):
-            depth += {"{": 1, "}": -1}.get(m.group(), 0)
-            if depth == 0:
-                last, pos = response[content : m.start()], m.end()
-                break
-        else:
-            return None
-    return last
+from megatron_rpt.testing.box_scan import per_brace_extract as per_brace_scan  # noqa: E402
 
 
 def best_of(fn, text: str, repeats: int = 3) -> float:

@@ -1,34 +1,12 @@
 """The vectorised box scan (long boxes) follows exactly the rules of the per-brace scan."""
 
 import random
-import re
 
 import pytest
 
 from megatron_rpt.reward import next_token
 from megatron_rpt.reward.next_token import extract_prediction
-
-_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
-
-
-def _per_brace(response: str, require_think_close: bool) -> str | None:
-    pos = 0
-    if require_think_close:
-        cut = response.find("</think>")
-        if cut < 0:
-            return None
-        pos = cut + len("</think>")
-    last = None
-    while (start := response.find("\\boxed{", pos)) >= 0:
-        content, depth = start + len("\\boxed{"), 1
-        for m in _TOKENS.finditer(response, content):
-            depth += {"{": 1, "}": -1}.get(m.group(), 0)
-            if depth == 0:
-                last, pos = response[content : m.start()], m.end()
-                break
-        else:
-            return None
-    return last
+from megatron_rpt.testing.box_scan import per_brace_extract as _per_brace
 
 
 @pytest.mark.parametrize("short_box", [0, 3, 4096])
