@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -122,8 +123,8 @@ def _check_rollout(cfg: RPTConfig) -> None:
     r = cfg.rollout
     if r.n_samples < 1:
         raise ConfigError("rollout.n_samples must be >= 1")
-    if r.temperature < 0:
-        raise ConfigError("rollout.temperature must be >= 0")
+    if not math.isfinite(r.temperature) or r.temperature < 0:
+        raise ConfigError(f"rollout.temperature must be a finite number >= 0, got {r.temperature}")
     if not 0 < r.top_p <= 1:
         raise ConfigError("rollout.top_p must be in (0, 1]")
     if r.max_new_tokens < 1:

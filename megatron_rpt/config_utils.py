@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -152,9 +153,12 @@ def convert_value(raw: Any, tp: Any, key: str) -> Any:
         if isinstance(raw, bool):
             raise ConfigError(f"{key}: expected a number, got {raw!r}")
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+        return value
     if tp is str:
         if isinstance(raw, str | int | float) and not isinstance(raw, bool):
             return str(raw)
@@ -251,7 +255,11 @@ def load_yaml(cfg: T, path: str | Path) -> T:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, Mapping):
@@ -272,7 +280,9 @@ def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(value):
             rows.extend(describe(value, key + "."))
         else:
-            rows.append((key, _type_name(_hints(type(cfg))[f.name]), repr(value), docs.get(f.name, "")))
+            rows.append(
+                (key, _type_name(_hints(type(cfg))[f.name]), repr(value), docs.get(f.name, ""))
+            )
     return rows
 
 

@@ -74,6 +74,17 @@ def check_output_dir(path: str | Path, *, overwrite: bool) -> Path:
     return path
 
 
+def check_not_inside(out: str | Path, source: str | Path, what: str) -> None:
+    """Refuse an output directory that is, or contains, its input (``--overwrite`` would
+    delete the input)."""
+    out_r, src_r = Path(out).resolve(), Path(source).resolve()
+    if out_r == src_r or out_r in src_r.parents:
+        raise InputError(
+            f"{out}: the output directory contains the input {what} {source}; writing there "
+            "would delete it (choose another output directory)"
+        )
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` only if the block succeeds.

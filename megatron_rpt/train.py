@@ -10,7 +10,8 @@ a mistake fails here with one line naming the setting, before anything heavy), o
 that the trainer and the colocated engine fit in memory (``preflight.check_memory``), start
 torch.distributed (torchrun's environment, NCCL on GPUs, gloo on CPU; a single process
 without torchrun), prepare the data on rank 0 if ``data.prepared_dir`` is missing or was made
-with other settings, write ``<run_dir>/config.yaml``, train (``trainer.loop``), and export the
+with other settings, train (``trainer.loop``; ``<run_dir>/config.yaml`` is written once a
+resume's checks passed), and export the
 final checkpoint as HF with ``checkpoint.export_hf_at_end``.
 
 ``--resume auto`` (the default) continues from the newest complete checkpoint in
@@ -182,18 +183,26 @@ def main(
     cfg = resolve_config(args)
     hf_dir = preflight.check_run(cfg, world)
     preflight.check_memory(cfg, hf_dir, world)  # GPU only: before any model is built
-    resume = preflight.resolve_resume(args.resume, cfg)
-    cfg.checkpoint.load = None if resume is None else str(resume)
-    done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
-    final = resume if done else None
-    with distributed(cfg) as groups:
-        if not done:
-            final = _train(cfg, groups, hf_dir, resume, engine_factory, on_phase)
-    if rank == 0:
-        if done:
-            logger.info("%s already completed train.steps=%d", resume, cfg.train.steps)
-        _finish(cfg, final)
+    with _run_dir_lock(cfg, rank):
+        resume = preflight.resolve_resume(args.resume, cfg)
+        cfg.checkpoint.load = None if resume is None else str(resume)
+        done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
+        final = resume if done else None
+        with distributed(cfg) as groups:
+            if not done:
+                final = _train(cfg, groups, hf_dir, resume, engine_factory, on_phase)
+        if rank == 0:
+            if done:
+                logger.info("%s already completed train.steps=%d", resume, cfg.train.steps)
+            _finish(cfg, final)
     return 0
+
+
+def _run_dir_lock(cfg: Any, rank: int) -> contextlib.AbstractContextManager:
+    """Rank 0 holds ``<run_dir>/.lock`` for the whole run: one writer per run directory."""
+    from megatron_rpt.dir_lock import run_dir_lock
+
+    return run_dir_lock(cfg.run.run_dir) if rank == 0 else contextlib.nullcontext()
 
 
 def _train(
@@ -206,13 +215,12 @@ def _train(
 ) -> Path | None:
     import torch.distributed as dist
 
-    from megatron_rpt.config import save_config
     from megatron_rpt.trainer import preflight
     from megatron_rpt.trainer.loop import run_training
 
     if dist.get_rank() == 0:
         Path(cfg.run.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, cfg.run.run_dir)
+        # config.yaml is written by the run logger once a resume's checks passed.
         preflight.ensure_prepared(cfg, hf_dir)
         logger.info(
             "run %s: %s",

@@ -67,11 +67,16 @@ class HFWeights:
         self._file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
         for file in self._weight_files():
-            with safe_open(str(file), framework="pt") as fh:
-                for name in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    tensor_slice = fh.get_slice(name)
-                    self._file_of[name] = file
-                    self._meta[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+            try:
+                with safe_open(str(file), framework="pt") as fh:
+                    for name in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                        tensor_slice = fh.get_slice(name)
+                        self._file_of[name] = file
+                        self._meta[name] = (
+                            tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
+                        )  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - SafetensorError and OS errors
+                raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
 
     def _weight_files(self) -> list[Path]:
         index = self.dir / INDEX_FILE
@@ -80,6 +85,18 @@ class HFWeights:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"{index}: unreadable safetensors index: {exc}") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
+            outside = sorted(
+                {f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")}
+            )
+            if outside:
+                raise CheckpointError(
+                    f"{index}: shard file(s) {outside[:3]} are not plain file names inside "
+                    f"{self.dir}"
+                )
             files = sorted({self.dir / f for f in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
@@ -114,8 +131,12 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor; its file is opened for this read only."""
         self._require(name)
-        with safe_open(str(self._file_of[name]), framework="pt") as fh:
-            return fh.get_tensor(name)
+        file = self._file_of[name]
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                return fh.get_tensor(name)
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and OS errors
+            raise CheckpointError(f"{file}: cannot read tensor '{name}' ({exc})") from None
 
     def _require(self, name: str) -> None:
         if name not in self._meta:
@@ -246,7 +267,9 @@ def _split_plan(
 def copy_side_files(src: str | Path, dst: str | Path, *, skip: Iterable[str] = ()) -> list[str]:
     """Copy the non-weight files of an HF model dir (tokenizer, generation config, license...).
 
-    ``config.json`` is copied too unless listed in ``skip``; sub-directories are not copied.
+    ``config.json`` is copied too unless listed in ``skip``; sub-directories are not copied,
+    and a link pointing outside ``src`` is refused (it would copy a foreign file into every
+    checkpoint).
     """
     src, dst = Path(src), Path(dst)
     skip = set(skip) | {INDEX_FILE}
@@ -256,6 +279,11 @@ def copy_side_files(src: str | Path, dst: str | Path, *, skip: Iterable[str] = (
             continue
         if path.name.startswith("."):
             continue
+        if path.is_symlink() and src.resolve() not in path.resolve().parents:
+            raise CheckpointError(
+                f"{path}: a link to {path.resolve()}, outside the model directory; copy the "
+                "file in (links out of a model directory are not followed)"
+            )
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
     return copied

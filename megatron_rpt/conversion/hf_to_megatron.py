@@ -11,6 +11,7 @@ refused without ``overwrite``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.conversion.hf_io import HFWeights
 from megatron_rpt.errors import CheckpointError
-from megatron_rpt.fileio import check_output_dir
+from megatron_rpt.fileio import check_not_inside, check_output_dir
 from megatron_rpt.model.arch import read_arch
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def convert_hf_to_megatron(
     arch = read_arch(hf_dir)
     weights = HFWeights(hf_dir)
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
+    check_not_inside(out_dir, hf_dir, "--hf-dir")
+    _check_json_side_files(hf_dir)
     if dtype == "auto":
         dtype = source_dtype(weights)
     if dtype not in ("fp32", "bf16"):
@@ -83,3 +86,12 @@ def convert_hf_to_megatron(
         "converted %s -> %s (%s) in %.1f s", hf_dir, out_dir, dtype, time.monotonic() - start
     )
     return out_dir
+
+
+def _check_json_side_files(hf_dir: Path) -> None:
+    """A broken tokenizer.json (or other JSON side file) fails here, not at training time."""
+    for path in sorted(Path(hf_dir).glob("*.json")):
+        try:
+            json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None

@@ -23,7 +23,12 @@ import torch
 from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
 from megatron_rpt.conversion.hf_io import SafetensorsShardWriter, copy_side_files
 from megatron_rpt.errors import CheckpointError
-from megatron_rpt.fileio import atomic_output_dir, atomic_write_json, check_output_dir
+from megatron_rpt.fileio import (
+    atomic_output_dir,
+    atomic_write_json,
+    check_not_inside,
+    check_output_dir,
+)
 from megatron_rpt.model.arch import ArchSpec
 
 logger = logging.getLogger(__name__)
@@ -54,9 +59,13 @@ def convert_megatron_to_hf(
     )
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import EMBEDDING_KEY, resolve_source
+    from megatron_rpt.model.manifest import verify_checkpoint
 
     start = time.monotonic()
     ckpt = find_checkpoint(checkpoint)
+    out_dir = check_output_dir(out_dir, overwrite=overwrite)
+    check_not_inside(out_dir, ckpt.root, "--megatron-dir")
+    verify_checkpoint(ckpt.root if ckpt.kind == "megatron_rpt" else ckpt.model_dir)
     if ckpt.hf_dir is None and hf_config is None:
         raise CheckpointError(
             f"{ckpt.root}: checkpoint has no hf/config.json; pass --hf-config DIR (the HF "
@@ -66,7 +75,6 @@ def convert_megatron_to_hf(
         ModelConfig(megatron_checkpoint=str(ckpt.root)),
         None if hf_config is None else str(hf_config),
     )
-    out_dir = check_output_dir(out_dir, overwrite=overwrite)
     if ckpt.metadata is not None:
         dtype = ckpt.metadata.dtype
     else:
@@ -84,7 +92,7 @@ def convert_megatron_to_hf(
             padded_vocab=source.padded_vocab,
             initialize=False,
         )
-        load_checkpoint(built.chunks, ckpt)
+        load_checkpoint(built.chunks, ckpt, verify=False)
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             write_hf_dir(
                 built.chunks,

@@ -31,6 +31,9 @@ class DataConfig:
     max_documents: int | None = None
     """Use at most this many documents (the first usable ones in corpus order), for quick
     runs. A document's split depends only on its id, so it does not change with this limit."""
+    max_document_bytes: int = 64 << 20
+    """Largest document (a .txt file, or one JSONL line) read, in bytes; a longer one stops
+    preparation with an error naming it, before it is read whole (split such files first)."""
     tokenizer: str | None = None
     """Policy tokenizer (HF directory or 'embedded:smollm2'); default: the one the caller
     passes (the policy model's), else the embedded SmolLM2. Token ids, token bytes and reward
@@ -109,6 +112,7 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data.") -> DataConfig:
     megatron_rpt.errors.ConfigError: data.entropy_window_overlap (4096) must be >= 1 and < data.entropy_window_tokens (2048)
     """
     positive = (
+        "max_document_bytes",
         "entropy_top_k",
         "entropy_window_tokens",
         "entropy_batch_tokens",

@@ -42,7 +42,13 @@ import numpy as np
 
 from megatron_rpt.data.config import DataConfig, validate_data_config
 from megatron_rpt.data.entropy import EntropyScorer, ScoringStats, score_corpus
-from megatron_rpt.data.readers import ReadStats, input_files, iter_documents, split_of
+from megatron_rpt.data.readers import (
+    ReadStats,
+    corpus_entries,
+    input_files,
+    iter_documents,
+    split_of,
+)
 from megatron_rpt.data.samples import (
     SAMPLE_DTYPE,
     Summary,
@@ -51,8 +57,14 @@ from megatron_rpt.data.samples import (
     new_summary,
 )
 from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer, write_vocab_bytes
+from megatron_rpt.dir_lock import output_lock
 from megatron_rpt.errors import DataError
-from megatron_rpt.fileio import atomic_output_dir, atomic_write_json, check_output_dir
+from megatron_rpt.fileio import (
+    atomic_output_dir,
+    atomic_write_json,
+    check_not_inside,
+    check_output_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,12 +279,30 @@ def prepare_data(
 
     Raises:
         DataError / ConfigError: bad input, with a one-line message; nothing is written to
-        ``out_dir`` then.
+        ``out_dir`` then. InputError at once when another process is preparing ``out_dir``
+        (an exclusive lock on the hidden sibling ``.<name>.lock``).
     """
+    with output_lock(out_dir):
+        return _prepare_locked(
+            cfg, out_dir, overwrite=overwrite, policy_tokenizer=policy_tokenizer, progress=progress
+        )
+
+
+def _prepare_locked(
+    cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool,
+    policy_tokenizer: Any,
+    progress: bool | None,
+) -> Summary:
     t0 = time.perf_counter()
     validate_data_config(cfg)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite=overwrite)
+    for entry in corpus_entries(cfg):
+        if not entry.startswith("embedded:"):
+            check_not_inside(out_dir, entry, "data.corpus")
     tokenizer, tokenizer_name = _resolve_tokenizer(policy_tokenizer, cfg)
     vocab = ByteVocabulary.from_tokenizer(tokenizer)
     proxy = _proxy_path(cfg, tokenizer_name)

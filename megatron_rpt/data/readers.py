@@ -166,11 +166,14 @@ def _check_encodable(text: str, where: str, cfg: DataConfig, stats: ReadStats) -
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, stats: ReadStats) -> Iterator[CorpusDocument]:
-    offset = 0
+    offset, limit = 0, cfg.max_document_bytes
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+        # readline(limit + 1): a huge line is refused after limit bytes, never read whole.
+        for lineno, raw in enumerate(iter(lambda: fh.readline(limit + 1), b""), start=1):
             line_offset, offset = offset, offset + len(raw)
             where = f"{path}:{lineno}"
+            if len(raw.rstrip(b"\r\n")) > limit:
+                raise _too_large(where, cfg)
             if not raw.strip():
                 continue
             line = _decode(raw, where, line_offset, cfg, stats)
@@ -213,8 +216,19 @@ def _jsonl_document(
         yield CorpusDocument(doc_id=doc_id, source=where, text=text)
 
 
+def _too_large(where: str, cfg: DataConfig) -> DataError:
+    return DataError(
+        f"{where}: document longer than data.max_document_bytes={cfg.max_document_bytes}; "
+        "split it into smaller documents or raise the setting"
+    )
+
+
 def _read_text(path: Path, cfg: DataConfig, stats: ReadStats) -> Iterator[CorpusDocument]:
-    text = _decode(path.read_bytes(), str(path), 0, cfg, stats)
+    with open(path, "rb") as fh:
+        raw = fh.read(cfg.max_document_bytes + 1)  # bounded even for /dev/zero
+    if len(raw) > cfg.max_document_bytes:
+        raise _too_large(str(path), cfg)
+    text = _decode(raw, str(path), 0, cfg, stats)
     if text is not None:
         yield CorpusDocument(doc_id=path.name, source=str(path), text=text)
 

@@ -45,7 +45,12 @@ def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
             f"{prepared_dir}: not a prepared data directory (no meta.json; run "
             "tools/prepare_rpt_data.py, or it was interrupted)"
         )
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or not UTF-8
+        raise DataError(f"{path}: unreadable ({exc}); prepare the data again") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: not a JSON object; prepare the data again")
     if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{path}: format {meta.get('format')} v{meta.get('format_version')}, expected "
@@ -83,18 +88,22 @@ class SampleStore:
         self.context_tokens = context_tokens
         self.continuation_tokens = continuation_tokens
         self.thresholds = tuple(self.config.difficulty_thresholds)
-        self.samples = np.load(prepared_dir / f"samples-{split}.npy", mmap_mode="r")
-        assert self.samples.dtype == SAMPLE_DTYPE, self.samples.dtype
-        self.tokens = IndexedDataset(str(prepared_dir / "tokens"), mmap=True)
-        self.table = read_vocab_bytes(prepared_dir)
+        samples_file = prepared_dir / f"samples-{split}.npy"
+        self.samples = _read(samples_file, lambda: np.load(samples_file, mmap_mode="r"))
+        if self.samples.dtype != SAMPLE_DTYPE or self.samples.ndim != 1:
+            raise DataError(f"{samples_file}: not a sample array ({self.samples.dtype})")
+        self.tokens = _read(
+            prepared_dir / "tokens.idx",
+            lambda: IndexedDataset(str(prepared_dir / "tokens"), mmap=True),
+        )
+        self.table = _read(prepared_dir / "vocab_bytes.idx", lambda: read_vocab_bytes(prepared_dir))
         if table_digest(self.table) != meta["tokenizer"]["byte_table_blake2b"]:
             raise DataError(f"{prepared_dir}: vocab_bytes files do not match meta.json")
-        self.doc_ids = [
-            json.loads(line)["doc_id"]
-            for line in open(prepared_dir / "documents.jsonl", encoding="utf-8")
-        ]
+        docs_file = prepared_dir / "documents.jsonl"
+        self.doc_ids = _read(docs_file, lambda: _doc_ids(docs_file))
         lengths = self.tokens.sequence_lengths
         self.doc_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        _check_consistency(self, meta)
 
     @classmethod
     def open(
@@ -161,6 +170,11 @@ class SampleStore:
         k = min(self.continuation_tokens, n_tokens - t)
         context = np.asarray(self.tokens.get(doc, offset=c0, length=t - c0), dtype=np.int64)
         continuation = np.asarray(self.tokens.get(doc, offset=t, length=k), dtype=np.int64)
+        if len(context) and int(max(context.max(), continuation.max(initial=0))) >= len(self.table):
+            raise DataError(
+                f"{self.prepared_dir / 'tokens.bin'}: document {doc} holds token ids beyond the "
+                f"vocabulary ({len(self.table)}); the file is corrupted, prepare the data again"
+            )
         entropy = float(rec["entropy"])
         return RPTSample(
             sample_index=index,
@@ -198,6 +212,52 @@ class SampleStore:
                 f"{getattr(tokenizer, 'name_or_path', 'the given tokenizer')}; prepare the data "
                 "again with the policy's tokenizer"
             )
+
+
+def _read(path: Path, load: Any) -> Any:
+    """``load()``; any failure is a DataError naming ``path``."""
+    try:
+        return load()
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt numpy/indexed/JSON files
+        raise DataError(f"{path}: unreadable ({exc}); prepare the data again") from None
+
+
+def _doc_ids(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line)["doc_id"] for line in fh]
+
+
+def _check_consistency(store: SampleStore, meta: dict[str, Any]) -> None:
+    """File sizes and sample bounds against meta.json, so corruption fails here by name."""
+    d, summary = store.prepared_dir, meta.get("summary", {})
+    lengths = np.asarray(store.tokens.sequence_lengths, dtype=np.int64)
+    n_docs, n_tokens = len(lengths), int(lengths.sum())
+    itemsize = np.dtype(store.tokens.index.dtype).itemsize
+    if (d / "tokens.bin").stat().st_size != n_tokens * itemsize:
+        raise DataError(f"{d / 'tokens.bin'}: size does not match tokens.idx (truncated?)")
+    if summary.get("tokens", n_tokens) != n_tokens or summary.get("documents", n_docs) != n_docs:
+        raise DataError(f"{d / 'tokens.idx'}: token/document counts differ from meta.json")
+    if len(store.doc_ids) != n_docs:
+        raise DataError(f"{d / 'documents.jsonl'}: {len(store.doc_ids)} lines, {n_docs} expected")
+    expected = summary.get("kept_train" if store.split == "train" else "valid_positions")
+    path = d / f"samples-{store.split}.npy"
+    if expected is not None and len(store.samples) != expected:
+        raise DataError(f"{path}: {len(store.samples)} samples, meta.json says {expected}")
+    if len(store.samples) == 0:
+        raise DataError(f"{path}: no samples")
+    doc = np.asarray(store.samples["doc_index"], dtype=np.int64)
+    pos = np.asarray(store.samples["position"], dtype=np.int64)
+    bad = (doc < 0) | (doc >= n_docs)
+    if not bad.any():
+        bad = (pos < 0) | (pos >= lengths[doc])
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(
+            f"{path}: sample {i} points outside its document (doc_index {doc[i]}, position "
+            f"{pos[i]}); the file is corrupted, prepare the data again"
+        )
 
 
 __all__ = ["SampleStore", "data_config_from_meta", "read_meta"]

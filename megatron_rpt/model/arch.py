@@ -99,7 +99,7 @@ def read_arch(path: str | Path) -> ArchSpec:
         raise CheckpointError(f"{file}: HF config.json not found")
     try:
         cfg = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or not UTF-8 text
         raise CheckpointError(f"{file}: cannot read HF config: {exc}") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file}: HF config must be a JSON object")
@@ -110,15 +110,15 @@ def arch_from_dict(cfg: dict[str, Any], *, source: str = "config.json") -> ArchS
     """Normalize an HF config dict; errors name ``source`` and the offending field."""
     family, hf_arch = _family(cfg, source)
 
-    def need(key: str) -> Any:
+    def need(key: str) -> int:
         if cfg.get(key) is None:
             raise CheckpointError(f"{source}: required field '{key}' is missing")
-        return cfg[key]
+        return _positive_int(cfg[key], key, source)
 
-    hidden = int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    hidden = need("hidden_size")
+    heads = need("num_attention_heads")
+    kv_heads = _positive_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", source)
+    head_dim = _positive_int(cfg.get("head_dim") or hidden // heads, "head_dim", source)
     if heads % kv_heads:
         raise CheckpointError(
             f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -142,16 +142,18 @@ def arch_from_dict(cfg: dict[str, Any], *, source: str = "config.json") -> ArchS
         family=family,
         hf_architecture=hf_arch,
         hidden_size=hidden,
-        num_layers=int(need("num_hidden_layers")),
+        num_layers=need("num_hidden_layers"),
         num_attention_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(need("intermediate_size")),
-        vocab_size=int(need("vocab_size")),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        intermediate_size=need("intermediate_size"),
+        vocab_size=need("vocab_size"),
+        rms_norm_eps=_positive_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", source),
         rope_theta=theta,
         rope_scaling_factor=factor,
-        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        max_position_embeddings=_int(
+            cfg.get("max_position_embeddings") or 4096, "max_position_embeddings", source
+        ),  # fmt: skip
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2",
         qk_norm=family == "qwen3",
@@ -184,27 +186,85 @@ def _reject_true(cfg: dict[str, Any], source: str, key: str) -> None:
         raise CheckpointError(f"{source}: {key}=true is not supported for this architecture")
 
 
-def _rope(cfg: dict[str, Any], source: str) -> tuple[float, float | None]:
-    """(rope_theta, llama3 scaling factor or None) from either config generation."""
-    params = cfg.get("rope_parameters")
+def _int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise CheckpointError(f"{source}: {key}={value!r} is not an integer")
+    return int(value)
+
+
+def _positive_int(value: Any, key: str, source: str) -> int:
+    out = _int(value, key, source)
+    if out <= 0:
+        raise CheckpointError(f"{source}: {key}={value!r} must be a positive integer")
+    return out
+
+
+def _positive_float(value: Any, key: str, source: str) -> float:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CheckpointError(f"{source}: {key}={value!r} is not a finite number")
+    if value <= 0:
+        raise CheckpointError(f"{source}: {key}={value!r} must be positive")
+    return float(value)
+
+
+# Keys of a RoPE parameter dict this module understands; any other key would be ignored,
+# so it is refused.
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", *_MEGATRON_LLAMA3_ROPE}
+
+
+def _rope_params(cfg: dict[str, Any], source: str) -> tuple[dict[str, Any], str]:
+    """The RoPE dict and the field it came from; refuses disagreeing or malformed fields."""
+    params, scaling = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise CheckpointError(f"{source}: rope_scaling={scaling!r} must be an object or null")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type dict
         params = params["full_attention"]
-    field = "rope_parameters"
-    if not isinstance(params, dict):
-        params = dict(cfg.get("rope_scaling") or {})
-        field = "rope_scaling"
+        if not isinstance(params, dict):
+            raise CheckpointError(
+                f"{source}: rope_parameters.full_attention={params!r} must be an object"
+            )
+    if params is None:
+        params = dict(scaling or {})
         if "rope_theta" in cfg:
             params.setdefault("rope_theta", cfg["rope_theta"])
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        return params, "rope_scaling"
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{source}: rope_parameters={params!r} must be an object")
+
+    def kind(d: dict[str, Any]) -> Any:
+        return d.get("rope_type", d.get("type", "default"))
+
+    if scaling and kind(scaling) != kind(params):
+        raise CheckpointError(
+            f"{source}: rope_scaling.rope_type={kind(scaling)!r} and rope_parameters.rope_type="
+            f"{kind(params)!r} disagree; keep one of the two fields"
+        )
+    return params, "rope_parameters"
+
+
+def _rope(cfg: dict[str, Any], source: str) -> tuple[float, float | None]:
+    """(rope_theta, llama3 scaling factor or None) from either config generation."""
+    params, field = _rope_params(cfg, source)
+    unknown = sorted(set(params) - _ROPE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{source}: {field} keys {unknown} are not supported")
+    theta = _positive_float(
+        params.get("rope_theta", cfg.get("rope_theta", 10000.0)), f"{field}.rope_theta", source
+    )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type == "llama3":
         for key, value in _MEGATRON_LLAMA3_ROPE.items():
-            if float(params.get(key, value)) != value:
+            got = params.get(key, value)
+            if _positive_float(got, f"{field}.{key}", source) != value:
                 raise CheckpointError(
-                    f"{source}: {field}.{key}={params.get(key)} is not supported "
+                    f"{source}: {field}.{key}={got} is not supported "
                     f"(Megatron's llama3 RoPE scaling fixes it to {value})"
                 )
-        return theta, float(params["factor"])
+        if "factor" not in params:
+            raise CheckpointError(f"{source}: {field}.factor is required for rope_type 'llama3'")
+        return theta, _positive_float(params["factor"], f"{field}.factor", source)
     raise CheckpointError(f"{source}: {field}.rope_type={rope_type!r} is not supported")

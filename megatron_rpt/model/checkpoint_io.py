@@ -5,8 +5,9 @@ the trainer)::
 
     <ckpt>/
       metadata.json    format version, architecture, dtype, true/padded vocabulary, the TP/PP
-                       it was saved at, its source; written last (a directory without it is
-                       not a checkpoint)
+                       it was saved at, its source (a directory without it is not a checkpoint)
+      manifest.json    size and CRC-32 blocks of every other file, written last and checked
+                       before any load (model/manifest.py)
       model/           Megatron dist_checkpointing save (torch_dist, fully reshardable) of the
                        model's sharded_state_dict: loads at any TP/PP/DP
       hf/              config.json, tokenizer files, generation_config.json of the source model
@@ -40,6 +41,13 @@ import torch.distributed as dist
 
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import atomic_output_dir, atomic_write_json
+from megatron_rpt.model.manifest import verify_checkpoint, write_manifest
+from megatron_rpt.model.safe_load import (
+    LOAD_ERRORS,
+    check_dcp_metadata,
+    failure_message,
+    safe_byte_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +138,8 @@ def find_checkpoint(path: str | Path) -> ResolvedCheckpoint:
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"{root}: checkpoint not found")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
     if is_checkpoint(root):
         hf = root / HF_DIR
         return ResolvedCheckpoint(
@@ -183,8 +193,16 @@ def _megatron_lm(root: Path) -> ResolvedCheckpoint:
 def _latest_in_run_dir(root: Path) -> Path | None:
     named = root / LATEST_FILE
     if named.is_file():
-        target = root / named.read_text().strip()
-        if not is_checkpoint(target):
+        try:
+            name = named.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{named}: cannot read ({exc})") from None
+        if not name or name in (".", "..") or Path(name).name != name:
+            raise CheckpointError(
+                f"{named}: must name a checkpoint directory inside {root}, got {name!r}"
+            )
+        target = root / name
+        if target.is_symlink() or not is_checkpoint(target):
             raise CheckpointError(
                 f"{named}: names {target.name}, which is not a complete checkpoint"
             )
@@ -233,11 +251,32 @@ def save_checkpoint(
     model and before ``metadata.json`` (the trainer adds its optimizer and state there); if it
     raises on any rank, nothing appears at ``path``.
     """
+    path = Path(path)
+    try:
+        _save(chunks, path, metadata, hf_source, overwrite, extra_writer)
+    except CheckpointError:
+        raise
+    except LOAD_ERRORS as exc:  # disk full, permissions: one line naming the checkpoint
+        raise CheckpointError(
+            f"{path}: cannot save the checkpoint ({failure_message(exc)}); the previous "
+            "checkpoint is intact"
+        ) from None
+    logger.info("saved checkpoint %s", path)
+    return path
+
+
+def _save(
+    chunks: list[torch.nn.Module],
+    path: Path,
+    metadata: CheckpointMetadata,
+    hf_source: Path | None,
+    overwrite: bool,
+    extra_writer: Callable[[Path], None] | None,
+) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_rpt.conversion.hf_io import copy_side_files
 
-    path = Path(path)
     rank = dist.get_rank()
     with _Rank0AtomicDir(path, overwrite) as tmp:
         tmp = Path(tmp)
@@ -251,14 +290,14 @@ def save_checkpoint(
                 copy_side_files(hf_source, tmp / HF_DIR)
             meta = dict(metadata.to_json(), created=_now())
             atomic_write_json(tmp / METADATA_FILE, meta)
-    logger.info("saved checkpoint %s", path)
-    return path
+    # manifest.json is written by _Rank0AtomicDir once every rank reported its files complete.
 
 
 class _Rank0AtomicDir:
     """``atomic_output_dir`` on rank 0; its temporary path broadcast to the other ranks.
 
-    Every rank reports success before rank 0 renames the directory into place.
+    Every rank reports success before rank 0 writes the manifest and renames the directory
+    into place.
     """
 
     def __init__(self, path: Path, overwrite: bool) -> None:
@@ -287,6 +326,11 @@ class _Rank0AtomicDir:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if dist.get_rank() == 0:
             if ok.item() == 1:
+                try:
+                    write_manifest(self.holder[0])  # every rank's files are complete now
+                except Exception as error:
+                    self.ctx.__exit__(type(error), error, None)
+                    raise
                 self.ctx.__exit__(None, None, None)
             else:
                 error = exc or CheckpointError("checkpoint save failed on another rank")
@@ -296,25 +340,33 @@ class _Rank0AtomicDir:
         return False
 
 
-def load_checkpoint(chunks: list[torch.nn.Module], ckpt: ResolvedCheckpoint) -> None:
+def load_checkpoint(
+    chunks: list[torch.nn.Module], ckpt: ResolvedCheckpoint, *, verify: bool = True
+) -> None:
     """Load model weights from a resolved checkpoint into this rank's chunks (collective).
 
     Any saved TP/PP layout loads into any other. Keys the model needs but the checkpoint
-    lacks, or tensors whose shapes differ, raise CheckpointError naming them.
+    lacks, or tensors whose shapes differ, raise CheckpointError naming them. ``verify``:
+    check the checkpoint's files against its manifest first (model/manifest.py).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from megatron_rpt.conversion.converter import unwrap_model
 
+    if verify:
+        verify_checkpoint(ckpt.root if ckpt.kind == "megatron_rpt" else ckpt.model_dir)
     sharded = model_sharded_state_dict(chunks)
     check_shapes(sharded, ckpt.model_dir)
     try:
-        state = dist_checkpointing.load(
-            sharded, str(ckpt.model_dir), strict=StrictHandling.RAISE_UNEXPECTED
-        )
-    except Exception as exc:
-        raise CheckpointError(f"{ckpt.model_dir}: cannot load model weights: {exc}") from exc
+        with safe_byte_entries():
+            state = dist_checkpointing.load(
+                sharded, str(ckpt.model_dir), strict=StrictHandling.RAISE_UNEXPECTED
+            )
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(
+            f"{ckpt.model_dir}: cannot load model weights: {failure_message(exc)}"
+        ) from None
     if len(chunks) == 1:
         _load_module(unwrap_model(chunks[0]), state, ckpt)
     else:
@@ -331,14 +383,10 @@ def _load_module(module: torch.nn.Module, state: dict[str, Any], ckpt: ResolvedC
 
 def check_shapes(sharded: dict[str, Any], model_dir: Path) -> None:
     """Compare the model's global tensor shapes with the checkpoint's, naming mismatches."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    try:
-        saved = dist_checkpointing.load_tensors_metadata(str(model_dir))
-    except Exception as exc:
-        raise CheckpointError(f"{model_dir}: not a readable dist checkpoint: {exc}") from exc
+    saved = _tensors_metadata(model_dir)
     for value in nested_values(sharded):
         if not isinstance(value, ShardedTensor):
             continue  # factories (SwiGLU fc1) are checked by the load itself
@@ -352,11 +400,22 @@ def check_shapes(sharded: dict[str, Any], model_dir: Path) -> None:
             )
 
 
-def checkpoint_tensor_info(model_dir: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
-    """Global shape and dtype of one tensor of a dist checkpoint (metadata only)."""
+def _tensors_metadata(model_dir: Path) -> dict[str, Any]:
+    """dist_checkpointing's tensor index, after ``.metadata`` passed the restricted unpickler."""
     from megatron.core import dist_checkpointing
 
-    saved = dist_checkpointing.load_tensors_metadata(str(model_dir))
+    check_dcp_metadata(model_dir)
+    try:
+        return dist_checkpointing.load_tensors_metadata(str(model_dir))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{model_dir}: not a readable dist checkpoint: {failure_message(exc)}"
+        ) from None
+
+
+def checkpoint_tensor_info(model_dir: Path, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """Global shape and dtype of one tensor of a dist checkpoint (metadata only)."""
+    saved = _tensors_metadata(model_dir)
     if key not in saved:
         raise CheckpointError(f"{model_dir}: checkpoint has no tensor '{key}'")
     return tuple(saved[key].global_shape), saved[key].dtype

@@ -102,24 +102,65 @@ def extract_prediction(response: str, *, require_think_close: bool = True) -> st
         if start < 0:
             return last
         content_start = start + len(BOX_OPEN)
-        depth = 1
-        for m in _INSIDE_BOX.finditer(response, content_start):
-            c = m.group()
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    last = response[content_start : m.start()]
-                    pos = m.end()
-                    break
-        else:
+        end = _box_end(response, content_start)
+        if end is None:
             return None  # the last top-level box never closes (truncated output)
+        last, pos = response[content_start:end], end + 1
 
 
-def prefix_match_reward(
-    prediction: str | None, continuation_token_bytes: Sequence[bytes]
-) -> float:
+# A box closing within this many characters is scanned by the regex; a longer one by the
+# vectorised scan (linear, ~20 ns per character instead of ~0.2 us per brace).
+_SHORT_BOX = 4096
+
+
+def _box_end(response: str, content_start: int) -> int | None:
+    """Index of the ``}`` closing the box whose content starts at ``content_start``, or None."""
+    depth = 1
+    stop = min(len(response), content_start + _SHORT_BOX)
+    for m in _INSIDE_BOX.finditer(response, content_start, stop):
+        c = m.group()
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return m.start()
+    if stop == len(response) and (stop == content_start or response[stop - 1] != "\\"):
+        return None  # scanned to the end (a final lone backslash is rescanned below)
+    return _box_end_vectorised(response, content_start)
+
+
+def _box_end_vectorised(response: str, content_start: int) -> int | None:
+    """``_box_end`` with numpy: the same rules (``\\x`` escapes x, braces count depth).
+
+    Works on the UTF-8 bytes: braces and backslashes are ASCII, and ASCII bytes never occur
+    inside a multi-byte character, so depth and escapes are the same as on characters.
+    """
+    import numpy as np
+
+    raw = response[content_start:].encode("utf-8", "surrogatepass")
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    opening, closing = codes == 123, codes == 125
+    if b"\\" in raw:
+        # A byte is escaped iff an odd number of backslashes directly precedes it (the regex
+        # consumes backslashes in pairs from the first one of a run).
+        index = np.arange(len(codes), dtype=np.int32)
+        last_plain = np.maximum.accumulate(np.where(codes == 92, -1, index))
+        before = np.empty_like(last_plain)
+        before[0], before[1:] = -1, last_plain[:-1]
+        plain = (index - before) % 2 == 1
+        opening &= plain
+        closing &= plain
+    depth = np.cumsum(opening.view(np.int8) - closing.view(np.int8), dtype=np.int32)
+    first = int(np.argmax(depth < 0))
+    if depth[first] >= 0:
+        return None
+    if response.isascii():
+        return content_start + first
+    return content_start + len(raw[:first].decode("utf-8", "surrogatepass"))
+
+
+def prefix_match_reward(prediction: str | None, continuation_token_bytes: Sequence[bytes]) -> float:
     """1.0 iff ``prediction``'s UTF-8 bytes equal the first j continuation tokens' bytes, j >= 1.
 
     Never raises for any ``str``: strings that cannot be encoded (lone surrogates), empty

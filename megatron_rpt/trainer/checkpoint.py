@@ -10,7 +10,8 @@ Layout (model/checkpoint_io.py's checkpoint plus the trainer's entries)::
         optimizer/             dist_checkpointing of the Megatron optimizer's sharded state
         rng/rank_00000.pt      per-rank python/numpy/torch/CUDA + Megatron tracker RNG states
         trainer_state.json     step, LR-scheduler state, layout, optimizer format, ``extra``
-        metadata.json          written last: a directory without it is not a checkpoint
+        metadata.json          a directory without it is not a checkpoint
+        manifest.json          written last: size + CRC-32 of every file, verified on load
 
 **Atomicity.** Everything is written into a hidden ``.step_0000100.tmp-<pid>`` directory that
 rank 0 renames into place only after every rank reported success; ``latest`` is replaced
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -49,6 +51,14 @@ from megatron_rpt import patches
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import atomic_write_json, atomic_write_text
 from megatron_rpt.model import checkpoint_io as cio
+from megatron_rpt.model.manifest import verify_checkpoint
+from megatron_rpt.model.safe_load import (
+    LOAD_ERRORS,
+    check_dcp_metadata,
+    failure_message,
+    load_tensor_file,
+    safe_byte_entries,
+)
 from megatron_rpt.trainer.config import CheckpointConfig
 from megatron_rpt.trainer.step import TrainStep
 
@@ -192,8 +202,23 @@ def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
     if not checkpoints_dir.is_dir():
         return
     for p in checkpoints_dir.glob(".step_*.tmp-*"):
+        if _pid_alive(p.name.rpartition("-")[2]):
+            continue  # a save in progress (the run-dir lock keeps other runs out)
         logger.warning("removing %s, left by an interrupted checkpoint save", p)
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid_text: str) -> bool:
+    """Is the process named in a temporary directory's suffix alive (and not us)?"""
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 # ----------------------------------------------------------------------------- load
@@ -207,8 +232,9 @@ def load_training_checkpoint(
     ``path``: a checkpoint or a run's checkpoints dir (its ``latest``). Collective.
     """
     ckpt = cio.find_checkpoint(path)
+    verify_checkpoint(ckpt.root)
     state = _read_state(ckpt.root)
-    cio.load_checkpoint(train_step.model_modules, ckpt)
+    cio.load_checkpoint(train_step.model_modules, ckpt, verify=False)
     # Float16/Distributed optimizers keep fp32 main params: refresh them from the new weights
     # (overwritten again below when the optimizer state is loaded).
     train_step.optimizer.reload_model_params()
@@ -227,8 +253,15 @@ def _read_state(root: Path) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a training checkpoint ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint (not a JSON object)")
     if state.get("format_version", 0) > STATE_FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {state['format_version']} is too new")
+    step, named = state.get("step"), _NAME.match(root.name)
+    if not isinstance(step, int) or step < 0 or (named and int(named.group(1)) != step):
+        raise CheckpointError(
+            f"{path}: step {step!r} is not a non-negative integer matching the directory name"
+        )
     return state
 
 
@@ -249,6 +282,7 @@ def _load_optimizer(train_step: TrainStep, root: Path, state: dict[str, Any]) ->
             f"optimizer.optimizer / optimizer.use_distributed_optimizer must match"
         )
     _check_optimizer_layout(train_step, root, state)
+    check_dcp_metadata(root / OPTIMIZER_DIR)
     model_sd = cio.model_sharded_state_dict(train_step.model_modules)
     with patches.optimizer_mode():
         sharded = train_step.optimizer.sharded_state_dict(
@@ -257,9 +291,12 @@ def _load_optimizer(train_step: TrainStep, root: Path, state: dict[str, Any]) ->
             metadata={"distrib_optim_sharding_type": saved["sharding"]},
         )
         try:
-            loaded = dist_checkpointing.load(sharded, str(root / OPTIMIZER_DIR))
-        except Exception as exc:
-            raise CheckpointError(f"{root / OPTIMIZER_DIR}: cannot load optimizer: {exc}") from exc
+            with safe_byte_entries():
+                loaded = dist_checkpointing.load(sharded, str(root / OPTIMIZER_DIR))
+        except LOAD_ERRORS as exc:
+            raise CheckpointError(
+                f"{root / OPTIMIZER_DIR}: cannot load optimizer: {failure_message(exc)}"
+            ) from None
         # fp32 main params can be views of parameters that require grad.
         with torch.no_grad():
             train_step.optimizer.load_state_dict(loaded)
@@ -314,8 +351,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _load_rng(root: Path, state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     saved_world = state["layout"]["world_size"]
     if saved_world != dist.get_world_size():
         logger.warning(
@@ -328,7 +363,16 @@ def _load_rng(root: Path, state: dict[str, Any]) -> None:
     path = root / RNG_DIR / f"rank_{dist.get_rank():05d}.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing RNG state of this rank")
-    rng = torch.load(path, weights_only=True)
+    rng = load_tensor_file(path)
+    try:
+        _set_rng(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a valid RNG state ({exc})") from None
+
+
+def _set_rng(rng: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
     version, keys, gauss = rng["python"]
     random.setstate((version, tuple(keys), gauss))
     kind, keys_np, *rest = rng["numpy"]

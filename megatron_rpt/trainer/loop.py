@@ -86,6 +86,7 @@ def run_training(
         cfg.log, Path(cfg.run.run_dir), run_name=cfg.run.name, objective=cfg.train.objective,
         start_step=policy.step, total_steps=cfg.train.steps, config=to_dict(cfg),
         enabled=dist.get_rank() == 0, log_interval=cfg.train.log_interval,
+        restored_record=state.extra.get("metrics_record"),
     )  # fmt: skip
     hook = on_phase or (lambda phase, step: None)
     checkpoint, record, skipped = None, None, 0
@@ -115,7 +116,7 @@ def run_training(
                         saved = state.save_due()
                         if saved:
                             hook("checkpoint", step)
-                            checkpoint = state.save()
+                            checkpoint = state.save(record)
                 record = _with_times(record, metrics, times, cfg.train.objective)
                 log.log(record)
                 if saved:

@@ -5,8 +5,9 @@ Rank 0 writes; on other ranks ``RunLogger`` does nothing. Per step:
 * ``<run_dir>/metrics.jsonl``: one JSON object per optimizer step, flushed at once (everything
   ``StepMetrics.as_dict`` has, the rollout statistics, the time split, ``flops/*`` and the
   contexts consumed: ``data/epoch``, ``data/cursor``, ``data/sample_ids``). A resumed run
-  first drops the lines of steps after its checkpoint, so the file always describes exactly
-  the steps the weights went through;
+  first drops the lines of steps after its checkpoint and any torn line, and restores the
+  checkpoint's own step from the copy of its record stored in the checkpoint, so the file
+  always holds exactly one line per step the weights went through;
 * wandb (``log.wandb``; offline by default: ``<run_dir>/wandb/offline-run-*``, upload later
   with ``wandb sync``), scalars only;
 * a tqdm bar with step, reward, accuracy and tokens/s, plus one log line per
@@ -25,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from megatron_rpt.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass(kw_only=True)
@@ -48,17 +52,29 @@ class LogConfig:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``<run_dir>/metrics.jsonl`` (a torn last line is ignored)."""
-    path = Path(run_dir) / METRICS_FILE
+    """The records of ``<run_dir>/metrics.jsonl`` (torn or undecodable lines are skipped)."""
+    return [r for r in _scan(Path(run_dir) / METRICS_FILE)[0] if r is not None]
+
+
+def _scan(path: Path) -> tuple[list[dict[str, Any] | None], bool]:
+    """Each line's record (None: torn, undecodable or not an object); whether the file ends
+    with a newline."""
     if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        return [], True
+    data = path.read_bytes()
+    out: list[dict[str, Any] | None] = []
+    for raw in data.splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the last line of a run killed while writing it
-    return out
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None  # a line cut by a crash or a full disk, or foreign bytes
+        out.append(record if isinstance(record, dict) and "step" in record else None)
+    return out, data.endswith(b"\n") or not data
+
+
+def jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as the JSON values metrics.jsonl holds (numpy scalars become floats)."""
+    return json.loads(json.dumps(record, default=float))
 
 
 class RunLogger:
@@ -76,8 +92,15 @@ class RunLogger:
         config: dict[str, Any],
         enabled: bool,
         log_interval: int = 1,
+        restored_record: dict[str, Any] | None = None,
     ) -> None:
-        """Open the sinks; a resumed run (``start_step`` > 0) keeps lines up to that step."""
+        """Open the sinks; a resumed run (``start_step`` > 0) keeps lines up to that step.
+
+        ``restored_record``: the checkpoint's copy of step ``start_step``'s record, written
+        back when metrics.jsonl lacks it. ``config`` is also written to ``config.yaml``: only
+        now, after a resume's checks passed, so a refused resume leaves it describing the
+        checkpoints.
+        """
         self.cfg, self.run_dir, self.enabled = cfg, Path(run_dir), enabled
         self.objective, self.log_interval = objective, log_interval
         self.total_steps = total_steps
@@ -85,7 +108,12 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate(start_step)
+        atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        if restored_record is not None and objective == "ntp":
+            from megatron_rpt.trainer.ntp import ntp_metrics
+
+            restored_record = ntp_metrics(restored_record)
+        self._truncate(start_step, restored_record)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         if cfg.wandb != "disabled":
             self._wandb = _start_wandb(cfg, self.run_dir, run_name, config)
@@ -97,13 +125,46 @@ class RunLogger:
                 unit="step", dynamic_ncols=True,
             )  # fmt: skip
 
-    def _truncate(self, start_step: int) -> None:
+    def _truncate(self, start_step: int, restored: dict[str, Any] | None) -> None:
+        """Make metrics.jsonl hold exactly one line per step up to ``start_step``.
+
+        Lines of later steps (trained after the checkpoint), torn or undecodable lines and
+        duplicates are dropped; a missing line for ``start_step`` (a crash between the
+        checkpoint and the log line) is restored from the checkpoint's copy ``restored``.
+        Every repair is logged as a warning naming the file.
+        """
         path = self.run_dir / METRICS_FILE
-        records = read_metrics(self.run_dir)
-        keep = [r for r in records if r.get("step", 0) <= start_step]
-        if len(keep) != len(records) or (path.is_file() and start_step == 0):
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-        if start_step and not any(r.get("step") == start_step for r in keep):
+        records, newline_end = _scan(path)
+        keep: dict[int, dict[str, Any]] = {}
+        dropped = {"torn or unreadable": 0, "after the checkpoint": 0, "duplicate": 0}
+        for r in records:
+            if r is None:
+                dropped["torn or unreadable"] += 1
+            elif not isinstance(r["step"], int) or r["step"] > start_step:
+                dropped["after the checkpoint"] += 1
+            elif r["step"] in keep:
+                dropped["duplicate"] += 1
+            else:
+                keep[r["step"]] = r
+        repaired = start_step > 0 and start_step not in keep and restored is not None
+        if repaired and restored.get("step") == start_step:
+            keep[start_step] = restored
+        else:
+            repaired = False
+        changed = any(dropped.values()) or repaired or not newline_end
+        if changed or (path.is_file() and start_step == 0):
+            lines = [json.dumps(keep[k]) + "\n" for k in sorted(keep)]
+            atomic_write_text(path, "".join(lines))
+        if any(dropped.values()) or not newline_end:
+            what = ", ".join(f"{n} {k}" for k, n in dropped.items() if n)
+            logger.warning("%s: repaired on resume (dropped lines: %s)", path, what or "none")
+        if repaired:
+            logger.warning(
+                "%s: restored the line of step %d from its checkpoint (the run stopped between "
+                "the checkpoint and the log line; the checkpoint's time fields are absent)",
+                path, start_step,
+            )  # fmt: skip
+        elif start_step and start_step not in keep:
             logger.warning(
                 "metrics.jsonl has no line for step %d (the run stopped between that step's "
                 "checkpoint and its log line)",
@@ -114,7 +175,7 @@ class RunLogger:
         """Write one step's record everywhere."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, default=float) + "\n")
+        self._file.write(json.dumps(record, default=float) + "\n")  # the file ends in "\n"
         self._file.flush()
         os.fsync(self._file.fileno())
         step = int(record["step"])
@@ -237,4 +298,4 @@ def plot_metrics(run_dir: str | Path, objective: str = "rpt") -> Path | None:
     return out
 
 
-__all__ = ["LogConfig", "RunLogger", "plot_metrics", "read_metrics"]
+__all__ = ["LogConfig", "RunLogger", "jsonable", "plot_metrics", "read_metrics"]

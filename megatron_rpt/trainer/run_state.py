@@ -9,6 +9,7 @@ parts once, so the loop only asks it to resume or to save when a save is due.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.eval.flops import FlopsCounter
@@ -18,6 +19,7 @@ from megatron_rpt.trainer.checkpoint import (
     save_training_checkpoint,
 )
 from megatron_rpt.trainer.config import CheckpointConfig
+from megatron_rpt.trainer.run_logger import jsonable
 from megatron_rpt.trainer.sampler import ContextSampler
 from megatron_rpt.trainer.step import TrainStep
 
@@ -40,10 +42,12 @@ class RunState:
         self.policy, self.sampler, self.flops = policy, sampler, flops
         self.objective, self.cfg = objective, checkpoint
         self.total_steps, self.dir = total_steps, Path(checkpoints_dir)
+        self.extra: dict[str, Any] = {}
+        """The resumed checkpoint's ``extra`` entry (empty for a fresh run)."""
 
     def resume(self, path: str | Path) -> None:
         """Weights, optimizer, RNG and step, then the data order and FLOP counts."""
-        extra = load_training_checkpoint(self.policy, path).extra
+        extra = self.extra = load_training_checkpoint(self.policy, path).extra
         if self.policy.step == 0 and not extra:
             return
         saved = extra.get("objective", "rpt")
@@ -59,10 +63,13 @@ class RunState:
         """A checkpoint is due after the current step (``checkpoint.interval``, the last step)."""
         return is_save_step(self.policy.step, self.cfg, self.total_steps)
 
-    def save(self) -> Path:
-        """Write ``<checkpoints_dir>/step_NNNNNNN`` (collective)."""
+    def save(self, record: dict[str, Any] | None = None) -> Path:
+        """Write ``<checkpoints_dir>/step_NNNNNNN`` (collective). ``record``, the step's
+        metrics line, is kept in the checkpoint so a resume can restore a line a crash lost."""
         extra = {"sampler": self.sampler.state_dict(), "flops": self.flops.state_dict(),
                  "objective": self.objective}  # fmt: skip
+        if record is not None:
+            extra["metrics_record"] = jsonable(record)
         return save_training_checkpoint(self.policy, self.dir, self.cfg, extra=extra)
 
 

@@ -166,6 +166,7 @@ def test_checkpoint_directory_after_failed_save_and_pruning(runs):
     ckpt = root / "step_0000002"
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "hf",
+        "manifest.json",
         "metadata.json",
         "model",
         "optimizer",

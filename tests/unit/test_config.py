@@ -111,3 +111,32 @@ def test_atomic_write_has_normal_permissions(tmp_path: Path):
     plain.write_text("hi")
     mode = stat.S_IMODE(os.stat(tmp_path / "x.txt").st_mode)
     assert mode == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_numbers_are_refused(value):
+    from megatron_rpt.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=rf"rollout.temperature: expected a finite number, got '{value}'"
+    ):
+        build_config(overrides=[f"rollout.temperature={value}"])
+
+
+def test_non_finite_temperature_from_a_recipe_is_refused():
+    from megatron_rpt.errors import ConfigError
+
+    cfg = RPTConfig()
+    cfg.rollout.temperature = float("inf")
+    with pytest.raises(ConfigError, match="rollout.temperature must be a finite number"):
+        validate(cfg)
+
+
+def test_binary_config_file_is_one_error(tmp_path):
+    from megatron_rpt.config_utils import load_yaml
+    from megatron_rpt.errors import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ConfigError, match="bad.yaml: not a UTF-8 text file"):
+        load_yaml(RPTConfig(), bad)

@@ -22,6 +22,7 @@ from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
 from megatron_rpt.errors import CheckpointError, InputError
 from megatron_rpt.model.arch import read_arch
 from megatron_rpt.model.checkpoint_io import read_metadata
+from megatron_rpt.model.manifest import write_manifest
 from megatron_rpt.testing.tiny_models import KINDS, VOCAB, hf_logits, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,6 +201,9 @@ def test_checkpoint_shapes_must_match_its_config(tmp_path, megatron_group):
     ckpt = convert_hf_to_megatron(save_tiny_model("qwen3", tmp_path / "hf"), tmp_path / "mg")
     cfg_file = ckpt / "hf" / "config.json"
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"intermediate_size": 80}))
+    with pytest.raises(CheckpointError, match=r"hf/config.json: \d+ bytes, the manifest says"):
+        convert_megatron_to_hf(ckpt, tmp_path / "back")  # the manifest notices the edit
+    write_manifest(ckpt)  # a consistent checkpoint whose config disagrees with its weights
     with pytest.raises(
         CheckpointError,
         match=r"tensor 'decoder.layers.mlp.linear_fc2.weight' has "
@@ -238,7 +242,9 @@ def test_failed_conversion_leaves_nothing_complete_looking(tmp_path, monkeypatch
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(hf_io, "copy_side_files", boom)  # after the model/ save
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(
+        CheckpointError, match=r"mg2: cannot save the checkpoint \(disk full \(simulated"
+    ):
         convert_hf_to_megatron(src, tmp_path / "mg2")
     _no_leftovers(tmp_path, "mg2")
     monkeypatch.setattr(hf_io.SafetensorsShardWriter, "finish", boom)

@@ -175,3 +175,19 @@ def test_split_is_deterministic_and_independent_of_order(tmp_path: Path):
         assert {d.doc_id: split_of(d.doc_id, 0.1, 7) for d in docs} == {
             r["id"]: splits[r["id"]] for r in rows
         }
+
+
+def test_documents_beyond_the_size_bound_are_refused_by_name(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as fh:
+        fh.truncate(10_000)  # sparse: no memory or disk used
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text('{"text": "ok"}\n{"text": "' + "x" * 5000 + '"}\n')
+    for path, where in ((big, "big.txt"), (lines, "lines.jsonl:2")):
+        cfg = DataConfig(corpus=str(path), max_document_bytes=1000)
+        with pytest.raises(
+            DataError, match=rf"{where}: document longer than data.max_document_bytes=1000"
+        ):
+            list(iter_documents(cfg, ReadStats()))
+    cfg = DataConfig(corpus=str(lines), max_document_bytes=6000)
+    assert len(list(iter_documents(cfg, ReadStats()))) == 2

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +132,48 @@ def test_open_errors_and_tokenizer_check(prepared, tmp_path):
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
     with pytest.raises(DataError, match="prepare the data again with the policy's tokenizer"):
         store.check_tokenizer(other)
+
+
+def _xor(path, start_frac, n, value=0x7F):
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * start_frac)
+    for i in range(start, min(len(data), start + n)):
+        data[i] ^= value
+    path.write_bytes(bytes(data))
+
+
+def _set_field(path, field, delta):
+    samples = np.load(path).copy()
+    samples[field][1::2] += delta
+    np.save(path, samples)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("meta.json", lambda p: p.write_text("{garbage"), "meta.json: unreadable"),
+        ("meta.json", lambda p: p.write_bytes(b"\xff\xfe"), "meta.json: unreadable"),
+        ("samples-train.npy", lambda p: os.truncate(p, p.stat().st_size // 2), "samples-train.npy: unreadable"),
+        ("tokens.bin", lambda p: os.truncate(p, p.stat().st_size * 3 // 10), "tokens.bin: size does not match"),
+        ("tokens.idx", lambda p: p.write_bytes(os.urandom(p.stat().st_size)), "tokens.idx: unreadable"),
+        ("documents.jsonl", lambda p: p.write_text("".join(p.read_text().splitlines(True)[:3])), "documents.jsonl: 3 lines"),
+        ("samples-train.npy", lambda p: _set_field(p, "doc_index", 1_000_000), "points outside its document"),
+        ("samples-train.npy", lambda p: _set_field(p, "position", 1_000_000), "points outside its document"),
+        ("samples-train.npy", lambda p: np.save(p, np.load(p)[:0]), "samples-train.npy: 0 samples"),
+    ],
+)  # fmt: skip
+def test_corrupt_prepared_files_are_one_data_error(prepared, tmp_path, name, change, message):
+    copy = Path(shutil.copytree(prepared["dir"], tmp_path / "copy"))
+    change(copy / name)
+    with pytest.raises(DataError, match=message) as err:
+        SampleStore.open(copy, "train")
+    assert "\n" not in str(err.value)
+
+
+def test_token_ids_beyond_the_vocabulary_are_a_data_error(prepared, tmp_path):
+    copy = Path(shutil.copytree(prepared["dir"], tmp_path / "copy"))
+    _xor(copy / "tokens.bin", 0.3, 64)
+    store = SampleStore.open(copy, "train")
+    with pytest.raises(DataError, match="tokens.bin: document .* beyond the vocabulary"):
+        for i in range(len(store)):
+            store[i]

@@ -102,3 +102,38 @@ def test_missing_or_broken_config_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="cannot read HF config"):
         read_arch(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive integer"),
+        ({"hidden_size": "abc"}, "hidden_size='abc' is not an integer"),
+        ({"hidden_size": [64]}, r"hidden_size=\[64\] is not an integer"),
+        ({"hidden_size": 64.5}, "hidden_size=64.5 is not an integer"),
+        ({"num_hidden_layers": -2}, "num_hidden_layers=-2 must be a positive integer"),
+        ({"vocab_size": 0}, "vocab_size=0 must be a positive integer"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny' is not a finite number"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "big"}}, "rope_theta='big'"),
+        ({"rope_scaling": [1, 2]}, "rope_scaling=.* must be an object or null"),
+        ({"rope_scaling": "linear"}, "rope_scaling='linear' must be an object or null"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.rope_type='yarn' and rope_parameters.rope_type='default' disagree"),
+        ({"rope_scaling": {"rope_type": "llama3"}}, "disagree"),
+        ({"rope_parameters": {"full_attention": 5}}, "rope_parameters.full_attention=5 must be an object"),
+        ({"rope_parameters": {"rope_type": "default", "mscale": 1.0}}, r"rope_parameters keys \['mscale'\] are not supported"),
+        ({"rope_parameters": {"rope_type": "llama3"}}, "rope_parameters.factor is required"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": "x"}}, "factor='x' is not a finite number"),
+    ],
+)  # fmt: skip
+def test_malformed_fields_are_one_checkpoint_error(tmp_path, change, message):
+    cfg = tiny_config_dict("llama")
+    cfg.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        read_arch(tmp_path)
+
+
+def test_binary_config_is_one_error(tmp_path):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(CheckpointError, match="config.json: cannot read HF config"):
+        read_arch(tmp_path)
