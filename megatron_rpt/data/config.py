@@ -80,6 +80,10 @@ class DataConfig:
     """Positions with fewer preceding tokens are never samples."""
     continuation_tokens: int = 32
     """K: ground-truth continuation tokens kept per sample for the prefix-match reward."""
+    drop_unboxable_targets: bool = True
+    r"""Drop training positions whose target no ``\boxed{}`` can hold (its first token closes
+    more braces than it opens, e.g. ``}``): a brace-counting parser can never reward them.
+    Counted in the summary. Only reasoning mode needs this; completion mode can set it false."""
     max_positions_per_document: int | None = None
     """Cap on kept training positions per document (a deterministic subsample); None keeps all."""
 
