@@ -169,3 +169,48 @@ def test_completion_mode_config():
     cfg.rollout.stop_at_final_box = True
     with pytest.raises(ConfigError, match="stop_at_final_box"):
         validate(cfg)
+
+
+def test_first_box_stop_and_reward_read_the_same_box():
+    """stop_at_final_box ends at the first closed box after </think>; the reward reads the last
+    box of what was generated, which is then that box. Without the stop (the paper's reading)
+    a later box wins; eval.stop_at_final_box makes evaluation stop like training."""
+    from megatron_rpt.reward.next_token import extract_prediction
+    from megatron_rpt.rollout.stopping import FinalBoxStop, final_box_stop_regex
+
+    full = "hmm \\boxed{x}</think> so \\boxed{ a} or rather \\boxed{ b}"
+    stop = FinalBoxStop({ord("}")}, lambda ids: "".join(map(chr, ids)))
+    ids = [ord(ch) for ch in full]
+    cut = next(i for i in range(1, len(ids) + 1) if stop.done(ids[:i]))
+    stopped = full[:cut]
+    assert stopped.endswith("\\boxed{ a}")
+    assert extract_prediction(stopped) == " a" and extract_prediction(full) == " b"
+    import re
+
+    m = re.search(final_box_stop_regex(), full)  # SGLang's rule: the same first box
+    assert m is not None and full[: m.end()] == stopped
+
+
+def test_eval_passes_stop_at_final_box(monkeypatch):
+    from megatron_rpt.eval import reasoning
+    from megatron_rpt.eval.config import EvalConfig
+    from megatron_rpt.eval.models import ResolvedModel
+    from megatron_rpt.eval.runner import _reasoning
+
+    seen = []
+
+    def fake_run(engine, eval_set, tokenizer, *, params, **kw):  # noqa: ANN001, ANN202
+        seen.append(params.stop_at_final_box)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(reasoning, "run_reasoning", fake_run)
+
+    class _Engine:
+        def shutdown(self) -> None: ...
+
+    model = ResolvedModel.__new__(ResolvedModel)
+    for flag, mode in ((True, "reasoning"), (False, "reasoning"), (True, "completion")):
+        with pytest.raises(RuntimeError, match="stop here"):
+            _reasoning(model, None, None, None, EvalConfig(stop_at_final_box=flag),
+                       PromptConfig(mode=mode), True, lambda *a: _Engine())  # fmt: skip
+    assert seen == [True, False, False]
