@@ -18,8 +18,9 @@ samples are rewarded and most groups of 8 have unequal rewards. The reasoning te
 the default of RPTConfig and of the GPU recipes.
 
 The paper's recipe where it applies: G = 8, temperature 0.8, no KL, no entropy bonus, GRPO,
-one optimizer step per rollout batch, the prefix-match reward. Changed so that the reward
-visibly rises within a few minutes on 2 CPU cores:
+one optimizer step per rollout batch, the prefix-match reward. Changed so that the weights
+move within a few minutes on 2 CPU cores (whether the reward then rises clearly within these
+24 steps is not established yet: README.md and docs/BENCHMARKS.md show what was measured):
 
 * lr 3e-5 constant (paper 1e-6: at that rate a few steps do not move the weights);
 * 16 contexts per step (paper 256), 24 steps (paper 1000), contexts of at most 64 tokens
@@ -60,7 +61,7 @@ def smollm2_cpu() -> RPTConfig:
     cfg.train.steps, cfg.train.contexts_per_step = 24, 16
     e = cfg.eval  # `make demo`'s before/after table (tools/eval_next_token.py --recipe ...)
     e.max_new_tokens, e.n_samples, e.pass_k, e.temperature = 1, 8, 8, 0.8
-    e.context_tokens, e.reasoning_max_positions = 64, None  # every held-out position
+    e.context_tokens, e.reasoning_max_positions = 64, 200  # 200 stratified held-out positions
     e.dtype = "float32"
     cfg.train.max_tokens_per_microbatch = 4096
     cfg.checkpoint.interval, cfg.checkpoint.keep_last = 0, 1  # the final step only
