@@ -19,11 +19,11 @@ the default of RPTConfig and of the GPU recipes.
 
 The paper's recipe where it applies: G = 8, temperature 0.8, no KL, no entropy bonus, GRPO,
 one optimizer step per rollout batch, the prefix-match reward. Changed so that the weights
-move within a few minutes on 2 CPU cores (whether the reward then rises clearly within these
-24 steps is not established yet: README.md and docs/BENCHMARKS.md show what was measured):
+move within a few minutes on 2 CPU cores (measured: the held-out sampled accuracy rises from
+26 % to 37 %, the training reward only slightly above a paired lr-0 run; README.md):
 
-* lr 3e-5 constant (paper 1e-6: at that rate a few steps do not move the weights);
-* 16 contexts per step (paper 256), 24 steps (paper 1000), contexts of at most 64 tokens
+* lr 1e-4 constant (paper 1e-6: at that rate a few steps do not move the weights);
+* 16 contexts per step (paper 256), 12 steps (paper 1000), contexts of at most 64 tokens
   (paper ~4k; the context is the whole prompt here and its forward/backward is most of the
   step's compute), one new token (no reasoning), fp32.
 
@@ -57,8 +57,8 @@ def smollm2_cpu() -> RPTConfig:
     r.engine = "sglang" if capabilities.have_sglang_runtime() else "hf"
     r.dtype = "bfloat16" if gpu else "float32"
     r.n_samples, r.temperature, r.max_new_tokens = 8, 0.8, 1
-    cfg.optimizer.lr, cfg.optimizer.lr_schedule = 3e-5, "constant"
-    cfg.train.steps, cfg.train.contexts_per_step = 24, 16
+    cfg.optimizer.lr, cfg.optimizer.lr_schedule = 1e-4, "constant"
+    cfg.train.steps, cfg.train.contexts_per_step = 12, 16
     e = cfg.eval  # `make demo`'s before/after table (tools/eval_next_token.py --recipe ...)
     e.max_new_tokens, e.n_samples, e.pass_k, e.temperature = 1, 8, 8, 0.8
     e.context_tokens, e.reasoning_max_positions = 64, 200  # 200 stratified held-out positions
