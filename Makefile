@@ -68,10 +68,15 @@ $(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt requirements/sg
 	$(GPU_WHEELS_STEP)
 	@touch $(STAMP)
 
-# The embedded default (examples/smollm2_cpu): SmolLM2-135M + CHAMP, a few RPT steps on CPU;
-# leaves runs/smollm2_cpu/{checkpoints,metrics.jsonl,wandb,plots,hf}.
+# The embedded default (examples/smollm2_cpu): SmolLM2-135M + CHAMP, completion-style RPT on
+# CPU; leaves runs/smollm2_cpu/{checkpoints,metrics.jsonl,wandb,plots,hf}, then prints the
+# before/after next-token accuracy table of the base model and the trained export on the
+# held-out split (runs/smollm2_cpu/eval/table.md).
+DEMO_RECIPE := examples/smollm2_cpu/config.py:smollm2_cpu
 demo: $(STAMP)
 	RPT_PYTHON=$(PY) bash examples/pretrain_rpt.sh $(DEMO_ARGS)
+	$(PY) tools/eval_next_token.py --recipe $(DEMO_RECIPE) --model base=embedded:smollm2 \
+	  --model rpt=runs/smollm2_cpu/hf --out runs/smollm2_cpu/eval --overwrite
 
 # Every test that needs no GPU: unit, distributed (gloo, 2-4 processes, each with a timeout),
 # doctests in the library, e2e on CPU.

@@ -195,6 +195,20 @@ def _check_objective(cfg: RPTConfig) -> None:
 
 
 @rule
+def _check_prompt_mode(cfg: RPTConfig) -> None:
+    if cfg.prompt.mode != "completion":
+        return
+    from megatron_rpt.reward.scoring import check_reward_for_mode
+
+    check_reward_for_mode(cfg.reward.name, cfg.prompt.mode)
+    if cfg.rollout.stop_at_final_box:
+        raise ConfigError(
+            "rollout.stop_at_final_box=true has no box to stop at with prompt.mode=completion "
+            "(the response is the next token(s)); set it false"
+        )
+
+
+@rule
 def _check_precision(cfg: RPTConfig) -> None:
     check_precision_config(cfg.precision)
     if cfg.precision.fp8 != "none" and cfg.model.spec == "local":

@@ -65,6 +65,7 @@ def r1_distill_qwen_14b() -> RPTConfig:
     r.engine, r.mode, r.dtype = "sglang", "colocated", "bfloat16"
     r.n_samples, r.temperature, r.max_new_tokens = 8, 0.8, 8192
     r.stop_at_final_box = True
+    cfg.eval.stop_at_final_box = True  # evaluation reads the same (first closed) box
     r.sglang.tp_size, r.sglang.mem_fraction_static = 4, 0.5
     cfg.loss.dynamic_sampling, cfg.loss.dynamic_sampling_start_step = True, 500
     cfg.optimizer.lr, cfg.optimizer.lr_schedule = 1e-6, "constant"

@@ -1,35 +1,36 @@
-r"""Recipe ``smollm2_cpu``: the embedded default, RPT on SmolLM2-135M-Instruct + CHAMP.
+r"""Recipe ``smollm2_cpu``: the embedded default, completion-style RPT on SmolLM2-135M + CHAMP.
 
-    bash examples/pretrain_rpt.sh          # what `make demo` runs (this recipe is the default)
+    make demo                               # trains, then prints the before/after table
+    bash examples/pretrain_rpt.sh           # the training part (this recipe is the default)
 
 Everything is shipped with the package (no download): the policy, its tokenizer and the
 entropy proxy are SmolLM2-135M-Instruct, the corpus is the CHAMP competition-math problems
-with their solutions. On a 2-core CPU it prepares 20 documents, trains 4 steps of 2 contexts
-x 8 samples with the HF engine, and leaves a checkpoint, metrics (JSONL + wandb offline), the
-reward/accuracy plot and an HF export in runs/smollm2_cpu (measured: `make demo` from a
-fresh clone 3.7 min including the venv install; the run itself about 2.5 min). On a machine with
-a GPU and SGLang it uses SGLang (colocated) and Transformer Engine layers in bf16 instead.
+with their solutions (20 documents; 17 train, 3 held out). On a machine with a GPU and SGLang
+it uses SGLang (colocated) and Transformer Engine layers in bf16 instead of the HF engine.
 
-The paper's recipe where it matters: template v0 in the chat template, G = 8, temperature 0.8,
-lr 1e-6 constant, no KL, no entropy bonus, the prefix-match reward after ``</think>``, GRPO,
-dynamic sampling from step 500 (never reached here). Scaled down or changed for a 135M model
-on one CPU:
+**Completion mode** (``prompt.mode=completion``, docs/PROMPT_MODES.md): the prompt is the
+context's own token ids, the response is one sampled token, and the reward is the paper's
+prefix match on that token's bytes. This is RPT with an empty chain of thought: a 135M model
+cannot follow the paper's reasoning template (inside the chat template with the v0
+instruction it copies the instruction's example ``\boxed{ para}`` and earns reward 0 on every
+sample, so GRPO has nothing to learn from), while on the raw context about a fifth of its
+samples are rewarded and most groups of 8 have unequal rewards. The reasoning template stays
+the default of RPTConfig and of the GPU recipes.
 
-* 2 contexts per step (paper 256), 4 steps (paper 1000), 20 documents, contexts of at most
-  256 tokens (paper ~4k), fp32;
-* **no reasoning**: SmolLM2-135M practically never closes ``</think>`` and boxes a token by
-  itself (measured on 8-12 CHAMP contexts x 4-8 samples: 0 % format with a free 64-token
-  reasoning budget under v0, v6 or without the ``</think>`` requirement, 0-1 % with a
-  prefilled "The next token is"). So the assistant turn is prefilled with an empty reasoning
-  block and the answer lead-in, ``<think>\n</think>\nThe next token is \boxed{``, and the model
-  writes only the token and the closing brace (max 8 new tokens). Measured: 79-85 % of
-  responses then parse (closed box), but their reward is still ~0 (0/96 on train and held-out
-  positions; also 0/128 over all positions with data.entropy_threshold=0, and 0/96 with the
-  lead-in ending in ``\boxed{ `` so that a leading space is given: the model then answers the
-  math problem with a number): a 135M model does not predict the next token of competition
-  math in this format, the advantages are all 0 and the weights do not move, so this run
-  shows the pipeline, not learning (the tiny recipe and
-  tests/e2e/test_rpt_learns.py show learning).
+The paper's recipe where it applies: G = 8, temperature 0.8, no KL, no entropy bonus, GRPO,
+one optimizer step per rollout batch, the prefix-match reward. Changed so that the weights
+move within a few minutes on 2 CPU cores (measured: the held-out sampled accuracy rises from
+26 % to 37 %, the training reward only slightly above a paired lr-0 run; README.md):
+
+* lr 1e-4 constant (paper 1e-6: at that rate a few steps do not move the weights);
+* 16 contexts per step (paper 256), 12 steps (paper 1000), contexts of at most 64 tokens
+  (paper ~4k; the context is the whole prompt here and its forward/backward is most of the
+  step's compute), one new token (no reasoning), fp32.
+
+``make demo`` then evaluates the base model and the trained export on the held-out split
+(``tools/eval_next_token.py`` with this recipe): greedy next-token accuracy ("standard") and
+the sampled accuracy the reward measures (the "reasoning" rows, Random@1 over 8 samples), by
+difficulty bucket with 95 % Wilson intervals. README.md shows the numbers to expect.
 """
 
 from __future__ import annotations
@@ -50,15 +51,20 @@ def smollm2_cpu() -> RPTConfig:
     d.corpus, d.max_documents, d.validation_fraction = "embedded:champ", 20, 0.1
     d.prepared_dir = "runs/data/champ-20"
     d.entropy_batch_tokens = 8192 if gpu else 2048  # smaller batches are faster on CPU
-    d.context_tokens = 256
-    cfg.prompt.think_opener = "<think>\n</think>\nThe next token is \\boxed{"
+    d.context_tokens = 64
+    cfg.prompt.mode = "completion"  # the context's own ids; the response is the next token
     r = cfg.rollout
     r.engine = "sglang" if capabilities.have_sglang_runtime() else "hf"
     r.dtype = "bfloat16" if gpu else "float32"
-    r.max_new_tokens = 8
-    cfg.train.steps, cfg.train.contexts_per_step = 4, 2
+    r.n_samples, r.temperature, r.max_new_tokens = 8, 0.8, 1
+    cfg.optimizer.lr, cfg.optimizer.lr_schedule = 1e-4, "constant"
+    cfg.train.steps, cfg.train.contexts_per_step = 12, 16
+    e = cfg.eval  # `make demo`'s before/after table (tools/eval_next_token.py --recipe ...)
+    e.max_new_tokens, e.n_samples, e.pass_k, e.temperature = 1, 8, 8, 0.8
+    e.context_tokens, e.reasoning_max_positions = 64, 200  # 200 stratified held-out positions
+    e.dtype = "float32"
     cfg.train.max_tokens_per_microbatch = 4096
-    cfg.checkpoint.interval, cfg.checkpoint.keep_last = 2, 2
+    cfg.checkpoint.interval, cfg.checkpoint.keep_last = 0, 1  # the final step only
     cfg.checkpoint.export_hf_at_end = True
     if not gpu:
         cfg.weight_sync.probe_tolerance = 1e-3  # fp32 trainer and fp32 HF engine

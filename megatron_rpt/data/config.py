@@ -8,6 +8,7 @@ from typing import Literal
 from megatron_rpt.errors import ConfigError
 
 TemplateName = Literal["v0", "v1", "v2", "v3", "v4", "v5", "v6"]
+PromptMode = Literal["reasoning", "completion"]
 
 
 @dataclass(kw_only=True)
@@ -82,6 +83,10 @@ class DataConfig:
     """Positions with fewer preceding tokens are never samples."""
     continuation_tokens: int = 32
     """K: ground-truth continuation tokens kept per sample for the prefix-match reward."""
+    drop_unboxable_targets: bool = True
+    r"""Drop training positions whose target no ``\boxed{}`` can hold (its first token closes
+    more braces than it opens, e.g. ``}``): a brace-counting parser can never reward them.
+    Counted in the summary. Only reasoning mode needs this; completion mode can set it false."""
     max_positions_per_document: int | None = None
     """Cap on kept training positions per document (a deterministic subsample); None keeps all."""
 
@@ -90,6 +95,14 @@ class DataConfig:
 class PromptConfig:
     """How a context becomes the policy's prompt."""
 
+    mode: PromptMode = "reasoning"
+    r"""'reasoning' (the paper's): the context in a template (``template``, chat wrapper,
+    reasoning opener); the reward reads the last ``\boxed{}`` after ``</think>``.
+    'completion': for models that cannot follow the template (e.g. SmolLM2-135M): the prompt
+    is the context's own token ids, with no template and no chat wrapper; the response is the
+    next token(s) and the reward matches the sampled tokens' vocabulary bytes directly (RPT
+    with an empty chain of thought; docs/PROMPT_MODES.md). The other prompt fields are then
+    unused."""
     template: TemplateName = "v0"
     """Next-token-reasoning template from the paper (Table 10); v0 was used for training."""
     chat_template: bool = True
@@ -147,4 +160,4 @@ def validate_data_config(cfg: DataConfig, prefix: str = "data.") -> DataConfig:
     return cfg
 
 
-__all__ = ["DataConfig", "PromptConfig", "TemplateName", "validate_data_config"]
+__all__ = ["DataConfig", "PromptConfig", "PromptMode", "TemplateName", "validate_data_config"]

@@ -35,6 +35,11 @@ RPT_PAPER.md section 2.1):
    chat template, which renders BOS itself). Known limitation: a context that literally
    contains a special-token string (e.g. ``<|im_end|>``) is tokenised as that special token.
 
+Completion mode (``PromptConfig.mode="completion"``): the prompt is the context's own document
+token ids, unchanged (no template, no chat wrapper, no text round-trip), and the response is
+the next token(s). ``context_prompt`` is the one function training, evaluation and the data
+tools call for either mode.
+
 >>> TEMPLATES["v0"].user.splitlines()[-2:]
 ['### Context', '{prompt_content}']
 >>> fill("v6", "1 + 1 =")[1].splitlines()[-1]
@@ -44,6 +49,7 @@ RPT_PAPER.md section 2.1):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +148,9 @@ class PromptResult:
     text: str
     ids: list[int]
     system: str | None = None
+    opener: str = ""
+    """The start of the assistant turn the prompt already holds (``think_opener`` when it was
+    appended or the chat template ends with it); the reward reads ``opener + response``."""
 
 
 def fill(template: str, context_text: str) -> tuple[str | None, str]:
@@ -199,7 +208,34 @@ def build_prompt(context_text: str, tokenizer: Any, cfg: PromptConfig) -> Prompt
             text += "\n"  # raw prompt: the opener starts the response on its own line
         text += cfg.think_opener
     ids = tokenizer(text, add_special_tokens=not cfg.chat_template)["input_ids"]
-    return PromptResult(text=text, ids=list(ids), system=system)
+    opener = cfg.think_opener if cfg.open_think and text.endswith(cfg.think_opener) else ""
+    return PromptResult(text=text, ids=list(ids), system=system, opener=opener)
 
 
-__all__ = ["PLACEHOLDER", "TEMPLATES", "PromptResult", "Template", "build_prompt", "fill"]
+def context_prompt(
+    context_ids: Sequence[int], context_text: Callable[[], str], tokenizer: Any, cfg: PromptConfig
+) -> PromptResult:
+    """The policy's prompt for one context in ``cfg.mode`` (module docstring).
+
+    Args:
+        context_ids: int [C] the context's document token ids (the last C before x_t).
+        context_text: returns the context's text (called in reasoning mode only).
+
+    >>> r = context_prompt([5, 6, 7], lambda: "unused", None, PromptConfig(mode="completion"))
+    >>> r.ids, r.opener
+    ([5, 6, 7], '')
+    """
+    if cfg.mode == "completion":
+        return PromptResult(text="", ids=[int(t) for t in context_ids])
+    return build_prompt(context_text(), tokenizer, cfg)
+
+
+__all__ = [
+    "PLACEHOLDER",
+    "TEMPLATES",
+    "PromptResult",
+    "Template",
+    "build_prompt",
+    "context_prompt",
+    "fill",
+]

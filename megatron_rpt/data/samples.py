@@ -3,7 +3,10 @@
 A position t of a document is *eligible* when t >= ``min_context_tokens``, it has a score,
 and x_t can be a target: not a special token and not starting with a UTF-8 continuation byte
 (the context would end inside a character, and no text prediction can match such a token).
-Training keeps eligible positions with entropy >= ``entropy_threshold``, then at most
+Training keeps eligible positions with entropy >= ``entropy_threshold`` whose target can be
+read from a ``\\boxed{}`` (``data.drop_unboxable_targets``: a target whose first token closes
+more braces than it opens, such as ``}``, can never be rewarded by a brace-counting parser, so
+it would cost rollouts and never give signal; these are counted in the summary), then at most
 ``max_positions_per_document`` per document (a subsample seeded by the split seed and the
 document id, so reruns agree). Validation keeps every eligible position: evaluation buckets
 them by entropy later.
@@ -20,6 +23,7 @@ import numpy as np
 from megatron_rpt.data.config import DataConfig
 from megatron_rpt.data.tokens import ByteVocabulary
 from megatron_rpt.data.types import BUCKETS
+from megatron_rpt.reward.next_token import boxable
 
 if TYPE_CHECKING:
     from megatron_rpt.data.entropy import ScoringStats
@@ -43,6 +47,8 @@ class Summary:
     tokens_valid: int = 0
     scored_positions: int = 0
     eligible_train_positions: int = 0
+    unboxable_train_targets: int = 0
+    """High-entropy training positions dropped because no box can hold their target."""
     kept_train: int = 0
     kept_per_document: dict[str, float] = field(default_factory=dict)
     train_buckets: dict[str, int] = field(default_factory=dict)
@@ -82,6 +88,7 @@ class Summary:
                 f"{self.kept_train:,} ({pct:.1f}% of eligible; per document min/median/max "
                 f"{kpd.get('min', 0):g}/{kpd.get('median', 0):g}/{kpd.get('max', 0):g})",
             ),
+            ("dropped: target not boxable", f"{self.unboxable_train_targets:,}"),
         ]
         for name, t in zip(BUCKETS, thresholds, strict=False):
             rows.append(
@@ -109,7 +116,12 @@ class Summary:
 
 
 def select_positions(
-    cfg: DataConfig, rec: dict, ids: np.ndarray, ent: np.ndarray, ok_target: np.ndarray
+    cfg: DataConfig,
+    rec: dict,
+    ids: np.ndarray,
+    ent: np.ndarray,
+    ok_target: np.ndarray,
+    ok_box: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(eligible positions, kept positions) of one document (see the module docstring).
 
@@ -117,12 +129,14 @@ def select_positions(
         rec: the document's record (``split``, ``doc_id``).
         ids: int64 [n] its tokens; ent: float32 [n] its entropies (NaN where unscored).
         ok_target: bool [V], tokens that may be a target (``ByteVocabulary.target_mask``).
+        ok_box: bool [V], tokens a box can hold (``boxable_mask``); None keeps them all.
     """
     pos = np.arange(len(ids))
     eligible = (pos >= cfg.min_context_tokens) & np.isfinite(ent) & ok_target[ids]
     if rec["split"] == "valid":
         return pos[eligible], pos[eligible]
-    kept = pos[eligible & (ent >= cfg.entropy_threshold)]
+    high = eligible & (ent >= cfg.entropy_threshold)
+    kept = pos[high if ok_box is None else high & ok_box[ids]]
     cap = cfg.max_positions_per_document
     if cap is not None and len(kept) > cap:
         key = f"{cfg.split_seed}\0cap\0{rec['doc_id']}".encode()
@@ -144,13 +158,14 @@ def build_samples(
 ) -> dict[str, np.ndarray]:
     """Sample arrays per split; fills the summary's counts and each record's ``n_kept``."""
     ok_target = vocab.target_mask()
+    ok_box = boxable_mask(vocab.table) if cfg.drop_unboxable_targets else None
     parts: dict[str, list[np.ndarray]] = {"train": [], "valid": []}
     per_doc = []
     for rec in records:
         d = rec["doc_index"]
         ids = np.asarray(dataset[d], dtype=np.int64)
         ent = np.asarray(ent_all[offsets[d] : offsets[d + 1]], dtype=np.float32)
-        eligible, kept = select_positions(cfg, rec, ids, ent, ok_target)
+        eligible, kept = select_positions(cfg, rec, ids, ent, ok_target, ok_box)
         rec["n_kept"] = int(len(kept))
         arr = np.empty(len(kept), dtype=SAMPLE_DTYPE)
         arr["doc_index"], arr["position"], arr["entropy"] = d, kept, ent[kept]
@@ -158,6 +173,9 @@ def build_samples(
         summary.scored_positions += int(np.isfinite(ent).sum())
         if rec["split"] == "train":
             summary.eligible_train_positions += len(eligible)
+            if ok_box is not None:
+                high = ent[eligible] >= cfg.entropy_threshold
+                summary.unboxable_train_targets += int((high & ~ok_box[ids[eligible]]).sum())
             per_doc.append(len(kept))
     samples = {k: np.concatenate(v) if v else np.empty(0, SAMPLE_DTYPE) for k, v in parts.items()}
     summary.kept_train, summary.valid_positions = len(samples["train"]), len(samples["valid"])
@@ -172,6 +190,15 @@ def build_samples(
             "mean": round(float(np.mean(per_doc)), 2),
         }
     return samples
+
+
+def boxable_mask(table: list[bytes]) -> np.ndarray:
+    """bool [V]: tokens a ``\\boxed{}`` prediction can start with (``reward.next_token.boxable``).
+
+    >>> boxable_mask([b" a", b"}", b" }", b"{"]).tolist()
+    [True, False, False, True]
+    """
+    return np.fromiter((boxable(b) for b in table), dtype=bool, count=len(table))
 
 
 def entropy_quantiles(ent_all: np.ndarray) -> dict[str, float]:

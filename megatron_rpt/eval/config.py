@@ -57,6 +57,10 @@ class EvalConfig:
     """Nucleus sampling mass in reasoning mode (1 disables it)."""
     max_new_tokens: int = 8192
     """Longest reasoning response in tokens (the paper's 8k training length)."""
+    stop_at_final_box: bool = False
+    r"""End a reasoning response at its first closed ``\boxed{}`` after ``</think>``, as training
+    does with ``rollout.stop_at_final_box`` (set both alike so training and evaluation read the
+    same box; false: the last box of the full response, the paper's reading)."""
     context_tokens: int | None = None
     """Context = the last N document tokens before the position; None: data.context_tokens of
     the prepared data (3840 by default)."""

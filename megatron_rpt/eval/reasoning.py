@@ -1,10 +1,13 @@
 r"""Next-token reasoning accuracy: sample a chain of thought + a boxed prediction, judge it.
 
 For each evaluated position the context (the last ``context_tokens`` document tokens before t)
-goes into a paper template (``data/prompt.build_prompt``: v0..v6, chat template, ``<think>``
-opener), any ``RolloutEngine`` samples ``n`` responses, and the judge reward (the paper's
+becomes a prompt exactly as in training (``data.prompt.context_prompt``: a paper template
+v0..v6, chat template, ``<think>`` opener; or, with ``prompt.mode=completion``, the context's own
+token ids), any ``RolloutEngine`` samples ``n`` responses, and the judge reward (the paper's
 prefix-match by default, ``reward/registry.py``) scores each against the true continuation's
-exact token bytes. Per position:
+exact token bytes through ``reward.scoring.score_group``, the function training uses: the
+reward reads the prompt's opener followed by the response (a prefilled ``</think>`` or
+``\boxed{`` counts), and in completion mode the sampled tokens' bytes. Per position:
 
 * **Random@1** = mean reward over the n samples (the accuracy of one random sample);
 * **Pass@k** = the unbiased estimator 1 - C(n-c, k) / C(n, k), c = samples with reward 1
@@ -31,12 +34,13 @@ from typing import Any
 import numpy as np
 
 from megatron_rpt.data.config import PromptConfig
-from megatron_rpt.data.prompt import build_prompt
+from megatron_rpt.data.prompt import context_prompt
 from megatron_rpt.eval.metrics import pass_at_k
 from megatron_rpt.reward.next_token import extract_prediction
-from megatron_rpt.reward.registry import RewardTarget, get_reward
+from megatron_rpt.reward.registry import RewardTarget
+from megatron_rpt.reward.scoring import ResponseReader, check_reward_for_mode, score_group
 from megatron_rpt.rollout.scheduling import RolloutRequest, generate_in_document_order
-from megatron_rpt.rollout.types import RolloutEngine, SamplingParams
+from megatron_rpt.rollout.types import Completion, RolloutEngine, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +110,12 @@ def run_reasoning(
 ) -> ReasoningOutcome:
     """Sample ``params.n`` responses per position of ``eval_set`` and judge them."""
     t0 = time.perf_counter()
-    reward_fn = get_reward(judge)
+    check_reward_for_mode(judge, prompt_cfg.mode)
+    token_bytes = None
+    if prompt_cfg.mode == "completion":
+        from megatron_rpt.data.tokens import token_byte_table
+
+        token_bytes = token_byte_table(tokenizer)
     n, P = params.n, len(eval_set)
     out = ReasoningOutcome(
         rewards_PN=np.zeros((P, n)),
@@ -117,12 +126,15 @@ def run_reasoning(
     order = np.lexsort((eval_set.position_P, eval_set.doc_P))  # document order
     for b, start in enumerate(range(0, P, batch_prompts)):
         chunk = order[start : start + batch_prompts].tolist()
+        prompts = {
+            i: context_prompt(
+                eval_set.context_ids(i), lambda i=i: eval_set.context_text(i), tokenizer,
+                prompt_cfg,
+            )  # fmt: skip
+            for i in chunk
+        }
         requests = [
-            RolloutRequest(
-                int(eval_set.doc_P[i]),
-                int(eval_set.position_P[i]),
-                tuple(build_prompt(eval_set.context_text(i), tokenizer, prompt_cfg).ids),
-            )
+            RolloutRequest(int(eval_set.doc_P[i]), int(eval_set.position_P[i]), tuple(prompts[i].ids))
             for i in chunk
         ]
         chunk_params = _with_seed(params, derive_seed(seed, b))
@@ -130,19 +142,22 @@ def run_reasoning(
             lambda prompts, p=chunk_params: engine.generate(prompts, p), requests
         )
         for i, group in zip(chunk, groups, strict=True):
-            texts = [c.text for c in group]
+            reader = ResponseReader.for_prompt(
+                prompt_cfg.mode, prompts[i].opener, tokenizer, token_bytes
+            )
             target = RewardTarget(
                 continuation_token_bytes=eval_set.continuation_bytes(i),
                 continuation_ids=eval_set.continuation_ids(i).tolist(),
                 tokenize=lambda s: tokenizer(s, add_special_tokens=False)["input_ids"],
             )
-            out.rewards_PN[i] = reward_fn(texts, target, require_think_close=require_think_close)
-            preds = [extract_prediction(t, require_think_close=require_think_close) for t in texts]
-            out.parsed_PN[i] = [p is not None for p in preds]
+            rewards, parsed = score_group(
+                group, target, reader, reward_name=judge, require_think_close=require_think_close
+            )
+            out.rewards_PN[i], out.parsed_PN[i] = rewards, parsed
             out.response_tokens_PN[i] = [len(c.token_ids) for c in group]
             reasons.update(c.finish_reason for c in group)
             if len(out.examples) < n_examples:
-                out.examples.append(_example(eval_set, i, texts[0], preds[0], out.rewards_PN[i, 0]))
+                out.examples.append(_example(eval_set, i, reader, group[0], rewards[0]))
         logger.info("reasoning: %d / %d positions", min(start + batch_prompts, P), P)
     out.finish_reasons = dict(reasons)
     out.seconds = time.perf_counter() - t0
@@ -155,7 +170,12 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
     return dataclasses.replace(params, seed=seed)
 
 
-def _example(eval_set, i: int, response: str, pred: str | None, reward: float) -> dict:  # noqa: ANN001
+def _example(eval_set, i: int, reader: ResponseReader, c: Completion, reward: float) -> dict:  # noqa: ANN001
+    if reader.mode == "completion":
+        response = pred = reader.prediction_bytes(c).decode("utf-8", "backslashreplace")
+    else:
+        response = reader.assistant_turn(c)
+        pred = extract_prediction(response)
     return {
         "doc_id": eval_set.doc_ids[int(eval_set.doc_P[i])],
         "position": int(eval_set.position_P[i]),

@@ -150,10 +150,14 @@ def markdown_table(run: EvalRun) -> str:
         "| mode | model | Easy | Medium | Hard | mean |",
         "|---|---|---|---|---|---|",
     ]
+    completion = run.prompt.mode == "completion"
     for r in run.results:
         mean = "–" if math.isnan(r.mean) else f"{100 * r.mean:.2f}"
         cells = " | ".join(_cell(r, b) for b in BUCKETS)
-        lines.append(f"| {row_label(r)} | {r.model} | {cells} | {mean} |")
+        label = row_label(r)
+        if completion and r.mode == "reasoning":  # no reasoning: the sampled next token
+            label = label.replace("next-token reasoning", "sampled next token (completion)")
+        lines.append(f"| {label} | {r.model} | {cells} | {mean} |")
     lines += [
         "",
         f"Accuracy in %, [95 % Wilson interval over positions]. Buckets are nested: entropy > "
@@ -171,8 +175,8 @@ def markdown_table(run: EvalRun) -> str:
         c = run.config
         lines.append(
             f"Positions, reasoning: easy {rs['easy']}, medium {rs['medium']}, hard {rs['hard']} "
-            f"(all {rs['all']}) from {run.standard_set.source}; template "
-            f"{c.template or run.prompt.template}, {c.n_samples} samples at temperature {c.temperature:g}, max {c.max_new_tokens} new tokens, "
+            f"(all {rs['all']}) from {run.standard_set.source}; "
+            f"{'completion prompt' if completion else 'template ' + (c.template or run.prompt.template)}, {c.n_samples} samples at temperature {c.temperature:g}, max {c.max_new_tokens} new tokens, "
             f"judge {c.judge}, {run.engine} engine, seed {c.seed}."
         )
     return "\n".join(lines) + "\n"

@@ -256,6 +256,7 @@ def _reasoning(
         max_new_tokens=cfg.max_new_tokens,
         n=cfg.n_samples,
         seed=cfg.seed,
+        stop_at_final_box=cfg.stop_at_final_box and prompt.mode == "reasoning",
     )
     prompt_cfg = dataclasses.replace(prompt, template=cfg.template or prompt.template)
     engine = factory(model, hf_model, tokenizer)

@@ -1,7 +1,10 @@
 """Config of the RL loss: advantages, PPO/DAPO surrogate, aggregation, mismatch correction.
 
-Defaults follow the RPT paper (RPT_PAPER.md section 5) where it says something: GRPO group
-advantages, no KL to a reference policy, entropy coefficient 0, dynamic sampling from step 500.
+Defaults follow the RPT paper where it says something: GRPO group advantages, no KL to a
+reference policy, entropy coefficient 0. Dynamic sampling is **off** by default
+(``dynamic_sampling=False``); the paper's setting, on from step 500
+(``dynamic_sampling_start_step``), is switched on by the 14B recipe
+(examples/r1_distill_qwen_14b).
 The paper trains exactly on-policy (one optimizer step per rollout batch), so the PPO ratio is 1
 and the clip range has no effect there; the clip defaults are DAPO's asymmetric 0.2 / 0.28
 ("clip-higher"), which matter as soon as a run takes several optimizer steps per rollout batch.

@@ -8,9 +8,12 @@ Parsing rules (the paper leaves some of them open; these are ours, pinned by tes
 
 * With ``require_think_close`` only the text after the **first** ``</think>`` is searched (the
   end of the reasoning block); a response without ``</think>`` has no prediction.
-* Boxes are read with brace balancing: ``\boxed{\frac{1}{2}}`` gives ``\frac{1}{2}``. Inside a
-  box a backslash escapes the next character, so ``\boxed{\{}`` gives ``\{`` (LaTeX's literal
-  brace) and does not count as an opening brace.
+* Boxes are read by plain brace counting (the convention of verl's and MATH's
+  ``last_boxed_only_string``): ``\boxed{\frac{1}{2}}`` gives ``\frac{1}{2}``. A backslash
+  escapes nothing, so ``\boxed{ \}`` is the prediction `` \`` (a LaTeX target such as Qwen's
+  `` \`` before ``frac`` can be predicted), and ``\{`` / ``\}`` count as braces. A target whose
+  first token closes more braces than it opens (e.g. ``}``) can never be read from a box;
+  ``boxable`` tells, and data preparation drops such training targets.
 * The prediction is the content of the **last top-level** box. A box nested inside another is
   part of the outer box's content. If the last box is not closed (e.g. the response was
   truncated inside it) there is no prediction, even when an earlier box was complete.
@@ -60,10 +63,8 @@ from collections.abc import Sequence
 THINK_CLOSE = "</think>"
 BOX_OPEN = "\\boxed{"
 
-# Inside a box the only characters that matter are braces and backslash escapes. ``\\.``
-# consumes an escaped character (so ``\{`` and ``\}`` do not change the depth); DOTALL lets the
-# escape cover a newline too.
-_INSIDE_BOX = re.compile(r"\\.|[{}]", re.DOTALL)
+# Inside a box only braces matter (plain counting, no escapes; module docstring).
+_INSIDE_BOX = re.compile(r"[{}]")
 
 
 def _reasoning_end(response: str, require_think_close: bool) -> int | None:
@@ -125,32 +126,22 @@ def _box_end(response: str, content_start: int) -> int | None:
             depth -= 1
             if depth == 0:
                 return m.start()
-    if stop == len(response) and (stop == content_start or response[stop - 1] != "\\"):
-        return None  # scanned to the end (a final lone backslash is rescanned below)
+    if stop == len(response):
+        return None  # scanned to the end: the box never closes
     return _box_end_vectorised(response, content_start)
 
 
 def _box_end_vectorised(response: str, content_start: int) -> int | None:
-    """``_box_end`` with numpy: the same rules (``\\x`` escapes x, braces count depth).
+    """``_box_end`` with numpy: the same rule (plain brace counting, no escapes).
 
-    Works on the UTF-8 bytes: braces and backslashes are ASCII, and ASCII bytes never occur
-    inside a multi-byte character, so depth and escapes are the same as on characters.
+    Works on the UTF-8 bytes: braces are ASCII, and ASCII bytes never occur inside a
+    multi-byte character, so the depth is the same as on characters.
     """
     import numpy as np
 
     raw = response[content_start:].encode("utf-8", "surrogatepass")
     codes = np.frombuffer(raw, dtype=np.uint8)
     opening, closing = codes == 123, codes == 125
-    if b"\\" in raw:
-        # A byte is escaped iff an odd number of backslashes directly precedes it (the regex
-        # consumes backslashes in pairs from the first one of a run).
-        index = np.arange(len(codes), dtype=np.int32)
-        last_plain = np.maximum.accumulate(np.where(codes == 92, -1, index))
-        before = np.empty_like(last_plain)
-        before[0], before[1:] = -1, last_plain[:-1]
-        plain = (index - before) % 2 == 1
-        opening &= plain
-        closing &= plain
     depth = np.cumsum(opening.view(np.int8) - closing.view(np.int8), dtype=np.int32)
     first = int(np.argmax(depth < 0))
     if depth[first] >= 0:
@@ -160,8 +151,12 @@ def _box_end_vectorised(response: str, content_start: int) -> int | None:
     return content_start + len(raw[:first].decode("utf-8", "surrogatepass"))
 
 
-def prefix_match_reward(prediction: str | None, continuation_token_bytes: Sequence[bytes]) -> float:
+def prefix_match_reward(
+    prediction: str | bytes | None, continuation_token_bytes: Sequence[bytes]
+) -> float:
     """1.0 iff ``prediction``'s UTF-8 bytes equal the first j continuation tokens' bytes, j >= 1.
+
+    ``bytes`` are compared as they are (a completion's sampled token bytes).
 
     Never raises for any ``str``: strings that cannot be encoded (lone surrogates), empty
     predictions and None score 0.0. A prediction longer than the kept continuation scores 0.0
@@ -173,12 +168,19 @@ def prefix_match_reward(prediction: str | None, continuation_token_bytes: Sequen
     1.0
     >>> prefix_match_reward("\\ud800", [b"x"])                 # lone surrogate
     0.0
+    >>> prefix_match_reward(b"\\xc3", [b"\\xc3", b"\\xa9"])       # half a character, as bytes
+    1.0
     """
-    if not isinstance(prediction, str) or not prediction:
+    if isinstance(prediction, bytes):  # sampled tokens' vocabulary bytes (completion mode)
+        pred = prediction
+    elif not isinstance(prediction, str):
         return 0.0
-    try:
-        pred = prediction.encode("utf-8")
-    except UnicodeEncodeError:
+    else:
+        try:
+            pred = prediction.encode("utf-8")
+        except UnicodeEncodeError:
+            return 0.0
+    if not pred:
         return 0.0
     cum = 0
     for token in continuation_token_bytes:
@@ -189,6 +191,26 @@ def prefix_match_reward(prediction: str | None, continuation_token_bytes: Sequen
         if cum == len(pred):
             return 1.0
     return 0.0
+
+
+def boxable(token: bytes) -> bool:
+    r"""True when a prediction starting with ``token`` can be read from a box.
+
+    Under brace counting a box closes at the first ``}`` that brings the depth to 0, so a token
+    whose running brace count goes below 0 ends the box inside the prediction.
+
+    >>> [boxable(b) for b in (b" para", b"}", b" }", b"{}", b"}{", b" \\")]
+    [True, False, False, True, False, True]
+    """
+    depth = 0
+    for c in token:
+        if c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth < 0:
+                return False
+    return True
 
 
 def first_token_match(

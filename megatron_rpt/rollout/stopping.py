@@ -15,7 +15,7 @@ Two implementations of the same rule:
   decoded output whose length is bounded by the regex's maximum match length, decoded on every
   step, so the regex must be bounded. It therefore matches a box whose ``\boxed{`` starts within
   ``max_gap_chars`` characters after ``</think>`` and whose content has at most
-  ``max_box_chars`` characters and no unescaped nested braces. Responses outside those bounds
+  ``max_box_chars`` characters and no nested braces. Responses outside those bounds
   are not cut early; they run to EOS / ``max_new_tokens`` and are scored the same way (the
   reward always re-parses the full text), so the bound costs decode time, never correctness.
 
@@ -45,9 +45,9 @@ def final_box_stop_regex(max_gap_chars: int = 32, max_box_chars: int = 32) -> st
     """
     if max_gap_chars < 0 or max_box_chars < 1:
         raise ValueError("max_gap_chars must be >= 0 and max_box_chars >= 1")
-    # Inside the box: any char but braces/backslash, or a backslash escape (\{ \} \\ ...),
-    # mirroring extract_prediction's scanner. [\s\S] lets the gap span newlines.
-    content = r"(?:[^{}\\]|\\[\s\S])" + f"{{0,{max_box_chars}}}"
+    # Inside the box: any char but a brace (plain brace counting, as extract_prediction reads
+    # it; a backslash escapes nothing). [\s\S] lets the gap span newlines.
+    content = r"[^{}]" + f"{{0,{max_box_chars}}}"
     return re.escape(THINK_CLOSE) + rf"[\s\S]{{0,{max_gap_chars}}}?" + r"\\boxed\{" + content + r"\}"
 
 

@@ -97,7 +97,10 @@ class Completion:
     token_ids: list[int]
     """Generated token ids, the stop token included when one was sampled."""
     text: str
-    """``token_ids`` decoded with special tokens skipped."""
+    """``token_ids`` decoded with special tokens skipped (convenient for logs). The reward does
+    not trust it where that matters: with a tokenizer whose ``</think>`` is a special token it
+    re-decodes the ids with special tokens kept, and in completion mode it reads the ids' bytes
+    (``reward.scoring``)."""
     logprobs: list[float] | None
     """Per generated token, ``log softmax(logits / T)`` of the sampled token (module docstring);
     None when ``return_logprobs`` was false."""

@@ -1,7 +1,7 @@
 """A per-brace reference scanner for ``\\boxed{}`` (tests and the worst-case reward bench).
 
 It applies the rules of ``reward.next_token.extract_prediction`` with one regex match per
-brace or escape: simple enough to trust, and the baseline the vectorised scan is compared
+brace (plain brace counting): simple enough to trust, and the baseline the vectorised scan is compared
 with, in results and in time.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
+_TOKENS = re.compile(r"[{}]")
 
 
 def per_brace_extract(response: str, require_think_close: bool = True) -> str | None:

@@ -20,9 +20,18 @@ Deviations from the paper (RPT_PAPER.md), one per line:
 * Rollout seeds derive from (run.seed, contexts consumed), so a resumed step samples the same.
 * Before dynamic sampling starts, all-equal groups stay in the batch (advantage 0, as verl).
 * Dynamic sampling trains on a partial batch after its last round and skips an empty one.
-* The global gradient norm is clipped at 1.0; the paper's "clip 0.2" is the PPO ratio clip.
-* A failed or hung engine is restarted and its call retried (the paper reports nothing).
-* The CPU default (examples/smollm2_cpu) is scaled down and prefills an empty reasoning block.
+* The global gradient norm is clipped at 1.0; the paper's "clip 0.2" is the PPO ratio clip
+  (loss.clip_low 0.2 / clip_high 0.28, DAPO; no effect while training is exactly on-policy).
+* A failed or hung engine is restarted alone and its unfinished requests retried with the same
+  seeds (the paper reports nothing).
+* rollout.stop_at_final_box (on in the 14B recipe) ends a response at the first closed box after
+  </think>: the reward then reads that box, where the paper reads the last box of a full
+  response, and EOS is never sampled, so never trained (eval.stop_at_final_box matches it).
+* The 14B recipe trains in FP8 (bf16 SGLang rollouts), so token-level TIS corrects the
+  precision mismatch (loss.tis resolves to on); the paper has neither.
+* prompt.mode=completion (the CPU default, examples/smollm2_cpu) is RPT with an empty chain of
+  thought: the prompt is the raw context, the response the next token, the reward its bytes;
+  it shows the loop learning, not next-token reasoning.
 """
 
 from __future__ import annotations

@@ -5,16 +5,18 @@ only its ``generate`` function (the engine fleet, trainer/fleet.py) communicates
 every request's completions on every rank. Per sampling round:
 
 1. **sample contexts**: the next ``train.contexts_per_step`` (then: the missing) sample ids
-   from the ``ContextSampler``; each becomes a prompt (``data.prompt.build_prompt``: template,
-   chat wrapper, reasoning opener);
+   from the ``ContextSampler``; each becomes a prompt (``data.prompt.context_prompt``: template,
+   chat wrapper, reasoning opener; or the context's own ids with ``prompt.mode=completion``);
 2. **generate G trajectories**: one ``generate`` call with ``n = rollout.n_samples`` for the
    round's requests (document and position travel with each prompt, for prefix-cache-aware
    scheduling), seeded by ``(run.seed, "rollout", contexts consumed so far)``, so a resumed or retried step
    samples exactly what the uninterrupted one did;
-3. **parse and reward**: the registered reward (``reward.name``) scores the *assistant turn*:
+3. **parse and reward** (``reward.scoring.score_group``, the path evaluation uses too): the
+   registered reward (``reward.name``) scores the *assistant turn*:
    the reasoning opener the prompt already contains (``prompt.think_opener`` when
    ``prompt.open_think``) followed by the response, so a prefilled ``</think>`` or ``\boxed{``
-   counts exactly as if the policy had written it;
+   counts exactly as if the policy had written it; in completion mode the sampled tokens'
+   vocabulary bytes are the prediction;
 4. **advantages**: GRPO per group (``loss.advantage_std_normalize``); from step
    ``loss.dynamic_sampling_start_step`` on (with ``loss.dynamic_sampling``) groups whose
    rewards are all equal are dropped and more contexts are sampled until the batch is full
@@ -35,14 +37,15 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.data.prompt import build_prompt
+from megatron_rpt.data.prompt import context_prompt
 from megatron_rpt.data.types import RPTSample
 from megatron_rpt.loss.advantages import (
     DynamicBatchFiller,
     dynamic_sampling_active,
     grpo_advantages,
 )
-from megatron_rpt.reward import RewardTarget, extract_prediction, get_reward
+from megatron_rpt.reward import RewardTarget
+from megatron_rpt.reward.scoring import ResponseReader, score_group
 from megatron_rpt.rollout.scheduling import RolloutRequest
 from megatron_rpt.rollout.types import Completion, SamplingParams
 from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
@@ -76,7 +79,7 @@ class RolloutSource:
         """``cfg`` is the run's ``RPTConfig``; ``store`` the train ``SampleStore``."""
         self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
         self.sampler, self.generate = sampler, generate
-        self.reward_fn = get_reward(cfg.reward.name)
+        self._token_bytes = None  # completion mode: the policy's byte table, built once
 
     def next_batch(self, step: int) -> StepBatch:
         """The global batch of optimizer step ``step`` (0-based; collective through generate)."""
@@ -142,23 +145,30 @@ class RolloutSource:
 
     def _prompt(self, sample: RPTSample) -> tuple[list[int], str]:
         """Prompt ids and the assistant-turn prefix they end with (the reasoning opener)."""
-        pc = self.cfg.prompt
-        result = build_prompt(self.store.context_text(sample), self.tokenizer, pc)
-        opener = pc.think_opener if pc.open_think and result.text.endswith(pc.think_opener) else ""
-        return result.ids, opener
+        result = context_prompt(
+            sample.context_ids, lambda: self.store.context_text(sample), self.tokenizer,
+            self.cfg.prompt,
+        )  # fmt: skip
+        return result.ids, result.opener
 
     def _score(
         self, sample: RPTSample, prompt_ids: list[int], opener: str, completions: list[Completion]
     ) -> Group:
-        texts = [opener + c.text for c in completions]
         target = RewardTarget(
             continuation_token_bytes=sample.continuation_token_bytes,
             continuation_ids=tuple(int(t) for t in sample.continuation_ids),
             tokenize=lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"],
         )
-        close = self.cfg.reward.require_think_close
-        rewards = [float(r) for r in self.reward_fn(texts, target, require_think_close=close)]
-        formatted = [extract_prediction(t, require_think_close=close) is not None for t in texts]
+        mode = self.cfg.prompt.mode
+        if mode == "completion" and self._token_bytes is None:
+            from megatron_rpt.data.tokens import token_byte_table
+
+            self._token_bytes = token_byte_table(self.tokenizer)
+        reader = ResponseReader.for_prompt(mode, opener, self.tokenizer, self._token_bytes)
+        rewards, formatted = score_group(
+            completions, target, reader, reward_name=self.cfg.reward.name,
+            require_think_close=self.cfg.reward.require_think_close,
+        )  # fmt: skip
         return Group(sample, list(prompt_ids), completions, rewards, formatted)
 
     def _make_batch(self, groups: Sequence[Group]) -> RolloutBatch:

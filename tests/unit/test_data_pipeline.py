@@ -16,6 +16,7 @@ from megatron_rpt.data.pipeline import SAMPLE_DTYPE, prepare_data
 from megatron_rpt.data.readers import split_of
 from megatron_rpt.data.tokens import token_byte_table
 from megatron_rpt.errors import DataError, InputError
+from megatron_rpt.reward.next_token import boxable
 from megatron_rpt.testing.tiny_models import save_tiny_causal_lm
 
 torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def test_layout_filters_and_summary(setup, tmp_path):
     assert [d["doc_id"] for d in got["docs"]] == [f"d{i}" for i, _ in usable]
     offsets = np.concatenate([[0], np.cumsum([len(t) for t in got["tokens"]])])
     assert len(got["entropy"]) == offsets[-1] == summary.tokens
-    train_rows, valid_rows = [], []
+    train_rows, valid_rows, unboxable = [], [], 0
     for d, ((_, text), doc, ids) in enumerate(zip(usable, got["docs"], got["tokens"], strict=True)):
         assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
         assert doc["split"] == split_of(doc["doc_id"], 0.3, 3) and doc["n_tokens"] == len(ids)
@@ -97,11 +98,14 @@ def test_layout_filters_and_summary(setup, tmp_path):
             ok = t >= 4 and piece and (piece[0] & 0xC0) != 0x80 and ids[t] > 16
             if ok and doc["split"] == "valid":
                 valid_rows.append((d, t, ent[t]))
-            elif ok and ent[t] >= 2.0:
+            elif ok and ent[t] >= 2.0 and boxable(piece):
                 train_rows.append((d, t, ent[t]))
+            elif ok and ent[t] >= 2.0:
+                unboxable += 1  # e.g. "}": no box can hold it
         assert doc["n_kept"] == sum(
             r[0] == d for r in (train_rows if doc["split"] == "train" else valid_rows)
         )
+    assert summary.unboxable_train_targets == unboxable
     for name, rows in (("train", train_rows), ("valid", valid_rows)):
         assert got[name].dtype == SAMPLE_DTYPE
         assert [tuple(r) for r in got[name].tolist()] == [(d, t, float(e)) for d, t, e in rows]
@@ -279,3 +283,22 @@ def test_megatron_indexed_corpus(setup, tmp_path):
     got = _load(tmp_path / "out")
     assert [t.tolist() for t in got["tokens"]] == ids
     assert [d["doc_id"] for d in got["docs"]] == [f"pre_text_document:{i}" for i in range(3)]
+
+
+def test_targets_no_box_can_hold_are_dropped_from_training_and_counted():
+    from megatron_rpt.data.samples import Summary, boxable_mask, select_positions
+
+    table = [b" a", b"}", b" }", b"{", b" \\", b"}."]
+    ok_box = boxable_mask(table)
+    assert ok_box.tolist() == [True, False, False, True, True, False]
+    cfg = DataConfig(min_context_tokens=1, entropy_threshold=1.0)
+    ids = np.array([0, 1, 2, 3, 4, 5, 0])
+    ent = np.full(len(ids), 2.0, dtype=np.float32)
+    ok_target = np.ones(len(table), dtype=bool)
+    train = {"split": "train", "doc_id": "d"}
+    eligible, kept = select_positions(cfg, train, ids, ent, ok_target, ok_box)
+    assert eligible.tolist() == [1, 2, 3, 4, 5, 6] and kept.tolist() == [3, 4, 6]
+    assert select_positions(cfg, train, ids, ent, ok_target)[1].tolist() == [1, 2, 3, 4, 5, 6]
+    # validation keeps every eligible position (evaluation is not a rollout budget)
+    assert select_positions(cfg, {"split": "valid", "doc_id": "d"}, ids, ent, ok_target, ok_box)[1].tolist() == [1, 2, 3, 4, 5, 6]
+    assert "dropped: target not boxable" in Summary(unboxable_train_targets=3).format_table()

@@ -4,8 +4,9 @@ What is pinned here and why:
 * leading spaces are part of the prediction (``\boxed{ 4}`` != ``\boxed{4}``);
 * a character split across tokens is matched at byte level;
 * predictions that stop mid-token or run past a mismatch/the continuation score 0;
-* the last top-level box after the first ``</think>`` is the prediction; nested braces and
-  escaped braces are balanced; an unclosed last box (truncation) gives no prediction;
+* the last top-level box after the first ``</think>`` is the prediction; braces are counted
+  plainly (a backslash escapes nothing, so LaTeX targets ending in ``\`` can be rewarded);
+  an unclosed last box (truncation) gives no prediction;
 * no input str makes either function raise, and both are linear time.
 The reward is checked against an independent re-implementation of the paper's pseudo-code.
 """
@@ -55,9 +56,12 @@ def paper_reference_reward(pred: str | None, token_bytes: list[bytes]) -> float:
         ("</think>\\boxed{a} and finally \\boxed{b}", "b"),
         ("</think>\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
         ("</think>\\boxed{{x}}", "{x}"),
-        ("</think>\\boxed{\\{}", "\\{"),  # escaped brace does not open a group
-        ("</think>\\boxed{\\}}", "\\}"),
-        ("</think>\\boxed{a\\\\}", "a\\\\"),  # escaped backslash, then the closing brace
+        # plain brace counting (verl's / MATH's last_boxed_only_string): a backslash escapes
+        # nothing, so a prediction may end in one (LaTeX targets such as " \\" before "frac")
+        ("</think>\\boxed{\\{}", None),  # "\\{" opens a group: the box never closes
+        ("</think>\\boxed{\\}}", "\\"),  # "\\}" closes the box; the last brace is stray
+        ("</think>\\boxed{ \\}", " \\"),
+        ("</think>\\boxed{a\\\\}", "a\\\\"),
         ("</think>\\boxed{\\boxed{x}}", "\\boxed{x}"),  # nested: outer (top-level) box
         ("</think>\\boxed{a} \\boxed{b", None),  # last box truncated
         ("</think>\\boxed{a", None),
@@ -162,7 +166,7 @@ def test_whole_token_prefixes_score_one(pieces, j):
 
 def _balanced(max_leaves: int = 6):
     atom = st.text(alphabet=st.characters(blacklist_characters="{}\\"), max_size=5)
-    escaped = st.sampled_from(["\\{", "\\}", "\\\\", "\\frac", "\\boxed"])
+    escaped = st.sampled_from(["\\", "\\\\", "\\frac", "\\boxed", " \\"])
     leaf = st.one_of(atom, escaped)
     return st.recursive(
         leaf,
@@ -271,3 +275,31 @@ def test_prefix_match_group():
     fn = get_reward("prefix_match")
     assert fn([_boxed(" 4"), _boxed(" 4}"), _boxed("4"), "</think>"], target) == [1.0, 1.0, 0.0, 0.0]
     assert fn(["\\boxed{ 4}"], target, require_think_close=False) == [1.0]
+
+
+# ----------------------------------------------------------------------------- LaTeX targets
+
+
+@pytest.mark.parametrize(
+    "tokens, response",
+    [
+        # Qwen2's pre-tokenizer splits " \frac" into " \" + "frac": the one-token prediction
+        ((b" \\", b"frac", b"{"), "</think> The next token is \\boxed{ \\}"),
+        ((b"$\\", b"frac"), "</think>\\boxed{$\\}"),
+        ((b"{\\", b"frac", b"}"), "</think>\\boxed{{\\frac}}"),  # "{\\" alone stays open
+        ((b" \\", b"frac", b"{", b"1", b"}", b"{"), "</think>\\boxed{ \\frac{1}}"),  # longer
+    ],
+)
+def test_latex_targets_ending_in_a_backslash_can_be_rewarded(tokens, response):
+    assert prefix_match_reward(extract_prediction(response), tokens) == 1.0
+    assert get_reward("prefix_match")([response], RewardTarget(tokens)) == [1.0]
+
+
+def test_targets_that_close_a_box_are_not_boxable():
+    from megatron_rpt.reward.next_token import boxable
+
+    assert not boxable(b"}") and not boxable(b" }") and not boxable(b"}.")
+    assert boxable(b" \\") and boxable(b"{}") and boxable(b"{")
+    # and indeed no response gives them reward 1
+    for response in ("</think>\\boxed{}}", "</think>\\boxed{}.}"):
+        assert prefix_match_reward(extract_prediction(response), [b"}", b"."]) == 0.0
