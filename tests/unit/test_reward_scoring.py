@@ -26,7 +26,7 @@ from megatron_rpt.eval.reasoning import run_reasoning
 from megatron_rpt.reward.registry import RewardTarget
 from megatron_rpt.reward.scoring import ResponseReader, score_group
 from megatron_rpt.rollout.types import Completion, SamplingParams
-from megatron_rpt.trainer.rollout_phase import RolloutPhase
+from megatron_rpt.trainer.rollout_source import RolloutSource
 from tests._stubs.eval_helpers import CannedEngine
 from tests._stubs.rollout_helpers import smollm2_tokenizer
 
@@ -62,10 +62,10 @@ class _Store:
         return self.es.context_text(int(sample.sample_index))
 
 
-def _phase(tok, es, prompt: PromptConfig, reward: str = "prefix_match") -> RolloutPhase:
+def _phase(tok, es, prompt: PromptConfig, reward: str = "prefix_match") -> RolloutSource:
     cfg = RPTConfig()
     cfg.prompt, cfg.reward.name = prompt, reward
-    return RolloutPhase(cfg, _Store(es), tok, sampler=None, guard=None)  # type: ignore[arg-type]
+    return RolloutSource(cfg, _Store(es), tok, sampler=None, generate=None)  # type: ignore[arg-type]
 
 
 def test_reasoning_eval_and_training_parse_the_prefilled_opener_the_same_way():
