@@ -165,16 +165,18 @@ def build_fleet(
     if slot.is_lead:
         factory = engine_factory or default_engine_factory(cfg, placement, slot.engine)
         guard = EngineGuard(factory, timeout_s=r.timeout_s, name=f"rollout engine {slot.engine}")
+    quantization = rollout_quantization(cfg.precision)
     wsync = WeightSync(
-        train_step.built, train_step.groups, guard, cfg.weight_sync,
-        rollout_quantization(cfg.precision),
+        train_step.built, train_step.groups, guard, cfg.weight_sync, quantization,
+        **_engine_ranks(placement, slot, r.engine, quantization is not None),
     )  # fmt: skip
 
     def push(version: int, engines: frozenset[int] | None) -> Any:
-        # Seam for the colocated hand-off and per-engine-rank payloads: every lead rank feeds
-        # its own engine from its model-parallel group; a restart feeds only ``engines``.
+        # Every lead rank feeds its own engine from its model-parallel group; a restart feeds
+        # only ``engines``. Engines of several GPUs take a payload from every one of their
+        # ranks (all engines re-synced: every lead must hold its engine in that collective).
         train_step.finish_param_sync()
-        if engines is None or slot.engine in engines:
+        if engines is None or slot.engine in engines or wsync.ranks is not None:
             return wsync(version=version)
         return sync_weights(
             wsync.built, wsync.groups, None, wsync.plan, version=version, cfg=wsync.cfg
@@ -185,6 +187,28 @@ def build_fleet(
         placement, guard, push, rank=rank, max_restarts=r.max_restarts,
         block_contexts=r.block_contexts or max(1, r.max_batch_rows // n),
         release_after_rollout=r.engine == "sglang" and r.mode == "colocated",
+    )  # fmt: skip
+
+
+def _engine_ranks(
+    placement: EnginePlacement, slot: Any, engine_kind: str, fp8_rollout: bool
+) -> dict[str, Any]:
+    """WeightSync's per-engine-rank arguments (collective: every rank creates every engine's
+    group), or none for one-GPU engines, where the lead's payload is already its own GPU's.
+
+    Engines of several GPUs get one payload per engine rank, cut by the trainer rank on that
+    rank's GPU (weight_sync/per_engine.py). The HF engine's FP8 rollout (dequantizing) has no
+    per-rank path, so it keeps the lead's payload.
+    """
+    if placement.gpus_per_engine == 1 or (engine_kind == "hf" and fp8_rollout):
+        return {}
+    groups = [
+        dist.new_group(ranks=list(placement.ranks(e)), backend="gloo")
+        for e in range(placement.num_engines)
+    ]
+    return dict(
+        engine_rank=slot.engine_rank, engine_tp=placement.gpus_per_engine,
+        engine_group=groups[slot.engine], engine_kind=engine_kind,
     )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ from megatron_rpt.trainer.engine_guard import EngineFactory
 from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.trainer.metrics import StepMetrics
 from megatron_rpt.trainer.ntp import ntp_metrics
+from megatron_rpt.trainer.offload import TrainerOffload
 from megatron_rpt.trainer.run_logger import RunLogger
 from megatron_rpt.trainer.run_state import RunState
 from megatron_rpt.trainer.step_batch import BatchSource, StepBatch
@@ -91,6 +92,8 @@ def run_training(
     """
     state, source, fleet = _build(cfg, groups, resume, engine_factory)
     policy, flops = state.policy, state.flops
+    away = fleet is not None and cfg.rollout.offload_trainer != "none"
+    offload = TrainerOffload.for_step(policy, cfg.rollout.offload_trainer) if away else None
     log = RunLogger(
         cfg.log, Path(cfg.run.run_dir), run_name=cfg.run.name, objective=cfg.train.objective,
         start_step=policy.step, total_steps=cfg.train.steps, config=to_dict(cfg),
@@ -108,9 +111,10 @@ def run_training(
                 with times("step"):
                     hook("rollout", step)
                     with times("rollout"):  # contexts -> G responses -> rewards -> advantages
-                        # Colocated hand-off, before: trainer offload, engines resume (seam).
-                        rollouts = source.next_batch(step)
-                        _after_rollout(fleet, rollouts)
+                        with _trainer_away(offload) as moved:  # colocated memory hand-off
+                            rollouts = source.next_batch(step)
+                            _after_rollout(fleet, rollouts)
+                        rollouts.record.update(moved)
                     flops.add_rollout(*rollouts.rollout_flops)
                     if rollouts.batch is None:  # dynamic sampling kept no group
                         skipped = _skip(skipped, step)
@@ -169,6 +173,22 @@ class StepTimes:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _trainer_away(offload: TrainerOffload | None) -> Iterator[dict[str, float]]:
+    """The trainer's optimizer state, gradients (and parameters) out of memory during the
+    block (``rollout.offload_trainer``), back bit-identical after it, also on failure; the
+    yielded dict receives the hand-off's metrics."""
+    moved: dict[str, float] = {}
+    if offload is None:
+        yield moved
+        return
+    moved.update(offload.offload().as_dict())
+    try:
+        yield moved
+    finally:
+        moved["offload/reload_s"] = offload.reload()
 
 
 def _after_rollout(fleet: EngineFleet | None, rollouts: StepBatch) -> None:
