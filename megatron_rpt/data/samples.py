@@ -5,7 +5,9 @@ and x_t can be a target: not a special token and not starting with a UTF-8 conti
 (the context would end inside a character, and no text prediction can match such a token).
 Training keeps eligible positions with entropy >= ``entropy_threshold``, then at most
 ``max_positions_per_document`` per document (a subsample seeded by the split seed and the
-document id, so reruns agree). Validation keeps every eligible position: evaluation buckets
+document id, so reruns agree). With ``train_positions = "random_per_document"`` (RLP's
+protocol) it keeps instead one eligible position per document, drawn uniformly with the same
+seeding, whatever its entropy. Validation keeps every eligible position: evaluation buckets
 them by entropy later.
 """
 
@@ -122,10 +124,13 @@ def select_positions(
     eligible = (pos >= cfg.min_context_tokens) & np.isfinite(ent) & ok_target[ids]
     if rec["split"] == "valid":
         return pos[eligible], pos[eligible]
-    kept = pos[eligible & (ent >= cfg.entropy_threshold)]
-    cap = cfg.max_positions_per_document
+    if cfg.train_positions == "random_per_document":
+        kept, cap, salt = pos[eligible], 1, "one"
+    else:
+        kept = pos[eligible & (ent >= cfg.entropy_threshold)]
+        cap, salt = cfg.max_positions_per_document, "cap"
     if cap is not None and len(kept) > cap:
-        key = f"{cfg.split_seed}\0cap\0{rec['doc_id']}".encode()
+        key = f"{cfg.split_seed}\0{salt}\0{rec['doc_id']}".encode()
         rng = np.random.default_rng(
             int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
         )

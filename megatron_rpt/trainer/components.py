@@ -164,7 +164,12 @@ def build_phase(
         is_driver=driver,
     )
     sampler = ContextSampler(len(store), cfg.run.seed)
-    return RPTPhase(RolloutPhase(cfg, store, tokenizer, sampler, guard), guard)
+    phase = RPTPhase(RolloutPhase(cfg, store, tokenizer, sampler, guard), guard)
+    if cfg.train.objective == "rlp":  # the same data, engine and sync; RLP's reward
+        from megatron_rpt.trainer.rlp import RLPPhase
+
+        return RLPPhase.wrap(cfg, phase, train_step)
+    return phase
 
 
 __all__ = [

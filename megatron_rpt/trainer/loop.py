@@ -11,6 +11,8 @@
 
 ``train.objective=ntp`` runs the plain next-token-prediction control through the same loop:
 the batch is windows of the same corpus, nothing is generated or synced (trainer/ntp.py).
+``train.objective=rlp`` samples thoughts and rewards them by information gain, scored in the
+trainer against an EMA teacher that is updated with the weight sync (trainer/rlp.py).
 
 Deviations from the paper (RPT_PAPER.md), one per line:
 
@@ -101,6 +103,7 @@ def run_training(
                 rollouts = phase.next_batch(step)
                 t_rollout = time.perf_counter() - t0
                 flops.add_rollout(*rollouts.rollout_flops)
+                flops.add_scoring(getattr(rollouts, "scoring_lengths", ()))  # RLP's reward passes
                 if rollouts.batch is None:
                     skipped = _skip(skipped, step)
                     continue
@@ -126,8 +129,9 @@ def run_training(
                     stall_point("checkpoint", step)
                     extra = {"sampler": phase.sampler.state_dict(), "flops": flops.state_dict(),
                              "objective": cfg.train.objective}  # fmt: skip
+                    writers = [phase.save_state] if hasattr(phase, "save_state") else []
                     checkpoint = save_training_checkpoint(
-                        train_step, ckpt_dir, cfg.checkpoint, extra=extra
+                        train_step, ckpt_dir, cfg.checkpoint, extra=extra, writers=writers
                     )
                 record["time/checkpoint_s"] = time.perf_counter() - t2
                 record["time/step_s"] = time.perf_counter() - t0
@@ -157,6 +161,8 @@ def _restore(state: TrainerState, cfg: Any, phase: Any, flops: FlopsCounter) -> 
         )
     phase.sampler.load_state_dict(state.extra["sampler"])
     flops.load_state_dict(state.extra["flops"])
+    if hasattr(phase, "load_state"):  # RLP: the EMA teacher
+        phase.load_state(state)
 
 
 def _skip(skipped: int, step: int) -> int:

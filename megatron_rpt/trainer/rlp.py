@@ -1,0 +1,299 @@
+r"""``train.objective=rlp``: RLP's information-gain reward through the RPT loop's machinery.
+
+One step (``RLPPhase.next_batch``, collective):
+
+1. **thoughts** (driver rank, through the guarded engine, result broadcast): the next
+   ``train.contexts_per_step`` positions x_t of the prepared data (with
+   ``data.train_positions=random_per_document``: one random position per document, RLP's
+   protocol); each context x<t becomes the thought prompt (``prompt.template=rlp``: RLP's
+   continuation-and-reasoning system message, the context as the user turn, the ``<think>``
+   opener) and the engine samples G = ``rollout.n_samples`` thoughts. A thought is the
+   response up to and including the token that completes ``rlp.thought_close``
+   (``loss.rlp.thought_token_count``); what follows it is dropped.
+2. **two scoring passes in the trainer** (Megatron forwards, the training step's
+   vocab-parallel log-prob code at temperature 1, no gradient):
+
+   * policy, with thought: ``log p_theta(x_t | x<t, c)`` on ``[x<t ; opener ; c ; x_t]``;
+   * EMA teacher phi (trainer/ema.py), no thought: ``log pbar_phi(x_t | x<t)`` on
+     ``[x<t ; x_t]``, one per context.
+
+   The reward is their difference (the information gain). Scoring runs in the document's own
+   frame: a thought without tokens (after dropping a trailing special token such as EOS) is
+   scored with nothing between x<t and x_t, i.e. as the same sequence as the teacher's, so its
+   reward is exactly ``log p_theta - log pbar_phi`` of plain next-token prediction (0 while
+   phi = theta); a thought earns reward only by what it adds.
+3. **advantages** ``G/(G-1) * (r_i - mean r)`` (``loss.rlp.rlp_advantages``); the batch holds
+   (thought prompt, thought tokens) pairs, so the clipped surrogate covers thought tokens only;
+   ``loss.aggregation=seq_mean_token_mean`` normalises each by its length; no next-token term.
+
+After the optimizer step ``push_weights`` updates phi (phi <- tau phi + (1 - tau) theta) and
+syncs the engine. The teacher is saved with every checkpoint (``save_state``) and loaded on
+resume (``load_state``). The scoring passes' sequence lengths are returned for the FLOP counter
+(``StepRollouts.scoring_lengths``) and their time is logged (``time/score_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_rpt.data.prompt import build_prompt
+from megatron_rpt.loss.rlp import information_gain, rlp_advantages, thought_token_count
+from megatron_rpt.rollout.scheduling import RolloutRequest, generate_in_document_order
+from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
+from megatron_rpt.trainer.ema import EMATeacher
+from megatron_rpt.trainer.engine_guard import EngineFailure, EngineGuard
+from megatron_rpt.trainer.rollout_phase import StepRollouts
+from megatron_rpt.trainer.sampler import ContextSampler, derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ThoughtGroup:
+    """One context, its target token and its G thoughts (what the driver broadcasts)."""
+
+    prompt_ids: list[int]
+    """The thought prompt (system message, context, opener)."""
+    context_ids: list[int]
+    """x<t: the document tokens before the target (the scoring frame)."""
+    target_id: int
+    """x_t."""
+    opener_ids: list[int]
+    """Tokens of the opener the prompt ends with (scored before the thought)."""
+    thoughts: list[list[int]]
+    """Per sample: the thought's token ids (the response cut after ``rlp.thought_close``)."""
+    logprobs: list[list[float]]
+    """The engine's log-probs of those tokens."""
+    scored: list[list[int]]
+    """Per sample: the ids scored between x<t and x_t: opener + thought without a trailing
+    special token (EOS), or nothing when that leaves no thought token."""
+    closed: list[bool]
+    """Whether the thought ended with the close marker."""
+    response_lengths: list[int]
+    """Generated tokens per sample (FLOP accounting: the engine decoded them all)."""
+
+
+@dataclass
+class RLPStepRollouts(StepRollouts):
+    """``StepRollouts`` plus the scoring passes' sequence lengths (FLOP accounting)."""
+
+    scoring_lengths: list[int] = field(default_factory=list)
+
+
+class RLPPhase:
+    """The RLP side of the training loop (the interface of components.RPTPhase)."""
+
+    def __init__(self, cfg: Any, store: Any, tokenizer: Any, sampler: ContextSampler,
+                 guard: EngineGuard, train_step: Any) -> None:  # fmt: skip
+        """``cfg`` is the run's ``RPTConfig``; ``store`` the train ``SampleStore``."""
+        self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
+        self.sampler, self.guard, self.train_step = sampler, guard, train_step
+        g = train_step.groups
+        self.teacher = EMATeacher(
+            train_step.model_modules, cfg.rlp.ema_decay,
+            tp_rank=g.tp_rank, pp_rank=g.pp_rank, dp_rank=g.dp_rank,
+        )  # fmt: skip
+        r = cfg.rollout
+        self.colocated_sglang = r.engine == "sglang" and r.mode == "colocated"
+
+    @classmethod
+    def wrap(cls, cfg: Any, rpt_phase: Any, train_step: Any) -> RLPPhase:
+        """Reuse an ``RPTPhase``'s store, tokenizer, sampler and guarded engine."""
+        r = rpt_phase.rollouts
+        return cls(cfg, r.store, r.tokenizer, r.sampler, rpt_phase.guard, train_step)
+
+    # ------------------------------------------------------------------ loop interface
+
+    def start(self, version: int) -> Any:
+        """Engine up, trainer weights pushed (collective)."""
+        return self.guard.start(version)
+
+    def push_weights(self, version: int) -> Any:
+        """After the optimizer step: EMA teacher update, then the engine's weight sync."""
+        self.train_step.finish_param_sync()
+        self.teacher.update()
+        return self.guard.push_weights(version)
+
+    def shutdown(self) -> None:
+        """Stop the engine."""
+        self.guard.shutdown()
+
+    def save_state(self, checkpoint_dir: Path) -> None:
+        """Write the EMA teacher into a checkpoint being saved (every rank)."""
+        self.teacher.save(checkpoint_dir)
+
+    def load_state(self, state: Any) -> None:
+        """Read the EMA teacher from the checkpoint a run resumes from (a ``TrainerState``)."""
+        self.teacher.load(state.root)
+
+    def next_batch(self, step: int) -> RLPStepRollouts:
+        """The step's global batch (collective over all ranks)."""
+        if not self.teacher.initialized:  # RLP: phi <- theta on the first batch
+            self.train_step.finish_param_sync()
+            self.teacher.initialize()
+        start = self.sampler.state_dict()
+
+        def produce(guard: EngineGuard) -> tuple[list[ThoughtGroup], dict[str, Any]]:
+            self.sampler.load_state_dict(start)  # a retried step draws the same contexts
+            return self._generate()
+
+        groups, record = self.guard.run(produce, version=step)
+        self.sampler.load_state_dict(record.pop("sampler_state"))
+        t0 = time.perf_counter()
+        scored_BG, teacher_B, lengths = self._score(groups)
+        record["time/score_s"] = time.perf_counter() - t0
+        rewards_BG = information_gain(scored_BG, teacher_B[:, None].expand_as(scored_BG))
+        batch = _make_batch(groups, rewards_BG, rlp_advantages(rewards_BG))
+        record.update(_statistics(groups, scored_BG, teacher_B, rewards_BG))
+        flops = ([len(g.prompt_ids) for g in groups], [g.response_lengths for g in groups])
+        return RLPStepRollouts(batch, record, self.sampler.state_dict(), flops, lengths)
+
+    # ------------------------------------------------------------------ driver
+
+    def _generate(self) -> tuple[list[ThoughtGroup], dict[str, Any]]:
+        cfg, n = self.cfg, self.cfg.train.contexts_per_step
+        ids = self.sampler.take(n)
+        seed = derive_seed(cfg.run.seed, "rollout", self.sampler.consumed - n)
+        samples = [self.store[i] for i in ids]
+        prompts = [
+            build_prompt(self.store.context_text(s), self.tokenizer, cfg.prompt) for s in samples
+        ]
+        requests = [
+            RolloutRequest(s.doc_id, s.position, tuple(p.ids))
+            for s, p in zip(samples, prompts, strict=True)
+        ]
+        params = cfg.rollout.sampling_params(seed=seed)
+        t0 = time.perf_counter()
+        if cfg.rollout.schedule == "document":
+            completions = generate_in_document_order(
+                lambda ps: self.guard.generate(ps, params), requests
+            )
+        else:
+            completions = self.guard.generate([r.prompt_ids for r in requests], params)
+        t1 = time.perf_counter()
+        if self.colocated_sglang:  # give the GPU memory back to the trainer
+            self.guard.call(lambda e: e.release_memory(), "engine.release_memory")
+        groups = [
+            self._group(s, p, c) for s, p, c in zip(samples, prompts, completions, strict=True)
+        ]
+        record = {
+            "time/generate_s": t1 - t0,
+            "data/epoch": float(self.sampler.epoch),
+            "data/cursor": float(self.sampler.cursor),
+            "data/consumed": float(self.sampler.consumed),
+            "data/sample_ids": ids,
+            "sampler_state": self.sampler.state_dict(),
+        }
+        return groups, record
+
+    def _group(self, sample: Any, prompt: Any, completions: list[Any]) -> ThoughtGroup:
+        pc, close = self.cfg.prompt, self.cfg.rlp.thought_close
+        opener = pc.think_opener if pc.open_think and prompt.text.endswith(pc.think_opener) else ""
+        opener_ids = self._tokenize(opener) if opener else []
+        special = set(self.tokenizer.all_special_ids)
+        thoughts, logprobs, scored, closed = [], [], [], []
+        for c in completions:
+            if c.logprobs is None:
+                raise EngineFailure("the engine returned no log-probs (return_logprobs)")
+            k = thought_token_count(c.token_ids, self._decode, close)
+            thought = list(c.token_ids[:k])
+            thoughts.append(thought)
+            logprobs.append(list(c.logprobs[:k]))
+            body = thought[:-1] if thought and thought[-1] in special else thought
+            scored.append(opener_ids + body if body else [])  # no thought: nothing in between
+            closed.append(bool(close) and close in self._decode(thought))
+        return ThoughtGroup(
+            prompt_ids=list(prompt.ids),
+            context_ids=[int(t) for t in sample.context_ids],
+            target_id=int(sample.continuation_ids[0]),
+            opener_ids=opener_ids,
+            thoughts=thoughts,
+            logprobs=logprobs,
+            scored=scored,
+            closed=closed,
+            response_lengths=[len(c.token_ids) for c in completions],
+        )
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids: Any) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ scoring (all ranks)
+
+    def _score(
+        self, groups: list[ThoughtGroup]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``[B, G]`` log p_theta(x_t | x<t, c), ``[B]`` log pbar_phi(x_t | x<t), lengths."""
+        with_thought = [
+            _scoring_sequence(g.context_ids + block, g.target_id, b)
+            for b, g in enumerate(groups)
+            for block in g.scored
+        ]
+        no_thought = [_scoring_sequence(g.context_ids, g.target_id, b) for b, g in enumerate(groups)]
+        ts = self.train_step
+        scored = ts.compute_logprobs(RolloutBatch(with_thought), temperature=1.0)
+        ts.finish_param_sync()
+        with self.teacher.swapped_in():
+            teacher = ts.compute_logprobs(RolloutBatch(no_thought), temperature=1.0)
+        scored_BG = torch.stack([lp[0] for lp in scored]).reshape(len(groups), -1)
+        teacher_B = torch.stack([lp[0] for lp in teacher])
+        lengths = [s.num_tokens for s in with_thought + no_thought]
+        return scored_BG, teacher_B, lengths
+
+
+def _scoring_sequence(prefix: list[int], target: int, group: int) -> TrainSequence:
+    """``[prefix ; target]``: the log-prob of ``target`` after ``prefix``."""
+    return TrainSequence(
+        prompt_ids=prefix, response_ids=[target], rollout_logprobs=[0.0], advantage=0.0,
+        group_id=group,
+    )  # fmt: skip
+
+
+def _make_batch(
+    groups: list[ThoughtGroup], rewards_BG: torch.Tensor, advantages_BG: torch.Tensor
+) -> RolloutBatch | None:
+    """(thought prompt, thought) pairs with their advantages; empty thoughts are skipped."""
+    sequences = [
+        TrainSequence(
+            prompt_ids=g.prompt_ids, response_ids=thought, rollout_logprobs=lp,
+            advantage=float(advantages_BG[b, i]), group_id=b, reward=float(rewards_BG[b, i]),
+        )  # fmt: skip
+        for b, g in enumerate(groups)
+        for i, (thought, lp) in enumerate(zip(g.thoughts, g.logprobs, strict=True))
+        if thought
+    ]
+    return RolloutBatch(sequences) if sequences else None
+
+
+def _statistics(
+    groups: list[ThoughtGroup],
+    scored_BG: torch.Tensor,
+    teacher_B: torch.Tensor,
+    rewards_BG: torch.Tensor,
+) -> dict[str, float]:
+    lengths = [len(t) for g in groups for t in g.thoughts]
+    n = max(len(lengths), 1)
+    return {
+        "rollout/reward_mean": float(rewards_BG.mean()),
+        "rollout/reward_std": float(rewards_BG.std()) if rewards_BG.numel() > 1 else 0.0,
+        "rlp/info_gain_mean": float(rewards_BG.mean()),
+        "rlp/info_gain_max": float(rewards_BG.max()),
+        "rlp/positive_gain_frac": float((rewards_BG > 0).float().mean()),
+        "rlp/logprob_with_thought": float(scored_BG.mean()),
+        "rlp/logprob_teacher": float(teacher_B.mean()),
+        "rlp/thought_closed_frac": sum(c for g in groups for c in g.closed) / n,
+        "rollout/response_length_mean": sum(lengths) / n,
+        "rollout/response_length_max": float(max(lengths, default=0)),
+        "rollout/groups_sampled": float(len(groups)),
+    }
+
+
+__all__ = ["RLPPhase", "RLPStepRollouts", "ThoughtGroup"]
