@@ -146,10 +146,9 @@ class RLPPhase:
         groups, record = self.guard.run(produce, version=step)
         self.sampler.load_state_dict(record.pop("sampler_state"))
         t0 = time.perf_counter()
-        scored_BG, teacher_B, lengths = self._score(groups)
+        scored_BG, teacher_B, lengths = score_thoughts(self.train_step, self.teacher, groups)
         record["time/score_s"] = time.perf_counter() - t0
-        rewards_BG = information_gain(scored_BG, teacher_B[:, None].expand_as(scored_BG))
-        batch = _make_batch(groups, rewards_BG, rlp_advantages(rewards_BG))
+        rewards_BG, batch = thought_batch(groups, scored_BG, teacher_B)
         record.update(_statistics(groups, scored_BG, teacher_B, rewards_BG))
         flops = ([len(g.prompt_ids) for g in groups], [g.response_lengths for g in groups])
         return RLPStepRollouts(batch, record, self.sampler.state_dict(), flops, lengths)
@@ -226,27 +225,30 @@ class RLPPhase:
     def _decode(self, ids: Any) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    # ------------------------------------------------------------------ scoring (all ranks)
 
-    def _score(
-        self, groups: list[ThoughtGroup]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """``[B, G]`` log p_theta(x_t | x<t, c), ``[B]`` log pbar_phi(x_t | x<t), lengths."""
-        with_thought = [
-            _scoring_sequence(g.context_ids + block, g.target_id, b)
-            for b, g in enumerate(groups)
-            for block in g.scored
-        ]
-        no_thought = [_scoring_sequence(g.context_ids, g.target_id, b) for b, g in enumerate(groups)]
-        ts = self.train_step
-        scored = ts.compute_logprobs(RolloutBatch(with_thought), temperature=1.0)
-        ts.finish_param_sync()
-        with self.teacher.swapped_in():
-            teacher = ts.compute_logprobs(RolloutBatch(no_thought), temperature=1.0)
-        scored_BG = torch.stack([lp[0] for lp in scored]).reshape(len(groups), -1)
-        teacher_B = torch.stack([lp[0] for lp in teacher])
-        lengths = [s.num_tokens for s in with_thought + no_thought]
-        return scored_BG, teacher_B, lengths
+
+def score_thoughts(
+    train_step: Any, teacher: EMATeacher, groups: list[ThoughtGroup]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The two scoring passes (collective; every rank gets the same values).
+
+    Returns ``[B, G]`` log p_theta(x_t | x<t, c), ``[B]`` log pbar_phi(x_t | x<t) (both at
+    temperature 1) and the token counts of every scored sequence (FLOP accounting).
+    """
+    with_thought = [
+        _scoring_sequence(g.context_ids + block, g.target_id, b)
+        for b, g in enumerate(groups)
+        for block in g.scored
+    ]
+    no_thought = [_scoring_sequence(g.context_ids, g.target_id, b) for b, g in enumerate(groups)]
+    scored = train_step.compute_logprobs(RolloutBatch(with_thought), temperature=1.0)
+    train_step.finish_param_sync()
+    with teacher.swapped_in():
+        baseline = train_step.compute_logprobs(RolloutBatch(no_thought), temperature=1.0)
+    scored_BG = torch.stack([lp[0] for lp in scored]).reshape(len(groups), -1)
+    teacher_B = torch.stack([lp[0] for lp in baseline])
+    lengths = [s.num_tokens for s in with_thought + no_thought]
+    return scored_BG, teacher_B, lengths
 
 
 def _scoring_sequence(prefix: list[int], target: int, group: int) -> TrainSequence:
@@ -273,6 +275,14 @@ def _make_batch(
     return RolloutBatch(sequences) if sequences else None
 
 
+def thought_batch(
+    groups: list[ThoughtGroup], scored_BG: torch.Tensor, teacher_B: torch.Tensor
+) -> tuple[torch.Tensor, RolloutBatch | None]:
+    """Rewards ``[B, G]`` (information gain) and the policy batch with RLP's advantages."""
+    rewards_BG = information_gain(scored_BG, teacher_B[:, None].expand_as(scored_BG))
+    return rewards_BG, _make_batch(groups, rewards_BG, rlp_advantages(rewards_BG))
+
+
 def _statistics(
     groups: list[ThoughtGroup],
     scored_BG: torch.Tensor,
@@ -296,4 +306,4 @@ def _statistics(
     }
 
 
-__all__ = ["RLPPhase", "RLPStepRollouts", "ThoughtGroup"]
+__all__ = ["RLPPhase", "RLPStepRollouts", "ThoughtGroup", "score_thoughts", "thought_batch"]
