@@ -14,12 +14,9 @@ the trainer, the EMA teacher.
 """
 
 import functools
-import os
-import signal
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ from tests._stubs import train_helpers as th
 
 RECIPE = f"{th.ROOT}/examples/rlp/config.py:tiny_rlp"
 QUIET = ("log.wandb=disabled", "log.progress_bar=false", "checkpoint.export_hf_at_end=false")
-SHORT = ("train.steps=5", "train.contexts_per_step=4", "checkpoint.interval=1",
+SHORT = ("train.steps=5", "train.contexts_per_step=4", "optimizer.lr_warmup_steps=2", "checkpoint.interval=1",
          "checkpoint.keep_last=0", "checkpoint.export_hf_at_end=true", *QUIET[:2])  # fmt: skip
 
 
@@ -98,7 +95,7 @@ def _train_with_empty_thoughts(rank, world_size, argv):
 @pytest.mark.timeout(1800)  # a shared 2-core machine; about 2-4 min when idle
 def test_empty_thought_has_zero_information_gain(tmp_path):
     run = tmp_path / "run"
-    argv = _argv(run, *QUIET, "train.steps=4", "checkpoint.interval=0")
+    argv = _argv(run, *QUIET, "train.steps=4", "optimizer.lr_warmup_steps=2", "checkpoint.interval=0")
     env = {k: th.env()[k] for k in ("MEGATRON_RPT_TINY_ASSETS", "WANDB_MODE")}
     run_distributed(_train_with_empty_thoughts, 1, args=(argv,), timeout=600,
                     env={**env, "OMP_NUM_THREADS": "2"})  # fmt: skip
@@ -119,16 +116,7 @@ def test_sigkill_then_resume_is_exact_ema_teacher_included(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "stalled"
     env = {**th.env(), "MEGATRON_RPT_TEST_STALL": f"train:3:{marker}"}
     cmd = [sys.executable, "-m", "megatron_rpt.train", *_argv(run, *SHORT)]
-    proc = subprocess.Popen(cmd, env=env, cwd=th.ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read()[-4000:]
-        assert time.monotonic() < deadline, "the run never reached the stall point"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    proc.stderr.close()
+    th.kill_at_stall(cmd, env, marker, timeout=900)
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_0000003"
 
