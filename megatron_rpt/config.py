@@ -45,6 +45,7 @@ from megatron_rpt.trainer.config import (
     TrainConfig,
     validate_trainer_configs,
 )
+from megatron_rpt.trainer.rlp_config import RLPConfig, validate_rlp_config
 from megatron_rpt.trainer.run_logger import LogConfig
 from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
 
@@ -82,6 +83,7 @@ class RPTConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    rlp: RLPConfig = field(default_factory=RLPConfig)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -184,6 +186,9 @@ def _check_objective(cfg: RPTConfig) -> None:
                 "which the training loop does not compute; use prefix_match or first_token"
             )
         return
+    if cfg.train.objective == "rlp":
+        _check_rlp(cfg)
+        return
     loss = cfg.loss
     if getattr(loss, "tis", None) is None:  # "auto" (where it exists): NTP has no rollouts
         loss.tis = False
@@ -192,6 +197,25 @@ def _check_objective(cfg: RPTConfig) -> None:
             "train.objective=ntp is plain cross-entropy: it needs loss.kl_coef=0, "
             "loss.entropy_coef=0, loss.tis=false and loss.aggregation=token_mean"
         )
+
+
+def _check_rlp(cfg: RPTConfig) -> None:
+    validate_rlp_config(cfg.rlp)
+    loss = cfg.loss
+    bad = [
+        (cfg.rollout.n_samples >= 2, f"rollout.n_samples={cfg.rollout.n_samples}",
+         "needs G >= 2 (the advantage compares the G thoughts of a context)"),
+        (loss.kl_coef == 0, f"loss.kl_coef={loss.kl_coef}", "must be 0 (RLP uses no KL term)"),
+        (loss.aggregation == "seq_mean_token_mean", f"loss.aggregation={loss.aggregation}",
+         "must be seq_mean_token_mean (each thought's loss is normalised by its length)"),
+        (not loss.dynamic_sampling, "loss.dynamic_sampling=true", "is not supported by rlp"),
+    ]  # fmt: skip
+    for ok, setting, what in bad:
+        if not ok:
+            raise ConfigError(
+                f"train.objective=rlp: {setting} {what}; apply_rlp_recipe "
+                "(megatron_rpt.trainer.rlp_config) or examples/rlp sets RLP's recipe"
+            )
 
 
 @rule

@@ -7,7 +7,7 @@ from typing import Literal
 
 from megatron_rpt.errors import ConfigError
 
-TemplateName = Literal["v0", "v1", "v2", "v3", "v4", "v5", "v6"]
+TemplateName = Literal["v0", "v1", "v2", "v3", "v4", "v5", "v6", "rlp"]
 PromptMode = Literal["reasoning", "completion"]
 
 
@@ -89,6 +89,12 @@ class DataConfig:
     Counted in the summary. Only reasoning mode needs this; completion mode can set it false."""
     max_positions_per_document: int | None = None
     """Cap on kept training positions per document (a deterministic subsample); None keeps all."""
+    train_positions: Literal["entropy", "random_per_document"] = "entropy"
+    """Which positions become training samples: 'entropy' (RPT: every eligible position whose
+    proxy entropy is >= entropy_threshold, capped by max_positions_per_document) or
+    'random_per_document' (RLP's protocol: one eligible position per train document, drawn
+    uniformly from a hash of split_seed and the document id; no entropy filter). Validation
+    positions are the same either way."""
 
 
 @dataclass(kw_only=True)
@@ -104,7 +110,8 @@ class PromptConfig:
     with an empty chain of thought; docs/PROMPT_MODES.md). The other prompt fields are then
     unused."""
     template: TemplateName = "v0"
-    """Next-token-reasoning template from the paper (Table 10); v0 was used for training."""
+    """Next-token-reasoning template from the paper (Table 10); v0 was used for training.
+    'rlp': RLP's thought prompt (train.objective=rlp)."""
     chat_template: bool = True
     """Wrap the instruction in the tokenizer's chat template as a user turn."""
     open_think: bool = True

@@ -14,6 +14,9 @@ Templates (RPT paper, Appendix D, Table 10; ``{prompt_content}`` is the context 
   written as "..."; v1/v2's "``\\boxed{}``" is rendered ``\boxed{}`` like everywhere else.
   v2's first sentence ("You are a helpful assistant, ...") is its **system** message.
 
+**rlp** is not RPT's: the thought prompt of ``train.objective=rlp`` (RLP_SYSTEM as the system
+message, the bare context as the user turn).
+
 Chat wrapper and the ``<think>`` opener (the paper does not specify the wrapper; see
 RPT_PAPER.md section 2.1):
 
@@ -130,6 +133,15 @@ V6 = (
     + "```, now please predict the next token."
 )
 
+RLP_SYSTEM = (
+    "You are a continuation-and-reasoning assistant. You are given the beginning of a text. "
+    "First think briefly about how the text continues, between <think> and </think>; then "
+    "continue the text in the same style."
+)
+"""System message of RLP's thought prompt (arXiv 2510.01265 describes, without printing it, a
+continuation-and-reasoning assistant that thinks briefly between <think> and </think> and then
+continues the text in the same style; this wording is ours)."""
+
 TEMPLATES: dict[str, Template] = {
     "v0": Template(V0),
     "v1": Template(V1),
@@ -138,6 +150,7 @@ TEMPLATES: dict[str, Template] = {
     "v4": Template(V4),
     "v5": Template(V5),
     "v6": Template(V6),
+    "rlp": Template(PLACEHOLDER, system=RLP_SYSTEM),  # the context itself is the user turn
 }
 
 

@@ -8,7 +8,9 @@ read from a ``\\boxed{}`` (``data.drop_unboxable_targets``: a target whose first
 more braces than it opens, such as ``}``, can never be rewarded by a brace-counting parser, so
 it would cost rollouts and never give signal; these are counted in the summary), then at most
 ``max_positions_per_document`` per document (a subsample seeded by the split seed and the
-document id, so reruns agree). Validation keeps every eligible position: evaluation buckets
+document id, so reruns agree). With ``train_positions = "random_per_document"`` (RLP's
+protocol) it keeps instead one eligible position per document, drawn uniformly with the same
+seeding, whatever its entropy. Validation keeps every eligible position: evaluation buckets
 them by entropy later.
 """
 
@@ -135,11 +137,14 @@ def select_positions(
     eligible = (pos >= cfg.min_context_tokens) & np.isfinite(ent) & ok_target[ids]
     if rec["split"] == "valid":
         return pos[eligible], pos[eligible]
-    high = eligible & (ent >= cfg.entropy_threshold)
-    kept = pos[high if ok_box is None else high & ok_box[ids]]
-    cap = cfg.max_positions_per_document
+    if cfg.train_positions == "random_per_document":
+        kept, cap, salt = pos[eligible], 1, "one"
+    else:
+        high = eligible & (ent >= cfg.entropy_threshold)
+        kept = pos[high if ok_box is None else high & ok_box[ids]]
+        cap, salt = cfg.max_positions_per_document, "cap"
     if cap is not None and len(kept) > cap:
-        key = f"{cfg.split_seed}\0cap\0{rec['doc_id']}".encode()
+        key = f"{cfg.split_seed}\0{salt}\0{rec['doc_id']}".encode()
         rng = np.random.default_rng(
             int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
         )

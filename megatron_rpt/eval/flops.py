@@ -46,9 +46,16 @@ decode step that feeds the previous token and attends to the P + j cached keys. 
 prefix-cache hits (contexts of one document sharing a prefix) are not subtracted: the count is
 what an engine without cross-request reuse computes.
 
-``FlopsCounter`` accumulates both per step for the trainer and writes the ``metrics.jsonl``
+**Scoring** (``scoring_flops``): forward-only passes the trainer runs besides training, with
+the output layer at the last position only (RLP's two reward passes: the policy scoring the
+observed token after each thought, the EMA teacher scoring it without one)::
+
+    score(S) = F(S, 1)
+
+``FlopsCounter`` accumulates them per step for the trainer and writes the ``metrics.jsonl``
 fields ``flops/train_step``, ``flops/rollout_step``, ``flops/train_cumulative``,
-``flops/rollout_cumulative`` and ``flops/total_cumulative`` (what ``scaling.py`` reads).
+``flops/rollout_cumulative`` and ``flops/total_cumulative`` (what ``scaling.py`` reads; it
+includes the scoring passes, which also get ``flops/score_step`` / ``flops/score_cumulative``).
 
 >>> from megatron_rpt.model.arch import arch_from_dict
 >>> arch = arch_from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 8,
@@ -181,8 +188,10 @@ class FlopsCounter:
     """The n samples of a prompt share one prefill."""
     train_cumulative: int = 0
     rollout_cumulative: int = 0
+    score_cumulative: int = 0
     _train_step: int = field(default=0, repr=False)
     _rollout_step: int = field(default=0, repr=False)
+    _score_step: int = field(default=0, repr=False)
 
     @classmethod
     def for_arch(cls, arch: ArchSpec, **kwargs: bool | int) -> FlopsCounter:
@@ -215,18 +224,29 @@ class FlopsCounter:
         self._train_step += flops
         return flops
 
+    def add_scoring(self, seq_lens: Sequence[int]) -> int:
+        """Count forward-only scoring passes (output layer at one position); their FLOPs."""
+        flops = sum(self.model.forward(s, 1) for s in seq_lens)
+        self._score_step += flops
+        return flops
+
     def end_step(self) -> dict[str, float]:
         """Close the step: its metrics (``flops/...``) and the new cumulative totals."""
         self.train_cumulative += self._train_step
         self.rollout_cumulative += self._rollout_step
+        self.score_cumulative += self._score_step
+        total = self.train_cumulative + self.rollout_cumulative + self.score_cumulative
         out = {
             "flops/train_step": float(self._train_step),
             "flops/rollout_step": float(self._rollout_step),
             "flops/train_cumulative": float(self.train_cumulative),
             "flops/rollout_cumulative": float(self.rollout_cumulative),
-            "flops/total_cumulative": float(self.train_cumulative + self.rollout_cumulative),
+            "flops/total_cumulative": float(total),
         }
-        self._train_step = self._rollout_step = 0
+        if self.score_cumulative:
+            out["flops/score_step"] = float(self._score_step)
+            out["flops/score_cumulative"] = float(self.score_cumulative)
+        self._train_step = self._rollout_step = self._score_step = 0
         return out
 
     def state_dict(self) -> dict[str, int]:
@@ -234,12 +254,14 @@ class FlopsCounter:
         return {
             "train_cumulative": self.train_cumulative,
             "rollout_cumulative": self.rollout_cumulative,
+            "score_cumulative": self.score_cumulative,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume the cumulative counts."""
         self.train_cumulative = int(state["train_cumulative"])
         self.rollout_cumulative = int(state["rollout_cumulative"])
+        self.score_cumulative = int(state.get("score_cumulative", 0))
 
 
 __all__ = ["FlopsCounter", "ModelFlops", "rollout_flops", "training_flops"]

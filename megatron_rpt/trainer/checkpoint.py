@@ -28,7 +28,9 @@ per rank; otherwise a warning and the current seeds stay). On CPU / torch-Adam t
 DistributedOptimizer needs the 'optckpt' patch (megatron_rpt/patches) for an exact resume.
 
 ``extra`` is an opaque JSON-serialisable dict the loop passes (data-sampler position, ...),
-returned unchanged by ``load_training_checkpoint``.
+returned unchanged by ``load_training_checkpoint``. ``writers`` add the loop's own files to the
+checkpoint before it is published (RLP's EMA teacher); ``TrainerState.root`` says where a
+resumed checkpoint lies, for their readers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,8 @@ class TrainerState:
 
     step: int
     extra: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+    """The checkpoint directory it was loaded from (None: a fresh run)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -107,8 +112,12 @@ def save_training_checkpoint(
     cfg: CheckpointConfig,
     *,
     extra: dict[str, Any] | None = None,
+    writers: Sequence[Callable[[Path], None]] = (),
 ) -> Path:
-    """Write ``<checkpoints_dir>/step_NNNNNNN`` atomically, update ``latest``, prune (collective)."""
+    """Write ``<checkpoints_dir>/step_NNNNNNN`` atomically, update ``latest``, prune (collective).
+
+    ``writers`` are called on every rank with the (temporary) checkpoint directory.
+    """
     checkpoints_dir = Path(checkpoints_dir)
     extra = dict(extra or {})
     json.dumps(extra)  # fail before any I/O if the loop's state is not serialisable
@@ -127,6 +136,8 @@ def save_training_checkpoint(
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank == 0:
             atomic_write_json(tmp / STATE_FILE, _trainer_state(train_step, cfg, extra))
+        for write in writers:
+            write(tmp)
 
     cio.save_checkpoint(
         train_step.model_modules,
@@ -244,7 +255,7 @@ def load_training_checkpoint(
     train_step.step = int(state["step"])
     _load_rng(ckpt.root, state)
     logger.info("resumed from %s at step %d", ckpt.root, train_step.step)
-    return TrainerState(step=train_step.step, extra=dict(state.get("extra", {})))
+    return TrainerState(step=train_step.step, extra=dict(state.get("extra", {})), root=ckpt.root)
 
 
 def _read_state(root: Path) -> dict[str, Any]:

@@ -133,7 +133,17 @@ def build_source(
     tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir)
     fleet = build_fleet(cfg, train_step, engine_factory)
     sampler = ContextSampler(len(store), cfg.run.seed)
-    return RolloutSource(cfg, store, tokenizer, sampler, fleet.generate), fleet
+    source = RolloutSource(cfg, store, tokenizer, sampler, fleet.generate)
+    if cfg.train.objective == "rlp":  # the same data, engines and sync; RLP's reward
+        from megatron_rpt.trainer.rlp import RLPSource
+
+        if cfg.rollout.offload_trainer == "all":
+            raise ConfigError(
+                "rollout.offload_trainer='all' cannot be used with train.objective=rlp: RLP "
+                "scores the thoughts with the trainer's model during rollout; use 'optimizer'"
+            )
+        return RLPSource.wrap(cfg, source, train_step), fleet
+    return source, fleet
 
 
 def build_fleet(

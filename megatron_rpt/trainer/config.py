@@ -76,8 +76,10 @@ class TrainConfig:
     (causal attention needs no mask for real tokens)."""
     log_interval: int = 1
     """Log step metrics every this many steps."""
-    objective: Literal["rpt", "ntp"] = "rpt"
-    """'rpt': reinforcement pre-training (rollouts, reward, GRPO). 'ntp': the plain
+    objective: Literal["rpt", "ntp", "rlp"] = "rpt"
+    """'rpt': reinforcement pre-training (rollouts, reward, GRPO). 'rlp': RLP's
+    information-gain reward for sampled thoughts against an EMA teacher (trainer/rlp.py, cfg.rlp;
+    apply_rlp_recipe sets RLP's recipe). 'ntp': the plain
     next-token-prediction control on the same prepared data (train-split documents in windows
     of data.context_tokens tokens, cross-entropy through the same training step: advantage 1 on
     every token, on-policy ratio 1, temperature 1; no rollouts)."""

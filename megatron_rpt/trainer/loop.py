@@ -11,6 +11,8 @@
 
 ``train.objective=ntp`` runs the plain next-token-prediction control through the same loop:
 the batch is windows of the same corpus, nothing is generated or synced (trainer/ntp.py).
+``train.objective=rlp`` samples thoughts and rewards them by information gain, scored in the
+trainer against an EMA teacher that is updated with the weight sync (trainer/rlp.py).
 
 Deviations from the paper (RPT_PAPER.md), one per line:
 
@@ -116,12 +118,14 @@ def run_training(
                             _after_rollout(fleet, rollouts)
                         rollouts.record.update(moved)
                     flops.add_rollout(*rollouts.rollout_flops)
+                    flops.add_scoring(getattr(rollouts, "scoring_lengths", ()))  # RLP's reward passes
                     if rollouts.batch is None:  # dynamic sampling kept no group
                         skipped = _skip(skipped, step)
                         continue
                     skipped = 0
                     hook("train", step)
                     metrics = policy.train_step(rollouts.batch)  # one exactly on-policy step
+                    source.after_step()  # RLP: the EMA teacher follows theta
                     with times("weight_sync"):  # the engines sample the next step from theta
                         synced = fleet.push_weights(policy.step) if fleet is not None else None
                     record = _record(metrics, rollouts, flops, synced, times)  # counts FLOPs
@@ -153,6 +157,7 @@ def _build(
     state = RunState(
         policy, source.sampler, flops, objective=cfg.train.objective, checkpoint=cfg.checkpoint,
         total_steps=cfg.train.steps, checkpoints_dir=Path(cfg.run.run_dir) / "checkpoints",
+        extras=[source] if hasattr(source, "save_state") else [],
     )  # fmt: skip
     if resume:
         state.resume(resume)

@@ -91,6 +91,9 @@ class NTPSource:
         """Draw ``contexts_per_step`` windows per step from ``sampler`` (over ``windows``)."""
         self.windows, self.sampler, self.n = windows, sampler, contexts_per_step
 
+    def after_step(self) -> None:
+        """Nothing to do after an optimizer step."""
+
     def next_batch(self, step: int) -> StepBatch:
         """The step's windows as a batch, with its data record (no communication)."""
         ids = self.sampler.take(self.n)

@@ -81,6 +81,9 @@ class RolloutSource:
         self.sampler, self.generate = sampler, generate
         self._token_bytes = None  # completion mode: the policy's byte table, built once
 
+    def after_step(self) -> None:
+        """Nothing to do after an optimizer step."""
+
     def next_batch(self, step: int) -> StepBatch:
         """The global batch of optimizer step ``step`` (0-based; collective through generate)."""
         cfg = self.cfg

@@ -8,6 +8,7 @@ parts once, so the loop only asks it to resume or to save when a save is due.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,14 @@ class RunState:
         checkpoint: CheckpointConfig,
         total_steps: int,
         checkpoints_dir: Path,
+        extras: Sequence[Any] = (),
     ) -> None:
-        """``objective`` is ``train.objective`` (a checkpoint refuses to continue another)."""
+        """``objective`` is ``train.objective`` (a checkpoint refuses to continue another);
+        ``extras``: more stateful parts, each with ``save_state(checkpoint_dir)`` (called on
+        every rank while the checkpoint is written) and ``load_state(trainer_state)`` (RLP's
+        EMA teacher)."""
         self.policy, self.sampler, self.flops = policy, sampler, flops
+        self.extras = list(extras)
         self.objective, self.cfg = objective, checkpoint
         self.total_steps, self.dir = total_steps, Path(checkpoints_dir)
         self.extra: dict[str, Any] = {}
@@ -47,7 +53,8 @@ class RunState:
 
     def resume(self, path: str | Path) -> None:
         """Weights, optimizer, RNG and step, then the data order and FLOP counts."""
-        extra = self.extra = load_training_checkpoint(self.policy, path).extra
+        loaded = load_training_checkpoint(self.policy, path)
+        extra = self.extra = loaded.extra
         if self.policy.step == 0 and not extra:
             return
         saved = extra.get("objective", "rpt")
@@ -58,6 +65,8 @@ class RunState:
             )
         self.sampler.load_state_dict(extra["sampler"])
         self.flops.load_state_dict(extra["flops"])
+        for part in self.extras:
+            part.load_state(loaded)
 
     def save_due(self) -> bool:
         """A checkpoint is due after the current step (``checkpoint.interval``, the last step)."""
@@ -70,7 +79,8 @@ class RunState:
                  "objective": self.objective}  # fmt: skip
         if record is not None:
             extra["metrics_record"] = jsonable(record)
-        return save_training_checkpoint(self.policy, self.dir, self.cfg, extra=extra)
+        writers = [part.save_state for part in self.extras]
+        return save_training_checkpoint(self.policy, self.dir, self.cfg, extra=extra, writers=writers)
 
 
 __all__ = ["RunState"]

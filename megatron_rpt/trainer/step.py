@@ -160,19 +160,26 @@ class TrainStep:
 
     @torch.no_grad()
     def compute_logprobs(
-        self, batch: RolloutBatch, *, return_entropy: bool = False
+        self,
+        batch: RolloutBatch,
+        *,
+        return_entropy: bool = False,
+        temperature: float | None = None,
     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """fp32 log-probs ``[R]`` of each sequence's response tokens (batch order), every rank.
 
-        Uses the sampling temperature and the current weights, in eval mode (no dropout).
-        With ``return_entropy`` also the per-token entropies.
+        Uses the sampling temperature (or ``temperature``, e.g. 1 for the model's own
+        distribution) and the current weights, in eval mode (no dropout). With
+        ``return_entropy`` also the per-token entropies.
         """
         _, micro_batches = self._micro_batches(batch)
         modes = [chunk.training for chunk in self.chunks]
         for chunk in self.chunks:
             chunk.eval()
         try:
-            outputs = self._run_schedule(logprob_step, micro_batches, batch, forward_only=True)
+            outputs = self._run_schedule(
+                logprob_step, micro_batches, batch, forward_only=True, temperature=temperature
+            )
         finally:
             for chunk, mode in zip(self.chunks, modes, strict=True):
                 chunk.train(mode)
@@ -217,13 +224,13 @@ class TrainStep:
             micro_batches = pad_to_common_shape(micro_batches)
         return plan, micro_batches
 
-    def _context(self, batch: RolloutBatch) -> LossContext:
+    def _context(self, batch: RolloutBatch, temperature: float | None = None) -> LossContext:
         return LossContext(
             loss=self.loss_cfg,
             tp_group=self.groups.tp_group if self.groups.tp_size > 1 else None,
             tp_rank=self.groups.tp_rank,
             true_vocab_size=self.built.vocab.true,
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             global_num_tokens=float(batch.global_num_tokens),
             global_num_seqs=float(batch.global_num_seqs),
             device=self.device,
@@ -236,6 +243,7 @@ class TrainStep:
         batch: RolloutBatch,
         *,
         forward_only: bool,
+        temperature: float | None = None,
     ) -> list[Any]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
@@ -254,7 +262,7 @@ class TrainStep:
         micro_batch_size = max(mb.tokens.shape[0] for mb in micro_batches)
         with patches.cuda_device_mode():
             return schedule(
-                forward_step_func=partial(step_fn, ctx=self._context(batch)),
+                forward_step_func=partial(step_fn, ctx=self._context(batch, temperature)),
                 data_iterator=iterators if len(iterators) > 1 else iterators[0],
                 model=self.chunks,
                 num_microbatches=len(micro_batches),

@@ -31,5 +31,9 @@ class BatchSource(Protocol):
         """The global batch of optimizer step ``step`` (0-based)."""
         ...
 
+    def after_step(self) -> None:
+        """After each optimizer step, before the weight sync (RLP: the EMA teacher update)."""
+        ...
+
 
 __all__ = ["BatchSource", "StepBatch"]

@@ -12,9 +12,11 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +64,13 @@ def train_cmd(run_dir: Path, *sets: str) -> list[str]:
 
 def stalling_cmd(run_dir: Path, phase: str, step: int, marker: Path, *sets: str) -> list[str]:
     """``train_cmd`` whose run writes ``marker`` and sleeps at ``phase`` of ``step`` (0-based)."""
+    return stalling_argv_cmd(train_argv(run_dir, *sets), phase, step, marker)
+
+
+def stalling_argv_cmd(argv: list[str], phase: str, step: int, marker: Path) -> list[str]:
+    """The training entry point on ``argv``, stalling like ``stalling_cmd``."""
     code = "import sys; from tests._stubs.train_helpers import _main_stalling; _main_stalling()"
-    return [sys.executable, "-c", code, phase, str(step), str(marker), *train_argv(run_dir, *sets)]
+    return [sys.executable, "-c", code, phase, str(step), str(marker), *argv]
 
 
 def _main_stalling() -> None:
@@ -92,6 +99,20 @@ def run_train(run_dir: Path, *sets: str, timeout: float = 600) -> subprocess.Com
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
+
+
+def kill_at_stall(cmd: list[str], env: dict[str, str], marker: Path, timeout: float = 600) -> None:
+    """Start ``cmd`` and SIGKILL its process group once the stall hook wrote ``marker``."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+        assert time.monotonic() < deadline, "the run never reached the stall point"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, like a lost node
+    proc.wait(timeout=60)
+    proc.stderr.close()
 
 
 def metrics(run_dir: Path) -> list[dict]:

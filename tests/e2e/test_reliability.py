@@ -9,10 +9,6 @@
   uninterrupted one. An engine that always dies stops the run with a clear error.
 """
 
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -39,16 +35,7 @@ def test_sigkill_mid_step_then_same_command_resumes_exactly(tmp_path):
     reference = th.reference_run()
     run, marker = tmp_path / "run", tmp_path / "stalled"
     cmd = th.stalling_cmd(run, "train", 3, marker, *th.SHORT)
-    proc = subprocess.Popen(cmd, env=th.env(), cwd=th.ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 400
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read()[-4000:]
-        assert time.monotonic() < deadline, "the run never reached the stall point"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, like a lost node
-    proc.wait(timeout=60)
-    proc.stderr.close()
+    th.kill_at_stall(cmd, th.env(), marker, timeout=400)
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_0000003"
     assert [r["step"] for r in th.metrics(run)] == [1, 2, 3]

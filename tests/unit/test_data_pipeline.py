@@ -132,6 +132,22 @@ def test_position_cap_is_a_deterministic_subsample(setup, tmp_path):
     )
 
 
+def test_random_per_document_keeps_one_eligible_position_per_document(setup, tmp_path):
+    """RLP's protocol: one position per train document, whatever its entropy, reproducible;
+    the validation positions do not change."""
+    full = _load(_prepared(setup, tmp_path / "full"))
+    # a threshold that keeps no position under the entropy filter: ignored here
+    kw = {"train_positions": "random_per_document", "entropy_threshold": 100.0}
+    got = [_load(_prepared(setup, tmp_path / n, **kw)) for n in ("a", "b")]
+    a, b = got[0]["train"], got[1]["train"]
+    assert np.array_equal(a, b) and len(a) > 0
+    assert np.bincount(a["doc_index"]).max() == 1
+    assert np.array_equal(got[0]["valid"], full["valid"])
+    assert (a["position"] >= 4).all()  # eligible: at least min_context_tokens of context
+    train_docs = {d["doc_index"] for d in full["docs"] if d["split"] == "train"}
+    assert set(a["doc_index"].tolist()) == train_docs
+
+
 def _prepared(setup, out: Path, **kw) -> Path:
     prepare_data(_cfg(setup, **kw), out)
     return out

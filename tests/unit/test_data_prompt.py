@@ -53,8 +53,8 @@ def test_every_template_holds_the_context_once_verbatim():
             "The context is: ```" + CONTEXT + "```, now please predict the next token.",
         ],
     }
-    assert sorted(TEMPLATES) == [f"v{i}" for i in range(7)]
-    for name in TEMPLATES:
+    assert sorted(TEMPLATES) == ["rlp"] + [f"v{i}" for i in range(7)]
+    for name in [f"v{i}" for i in range(7)]:  # RPT's templates
         system, user = fill(name, CONTEXT)
         assert user.count(CONTEXT) == 1 and "{prompt_content}" not in user.replace(CONTEXT, "")
         assert "\\boxed{}" in user
@@ -118,3 +118,10 @@ def test_system_messages_and_raw_prompts(tok, caplog):
     no_template.chat_template = None
     with pytest.raises(ConfigError, match="has no chat template"):
         build_prompt("ctx", no_template, PromptConfig())
+
+
+def test_rlp_template_is_the_context_under_rlps_system_message():
+    from megatron_rpt.data.prompt import RLP_SYSTEM
+
+    assert fill("rlp", CONTEXT) == (RLP_SYSTEM, CONTEXT)
+    assert "<think>" in RLP_SYSTEM and "</think>" in RLP_SYSTEM

@@ -97,3 +97,19 @@ def test_counter_accumulates_and_resumes():
     resumed = FlopsCounter.for_arch(arch)
     resumed.load_state_dict(counter.state_dict())
     assert resumed.end_step()["flops/rollout_cumulative"] == roll
+
+
+def test_scoring_passes_are_counted_in_the_total():
+    """RLP's scoring passes: forward-only, output layer at one position, F(S, 1) each."""
+    arch = _arch()
+    counter, m = FlopsCounter.for_arch(arch), ModelFlops.from_arch(arch)
+    counter.add_training([10], [3])
+    assert counter.add_scoring([14, 9]) == m.forward(14, 1) + m.forward(9, 1)
+    step = counter.end_step()
+    assert step["flops/score_step"] == step["flops/score_cumulative"] == m.forward(14, 1) + m.forward(9, 1)
+    assert step["flops/total_cumulative"] == m.training(10, 3) + step["flops/score_cumulative"]
+    resumed = FlopsCounter.for_arch(arch)
+    resumed.load_state_dict(counter.state_dict())
+    assert resumed.score_cumulative == step["flops/score_cumulative"]
+    resumed.load_state_dict({"train_cumulative": 1, "rollout_cumulative": 2})  # older checkpoint
+    assert resumed.score_cumulative == 0
