@@ -18,19 +18,21 @@ GPUs).
 Rollout engines (docs/ROLLOUT.md): SGLang colocated with the trainer, memory released to the
 trainer during the update. ``rollout.gpus_per_engine`` (default: TP = 4) sets the fleet:
 32 / 4 = 8 engines of engine TP 4, one per 4 GPUs, each driven by its first rank, contexts
-routed to them by document and balanced by expected tokens. With PP = 2, though, the weight
-sync still feeds one engine per model-parallel group (a group spans both pipeline stages, on
-two nodes), so until per-engine-rank weight payloads exist the default falls back to a single
-engine (``rollout.sglang.tp_size`` = 4, on GPUs 0-3 of the first node; a warning says so) and
-rollout throughput, not training, bounds the step time. At PP = 1 the fleet is used as is.
+routed to them by document and balanced by expected tokens. Engines of several GPUs take their
+weights per engine rank: each engine TP rank receives its payload from the trainer rank on its
+own GPU. With PP = 2, though, a model-parallel group spans both pipeline stages (two nodes) and
+would hold two engine leads, whose verification probes would share that group; until that is
+lifted the default falls back to a single engine (``rollout.sglang.tp_size`` = 4, on GPUs 0-3
+of the first node; a warning says so) and rollout throughput, not training, bounds the step
+time. At PP = 1 the fleet is used as is.
 
-Memory plan per GPU (80-141 GB, estimates, not measured): the trainer's shard (bf16
-parameters and gradients plus the distributed optimizer's fp32 state, roughly 13-17 GB at
-TP 4 x PP 2 x DP 4) stays resident; an engine GPU adds its weight shard (about 7.4 GB at engine
-TP 4) and a KV-cache pool sized at launch by ``rollout.sglang.mem_fraction_static = 0.5`` of
-the GPU. The engine releases weights and KV cache after each rollout and resumes them before
-the next; as long as the trainer keeps its optimizer state and gradients on the GPU during
-rollout, the KV pool must fit next to that resident shard.
+Memory plan per GPU (H100 80 GB; ``tools/plan_run.py`` estimates, not measured; docs/SCALING.md):
+trainer parameters 3.4 GB (bf16), gradients 6.9 GB, distributed optimizer 5.2 GB, activations
+about 45 GB at the first pipeline stage; an engine GPU adds a 6.9 GB weight shard and a KV pool
+of ``rollout.sglang.mem_fraction_static = 0.5``. Trainer and engine do not fit side by side
+(about 102 GB), so the colocated hand-off is on: ``rollout.offload_trainer = "optimizer"`` moves
+the optimizer state and gradients to pinned host memory during rollout, and the engine releases
+its weights, KV cache and CUDA graphs during training (peak about 62 GB, the training phase).
 
 Precision: Transformer Engine layers with FP8 tensorwise (current) scaling on Hopper
 (``precision.fp8=tensorwise``, first and last layer kept in bf16; master weights, optimizer
@@ -67,6 +69,7 @@ def r1_distill_qwen_14b() -> RPTConfig:
     r.stop_at_final_box = True
     cfg.eval.stop_at_final_box = True  # evaluation reads the same (first closed) box
     r.sglang.tp_size, r.sglang.mem_fraction_static = 4, 0.5
+    r.offload_trainer = "optimizer"  # the colocated hand-off (memory plan above)
     cfg.loss.dynamic_sampling, cfg.loss.dynamic_sampling_start_step = True, 500
     cfg.optimizer.lr, cfg.optimizer.lr_schedule = 1e-6, "constant"
     t = cfg.train
