@@ -245,8 +245,6 @@ def _check_consistency(store: SampleStore, meta: dict[str, Any]) -> None:
     path = d / f"samples-{store.split}.npy"
     if expected is not None and len(store.samples) != expected:
         raise DataError(f"{path}: {len(store.samples)} samples, meta.json says {expected}")
-    if len(store.samples) == 0:
-        raise DataError(f"{path}: no samples")
     doc = np.asarray(store.samples["doc_index"], dtype=np.int64)
     pos = np.asarray(store.samples["position"], dtype=np.int64)
     bad = (doc < 0) | (doc >= n_docs)
