@@ -46,6 +46,12 @@ class ParallelGroups:
     vpp_size: int | None
     pg_collection: Any
     """megatron.core.process_groups_config.ProcessGroupCollection with every default group."""
+    cp_group: Any = None
+    """Context-parallel group (ranks that hold parts of the same sequences); None: CP = 1."""
+    cp_rank: int = 0
+    cp_size: int = 1
+    dp_cp_group: Any = None
+    """Data x context-parallel group (where Megatron's DDP reduces gradients); None: CP = 1."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -109,9 +115,23 @@ def initialize_model_parallel(
         dp_size=ps.get_data_parallel_world_size(),
         vpp_size=vpp,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        **_cp_fields(ps),
     )
     logger.debug("model parallel initialised: %s", groups)
     return groups
+
+
+def _cp_fields(ps: Any) -> dict[str, Any]:
+    """The context-parallel entries of ``ParallelGroups`` (defaults when CP = 1)."""
+    cp_size = ps.get_context_parallel_world_size()
+    if cp_size == 1:
+        return {}
+    return dict(
+        cp_group=ps.get_context_parallel_group(),
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_size=cp_size,
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+    )
 
 
 def destroy_model_parallel() -> None:

@@ -299,6 +299,16 @@ class MicroBatch:
     prompt once)."""
     pieces: tuple[Piece, ...] | None = None
     """Shared-prefix attention pieces tiling the packed row (shared_prefix layout only)."""
+    cu_seqlens_padded: torch.Tensor | None = None
+    """[n + 1] int32 offsets of the segments in the full row after each was padded for context
+    parallelism (CP > 1 only, trainer/context_parallel.py; ``cu_seqlens`` then counts the real
+    tokens of each segment and ``tokens`` holds this CP rank's part of the row)."""
+    seq_token_counts_S: torch.Tensor | None = None
+    """[n] valid response tokens of each whole sequence, when this rank holds only part of
+    them (CP > 1): the seq_mean_token_mean denominator. None: counted from ``loss_mask_T``."""
+    cp_token_index_T: torch.Tensor | None = None
+    """[T] (CP > 1) where each of this rank's response tokens sits in the unsplit micro-batch's
+    token order; -1 marks a zero-weight placeholder (a rank that got no response token)."""
 
     @property
     def is_padding(self) -> bool:

@@ -26,7 +26,9 @@ micro-batch on every pipeline stage; on the last stage it then calls the returne
 
 So the gradient is exactly the gradient of (sum over micro-batches and DP ranks of the losses
 returned here), and each of those already carries the global-batch denominator: the full-batch
-loss, whatever the layout or micro-batch split. No multiply-then-divide is involved (NeMo-RL
+loss, whatever the layout or micro-batch split. With context parallelism DDP sums over the
+data x context-parallel group, and each CP rank's loss covers only the response tokens it
+predicts (trainer/context_parallel.py): the sum is still the full-batch loss, counted once. No multiply-then-divide is involved (NeMo-RL
 instead multiplies by num_microbatches x dp_size to cancel Megatron's averaging).
 
 Letters: T response tokens of the micro-batch, H hidden size, S sequence, B rows.
@@ -72,6 +74,18 @@ def packed_seq_params(mb: MicroBatch) -> Any:
     if mb.shared_prefix:
         return SharedPrefixParams.from_pieces(mb.pieces, device=mb.tokens.device)
 
+    if mb.cu_seqlens_padded is not None:
+        # Context parallelism: whole-row real lengths and padded offsets; TE's attention and
+        # Megatron's RoPE locate this rank's chunks of each segment from the padded offsets.
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=mb.cu_seqlens,
+            cu_seqlens_kv=mb.cu_seqlens,
+            cu_seqlens_q_padded=mb.cu_seqlens_padded,
+            cu_seqlens_kv_padded=mb.cu_seqlens_padded,
+            max_seqlen_q=mb.max_seqlen,
+            max_seqlen_kv=mb.max_seqlen,
+        )
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=mb.cu_seqlens,
@@ -187,6 +201,7 @@ def loss_func(
         global_num_tokens=ctx.global_num_tokens,
         global_num_seqs=ctx.global_num_seqs,
         seq_ids_T=mb.response.seq_ids_T,
+        seq_token_counts_S=mb.seq_token_counts_S,
     )
     mismatch = mismatch_metrics(
         logprobs_T,
@@ -211,8 +226,14 @@ def logprob_func(
         "entropy_T": entropy_T.detach().cpu(),
         "seq_ids_T": mb.response.seq_ids_T.cpu(),
         "seq_indices": mb.seq_indices,
+        "cp_token_index_T": _cpu(mb.cp_token_index_T),
+        "seq_token_counts_S": _cpu(mb.seq_token_counts_S),
     }
     return zero, torch.tensor(0, dtype=torch.int), out
+
+
+def _cpu(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.cpu()
 
 
 __all__ = [

@@ -106,9 +106,9 @@ def check_context_parallel(cfg: Any) -> None:
     """Context parallelism: a GPU with Transformer Engine, and a layout it composes with.
 
     CP splits every sequence over ``parallel.context_parallel_size`` ranks inside TE's
-    attention (load-balanced halves of each packed segment, ring K/V exchange). The
-    shared-prefix layout's pieces attend to a prefix held elsewhere in the row, which TE's
-    context-parallel attention cannot express; the padded layout is not implemented either.
+    attention (load-balanced chunks of each packed segment, trainer/context_parallel.py; ring
+    K/V exchange). The shared-prefix layout's pieces attend to a prefix held elsewhere in the
+    row, which TE's context-parallel attention cannot express; the padded layout is not split.
     """
     from megatron_rpt import capabilities
 
@@ -120,11 +120,18 @@ def check_context_parallel(cfg: Any) -> None:
             f"parallel.context_parallel_size={cp} needs Transformer Engine attention on GPUs "
             "(model.spec=te); use 1 here, or parallel.sequence_parallel with TP for long sequences"
         )
-    if cfg.train.micro_batch_layout != "packed":
+    if cfg.model.spec == "local":
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine attention: "
+            "model.spec=te (or auto), not local"
+        )
+    # 'auto' resolves to packed on the TE spec (trainer/step.py resolve_layout)
+    if cfg.train.micro_batch_layout not in ("packed", "auto"):
         raise ConfigError(
             f"parallel.context_parallel_size={cp} works with train.micro_batch_layout=packed "
-            f"only, not {cfg.train.micro_batch_layout!r} (shared-prefix pieces attend to a "
-            "prefix on another context-parallel rank)"
+            f"only, not {cfg.train.micro_batch_layout!r} (the shared-prefix layout's custom "
+            "per-piece mask cannot be split by TE's context-parallel attention; the padded "
+            "layout is not split over CP ranks)"
         )
 
 

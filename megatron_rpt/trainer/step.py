@@ -5,12 +5,14 @@ LR scheduler. ``train_step(batch)``:
 
 1. plans the global ``RolloutBatch`` (same plan on every rank, trainer/batch.py): DP partition,
    token-budget micro-batches, padding micro-batches so every DP rank runs the same count;
+   with context parallelism (CP > 1: packed layout, TE spec) each micro-batch is then split
+   over the CP ranks (trainer/context_parallel.py);
 2. runs Megatron's ``get_forward_backward_func()`` (1F1B / interleaved / no pipelining) with
    trainer/forward.py's ``forward_step`` (loss on the last stage, global denominators);
 3. ``optimizer.step()`` (grad norm over all shards, clipping, update; DP reduce-scatter /
    all-gather for the distributed optimizer), then the LR scheduler;
-4. reduces the metrics over micro-batches and DP on the last stage and broadcasts them over the
-   pipeline, so every rank returns the same ``StepMetrics``.
+4. reduces the metrics over micro-batches and DP (x CP) on the last stage and broadcasts them
+   over the pipeline, so every rank returns the same ``StepMetrics``.
 
 ``compute_logprobs(batch)`` is the forward-only counterpart (old / reference log-probs and
 mismatch checks): per-sequence fp32 log-probs (and entropies) of the response tokens under the
@@ -47,6 +49,8 @@ from megatron_rpt.trainer.batch import (
     rank_micro_batches,
 )
 from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+from megatron_rpt.trainer.context_parallel import padded_width, split_micro_batch
+from megatron_rpt.trainer.cp_gather import gather_response_values
 from megatron_rpt.trainer.forward import LossContext, forward_step, logprob_step
 from megatron_rpt.trainer.metrics import StepMetrics, batch_statistics
 
@@ -76,6 +80,8 @@ class TrainStep:
         """The micro-batch layout in use (``train.micro_batch_layout`` with 'auto' resolved)."""
         logger.info("micro-batch layout: %s (train.micro_batch_layout=%s, %s layer spec)",
                     self.layout, train.micro_batch_layout, built.spec)  # fmt: skip
+        if built.config.context_parallel_size > 1:
+            _check_context_parallel(built, self.layout, groups)
         if self.layout == "shared_prefix":
             _check_shared_prefix(built)
         self.built, self.groups = built, groups
@@ -217,12 +223,42 @@ class TrainStep:
             multiple_of=g.pp_size if g.vpp_size else 1,
         )
         micro_batches = rank_micro_batches(batch, plan, g.dp_rank, self.layout)
+        if g.cp_size > 1:
+            return plan, self._split_for_cp(micro_batches)
         if self.token_alignment > 1:
             micro_batches = [_align_width(mb, self.token_alignment) for mb in micro_batches]
         if not self.built.config.variable_seq_lengths and g.pp_size > 1:
             # Fixed-shape p2p (the interleaved schedule): one shape for the whole step.
             micro_batches = pad_to_common_shape(micro_batches)
         return plan, micro_batches
+
+    def _split_for_cp(self, micro_batches: list[MicroBatch]) -> list[MicroBatch]:
+        """This CP rank's part of each micro-batch (trainer/context_parallel.py).
+
+        Segments are padded to a multiple of 2 x CP (x TP with sequence parallelism: the rows
+        are split over TP after CP); this rank's row to a multiple of ``token_alignment``.
+        """
+        g = self.groups
+        sp = self.built.config.sequence_parallel
+        seq_multiple = 2 * g.cp_size * (g.tp_size if sp else 1)
+        min_width = 0
+        if not self.built.config.variable_seq_lengths and g.pp_size > 1:
+            # Fixed-shape p2p (the interleaved schedule): one shape for the whole step.
+            min_width = max(
+                padded_width(mb, g.cp_size, seq_multiple, self.token_alignment)
+                for mb in micro_batches
+            )
+        return [
+            split_micro_batch(
+                mb,
+                g.cp_size,
+                g.cp_rank,
+                seq_multiple=seq_multiple,
+                width_multiple=self.token_alignment,
+                min_width=min_width,
+            )
+            for mb in micro_batches
+        ]
 
     def _context(self, batch: RolloutBatch, temperature: float | None = None) -> LossContext:
         return LossContext(
@@ -278,7 +314,9 @@ class TrainStep:
         g = self.groups
         result: list[Any] = [None]
         if g.is_last_stage:
-            reduced = all_reduce_metrics(accumulate_metrics(outputs), g.dp_group)
+            # With CP each rank's metrics cover the response tokens it predicts: sum over CP too.
+            group = g.dp_cp_group if g.cp_size > 1 else g.dp_group
+            reduced = all_reduce_metrics(accumulate_metrics(outputs), group)
             result[0] = finalize_metrics(reduced)
         if g.pp_size > 1:
             dist.broadcast_object_list(result, src=self._last_stage_rank(), group=g.pp_group)
@@ -290,7 +328,11 @@ class TrainStep:
         lengths = torch.tensor([s.response_ids.numel() for s in batch.sequences])
         offsets = torch.cumsum(lengths, 0) - lengths
         flat_2N = torch.zeros(2, int(lengths.sum()), dtype=torch.float32)
-        if g.is_last_stage:
+        if g.is_last_stage and g.cp_size > 1:
+            flat_2N = gather_response_values(
+                outputs, offsets, int(lengths.sum()), self.groups.cp_group, self.device
+            ).cpu()
+        elif g.is_last_stage:
             # Each sequence is computed on exactly one DP rank; the others add zeros.
             for out in outputs:
                 for local, seq in enumerate(out["seq_indices"]):
@@ -331,15 +373,6 @@ def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) 
             "parallel.pipeline_model_parallel_size >= 3 for training: Megatron-Core 0.16.1's "
             "interleaved schedule swaps activations and gradients at PP=2 (Megatron-LM #5271)"
         )
-    if built.config.context_parallel_size > 1:
-        # Each CP rank must get its load-balanced halves of every packed segment (and the
-        # loss only its own response positions); the micro-batch split is not written yet.
-        raise ConfigError(
-            f"parallel.context_parallel_size={built.config.context_parallel_size}: the RPT "
-            "trainer does not split micro-batches over context-parallel ranks yet; use "
-            "parallel.sequence_parallel with TP and model.recompute_granularity for long "
-            "sequences (docs/SCALING.md)"
-        )
     modules = [unwrap_model(chunk) for chunk in built.chunks]
     if not all(isinstance(m, RPTGPTModel) and m.output_hidden_states for m in modules):
         raise ValueError(
@@ -362,6 +395,33 @@ def resolve_layout(layout: str, spec: str) -> str:
     if layout != "auto":
         return layout
     return "shared_prefix" if spec == "local" else "packed"
+
+
+def _check_context_parallel(built: BuiltModel, layout: str, groups: ParallelGroups) -> None:
+    """Refuse what context parallelism does not compose with (ConfigError)."""
+    cp = built.config.context_parallel_size
+    if built.spec != "te":
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs Transformer Engine attention "
+            f"(model.spec=te), not the {built.spec!r} layer spec"
+        )
+    if layout == "shared_prefix":
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} cannot split train.micro_batch_layout="
+            "shared_prefix: its responses attend to their shared prompt through a custom "
+            "per-piece mask, which Transformer Engine's context-parallel (ring) attention cannot "
+            "express; use train.micro_batch_layout=packed (docs/SCALING.md)"
+        )
+    if layout != "packed":
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} needs train.micro_batch_layout=packed, not "
+            f"{layout!r} (only the packed THD layout is split over context-parallel ranks)"
+        )
+    if groups.cp_size != cp:
+        raise ConfigError(
+            f"parallel.context_parallel_size={cp} but the process groups were initialised with "
+            f"CP={groups.cp_size}: pass the same value to initialize_model_parallel"
+        )
 
 
 def _check_shared_prefix(built: BuiltModel) -> None:
