@@ -66,6 +66,7 @@ def _child(
     env: dict[str, str],
     pg_timeout_s: float,
     results: Any,
+    backend: str = "gloo",
 ) -> None:
     os.environ.update(env)
     os.environ.update(
@@ -81,8 +82,10 @@ def _child(
         import torch.distributed as dist
 
         torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
         )
         fn = _load_function(*target)
         value = fn(rank, world_size, *args)
@@ -103,6 +106,7 @@ def run_distributed(
     args: Sequence[Any] = (),
     timeout: float = _DEFAULT_TIMEOUT_S,
     env: dict[str, str] | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
 
@@ -114,6 +118,8 @@ def run_distributed(
             names the ranks that had not finished.
         env: extra environment variables for the ranks (OMP_NUM_THREADS defaults to 1 and
             CUDA_VISIBLE_DEVICES to empty, so CPU tests never touch a GPU).
+        backend: 'gloo', or 'nccl' for GPU tests (rank r uses GPU r; set CUDA_VISIBLE_DEVICES
+            in ``env``).
     """
     file = inspect.getsourcefile(fn)
     assert file is not None, f"cannot locate the source file of {fn!r}"
@@ -129,7 +135,9 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_child,
-            args=(r, world_size, port, target, tuple(args), child_env, pg_timeout, results),
+            args=(
+                r, world_size, port, target, tuple(args), child_env, pg_timeout, results, backend
+            ),
             # Not daemonic: ranks may start processes themselves (Megatron's dist_checkpointing
             # save does); stragglers are killed in the `finally` below.
             daemon=False,

@@ -136,11 +136,13 @@ def build_train_step(
     precision: Any = None,
     sequence_parallel: bool = False,
     recompute: str = "none",
+    cp: int = 1,
 ) -> Any:
     """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``.
 
     ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU);
-    ``recompute``: ``model.recompute_granularity`` (none, selective, full).
+    ``recompute``: ``model.recompute_granularity`` (none, selective, full); ``cp``: context
+    parallelism (GPU, TE spec).
     """
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.loss.config import LossConfig
@@ -149,13 +151,16 @@ def build_train_step(
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from megatron_rpt.trainer.step import TrainStep
 
-    groups = initialize_model_parallel(tp, pp, vpp)
+    groups = initialize_model_parallel(
+        tp, pp, vpp, **({"context_parallel_size": cp} if cp > 1 else {})
+    )
     seed_model_parallel(seed, groups)
     parallel = ParallelConfig(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         sequence_parallel=sequence_parallel,
+        context_parallel_size=cp,
     )
     model_cfg = ModelConfig(
         recompute_granularity=recompute,  # type: ignore[arg-type]

@@ -176,3 +176,48 @@ def test_batch_token_index_places_tokens_in_the_flat_batch():
     want = torch.cat([batch.sequences[i].response_ids.float() for i in range(3)])
     want[3:5] = -1.0  # sequence 1 is not in this micro-batch
     assert torch.equal(flat, want)
+
+
+def _built(spec="te", cp=2):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(config=SimpleNamespace(context_parallel_size=cp), spec=spec)
+
+
+def test_trainer_refuses_what_cp_does_not_compose_with():
+    from types import SimpleNamespace
+
+    from megatron_rpt.errors import ConfigError
+    from megatron_rpt.trainer.step import _check_context_parallel
+
+    groups = SimpleNamespace(cp_size=2)
+    _check_context_parallel(_built(), "packed", groups)
+    with pytest.raises(ConfigError, match="cannot split train.micro_batch_layout=shared_prefix"):
+        _check_context_parallel(_built(), "shared_prefix", groups)
+    with pytest.raises(ConfigError, match="needs train.micro_batch_layout=packed, not 'padded'"):
+        _check_context_parallel(_built(), "padded", groups)
+    with pytest.raises(ConfigError, match=r"context_parallel_size=2 needs .*model.spec=te"):
+        _check_context_parallel(_built(spec="local"), "packed", groups)
+    with pytest.raises(ConfigError, match="initialised with CP=1"):
+        _check_context_parallel(_built(), "packed", SimpleNamespace(cp_size=1))
+
+
+def test_cp_is_refused_on_cpu_naming_the_setting():
+    from megatron_rpt import capabilities
+    from megatron_rpt.config import RPTConfig
+    from megatron_rpt.errors import ConfigError
+    from megatron_rpt.model.arch import arch_from_dict
+    from megatron_rpt.model.build import build_transformer_config
+    from megatron_rpt.model.config import ModelConfig, ParallelConfig
+    from megatron_rpt.testing.tiny_models import tiny_config_dict
+    from megatron_rpt.trainer.preflight import check_context_parallel
+
+    if capabilities.have_te():
+        pytest.skip("machine has Transformer Engine: CP is allowed")
+    cfg = RPTConfig()
+    cfg.parallel.context_parallel_size = 2
+    with pytest.raises(ConfigError, match="parallel.context_parallel_size=2 needs Transformer"):
+        check_context_parallel(cfg)
+    arch = arch_from_dict(tiny_config_dict("qwen3"))
+    with pytest.raises(ConfigError, match="parallel.context_parallel_size=2 needs Transformer"):
+        build_transformer_config(arch, ModelConfig(), ParallelConfig(context_parallel_size=2))
