@@ -57,7 +57,7 @@ class PerPositionLM(torch.nn.Module):
 def _batch() -> RolloutBatch:
     g = torch.Generator().manual_seed(11)
     seqs = []
-    for i, (p, r) in enumerate(SHAPES):
+    for p, r in SHAPES:
         seqs.append(TrainSequence(
             prompt_ids=torch.randint(0, V, (p,), generator=g),
             response_ids=torch.randint(0, V, (r,), generator=g),
