@@ -97,9 +97,11 @@ class RLPSource:
         self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
         self.sampler, self.generate, self.train_step = sampler, generate, train_step
         g = train_step.groups
+        # The teacher file of a (TP, PP) coordinate has one writer: DP rank 0 of CP rank 0
+        # (context-parallel ranks hold the same weights, like data-parallel ones).
         self.teacher = EMATeacher(
             train_step.model_modules, cfg.rlp.ema_decay,
-            tp_rank=g.tp_rank, pp_rank=g.pp_rank, dp_rank=g.dp_rank,
+            tp_rank=g.tp_rank, pp_rank=g.pp_rank, dp_rank=g.dp_rank * g.cp_size + g.cp_rank,
         )  # fmt: skip
 
     @classmethod
