@@ -74,22 +74,15 @@ def packed_seq_params(mb: MicroBatch) -> Any:
     if mb.shared_prefix:
         return SharedPrefixParams.from_pieces(mb.pieces, device=mb.tokens.device)
 
-    if mb.cu_seqlens_padded is not None:
-        # Context parallelism: whole-row real lengths and padded offsets; TE's attention and
-        # Megatron's RoPE locate this rank's chunks of each segment from the padded offsets.
-        return PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=mb.cu_seqlens,
-            cu_seqlens_kv=mb.cu_seqlens,
-            cu_seqlens_q_padded=mb.cu_seqlens_padded,
-            cu_seqlens_kv_padded=mb.cu_seqlens_padded,
-            max_seqlen_q=mb.max_seqlen,
-            max_seqlen_kv=mb.max_seqlen,
-        )
+    # Context parallelism: whole-row real lengths and padded offsets; TE's attention and
+    # Megatron's RoPE locate this rank's chunks of each segment from the padded offsets.
+    padded = mb.cu_seqlens_padded
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=mb.cu_seqlens,
         cu_seqlens_kv=mb.cu_seqlens,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
         max_seqlen_q=mb.max_seqlen,
         max_seqlen_kv=mb.max_seqlen,
     )
