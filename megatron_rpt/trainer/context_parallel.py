@@ -112,14 +112,7 @@ def split_micro_batch(
     if extra:  # a segment of its own: real tokens (token 0) that no response position reads
         lens_n = torch.cat([lens_n, lens_n.new_tensor([extra])])
         cu_pad_n1 = torch.cat([cu_pad_n1, cu_pad_n1.new_tensor([width])])
-    # where each token of the unsplit row sits in the padded row
-    n = cu_n1.numel() - 1
-    shift_S = torch.repeat_interleave(cu_pad_n1[:n] - cu_n1[:n], torch.diff(cu_n1))
-    to_padded_S = torch.arange(int(cu_n1[-1])) + shift_S
-    tokens_W = torch.zeros(width, dtype=mb.tokens.dtype)
-    tokens_W[to_padded_S] = mb.tokens[0]
-    positions_W = torch.cat([torch.arange(n) for n in torch.diff(cu_pad_n1).tolist()])
-    positions_W[to_padded_S] = mb.position_ids[0]
+    tokens_W, positions_W, to_padded_S = _padded_row(mb, cu_pad_n1)
     rows = cp_row_index(cu_pad_n1, cp_size, cp_rank)
     local_W = torch.full((width,), -1, dtype=torch.long)
     local_W[rows] = torch.arange(rows.numel())
@@ -138,6 +131,22 @@ def split_micro_batch(
         seq_token_counts_S=_seq_token_counts(mb),
         **fields,
     )
+
+
+def _padded_row(
+    mb: MicroBatch, cu_pad_n1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens ``[W]`` and positions ``[W]`` of the padded full row, and ``[S]`` where each token
+    of the unsplit row sits in it (padding: token 0, positions counting on in the segment)."""
+    cu_n1 = mb.cu_seqlens.long()
+    n = cu_n1.numel() - 1
+    shift_S = torch.repeat_interleave(cu_pad_n1[:n] - cu_n1[:n], torch.diff(cu_n1))
+    to_padded_S = torch.arange(int(cu_n1[-1])) + shift_S
+    tokens_W = torch.zeros(int(cu_pad_n1[-1]), dtype=mb.tokens.dtype)
+    tokens_W[to_padded_S] = mb.tokens[0]
+    positions_W = torch.cat([torch.arange(length) for length in torch.diff(cu_pad_n1).tolist()])
+    positions_W[to_padded_S] = mb.position_ids[0]
+    return tokens_W, positions_W, to_padded_S
 
 
 def _round_up(x: int, multiple: int) -> int:
