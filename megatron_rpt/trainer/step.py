@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rpt import patches
+from megatron_rpt import capabilities, patches
 from megatron_rpt.conversion.converter import unwrap_model
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.errors import ConfigError
@@ -405,6 +405,15 @@ def _check_context_parallel(built: BuiltModel, layout: str, groups: ParallelGrou
             f"parallel.context_parallel_size={cp} needs Transformer Engine attention "
             f"(model.spec=te), not the {built.spec!r} layer spec"
         )
+    if capabilities.have_te():
+        from megatron.core.utils import get_te_version, is_te_min_version
+
+        if not is_te_min_version("1.10.0"):
+            # Older TE (and Megatron with it) drops the padded offsets of packed sequences
+            raise ConfigError(
+                f"parallel.context_parallel_size={cp} with packed sequences needs Transformer "
+                f"Engine >= 1.10, found {get_te_version()}"
+            )
     if layout == "shared_prefix":
         raise ConfigError(
             f"parallel.context_parallel_size={cp} cannot split train.micro_batch_layout="
