@@ -3,7 +3,7 @@
 Variants, each in a fresh subprocess so that its peak resident memory is its own:
 
 * ``naive``: full logits ``[T, V]`` fp32 from the output GEMM, log_softmax, gather, entropy
-  (no grad), backward through all of it (what slime/verl do before slicing; ANCHORS.md 2.2);
+  (no grad), backward through all of it (what slime/verl do before slicing);
 * ``logits_chunked``: the same full logits, then ``logprobs_from_logits`` (chunked softmax);
 * ``fused_C``: ``logprobs_from_hidden`` with chunk size C (output layer inside, logits
   recomputed per chunk in backward; never more than ``[C, V]`` at a time).
