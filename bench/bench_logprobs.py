@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -126,7 +129,7 @@ def _max_diffs(ref_path: Path, path: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--hidden", type=int, default=128)

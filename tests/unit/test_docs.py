@@ -66,6 +66,8 @@ def test_scanners_catch_what_they_must() -> None:
 def test_every_cited_document_ships(check: str) -> None:
     bad = []
     for path in tracked_files():
+        if path == Path(__file__).resolve():  # its negative cases cite missing pages on purpose
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         found = outside_citations(text) if check == "outside" else missing_paths(text, ROOT)
         bad += [f"{path.relative_to(ROOT)}: {item}" for item in found]
