@@ -1,7 +1,7 @@
 """Every document the repository cites ships with it.
 
-Users only have the checkout: a file may cite docs/*.md and tests/* paths that exist, and no
-reference document kept outside the repository (the development notes the project was built
+Users only have the checkout: a file may cite docs/*.md, tests/* and package-module paths that
+exist, and no reference document kept outside the repository (the development notes the project was built
 from). The names are assembled from pieces so that this file does not cite them itself.
 """
 
@@ -27,6 +27,9 @@ _OUTSIDE = re.compile(
 # A repository path: docs/NAME.md or tests/.../name.py|.md|.sh (not preceded by another folder,
 # so Megatron-LM's ``tools/...`` or an upstream ``.../docs/x.md`` is not taken for ours).
 _REPO_PATH = re.compile(r"(?<![\w/.-])((?:docs|tests)/[\w/.-]*?\.(?:md|py|sh))\b")
+# A module of the package, written with or without the leading ``megatron_rpt/``.
+_PACKAGES = sorted(p.name for p in (ROOT / "megatron_rpt").iterdir() if (p / "__init__.py").is_file())
+_MODULE_PATH = re.compile(r"(?<![\w/.-])(?:megatron_rpt/)?((?:" + "|".join(_PACKAGES) + r")/[\w/]+\.py)\b")
 _TEXT_SUFFIXES = {".py", ".md", ".txt", ".toml", ".cfg", ".sh", ".yaml", ".yml", ".ini", ""}
 
 
@@ -47,8 +50,10 @@ def outside_citations(text: str) -> list[str]:
 
 
 def missing_paths(text: str, root: Path) -> list[str]:
-    """docs/ and tests/ paths cited in ``text`` that do not exist under ``root``."""
-    return sorted({p for p in _REPO_PATH.findall(text) if not (root / p).exists()})
+    """docs/, tests/ and package-module paths cited in ``text`` that do not exist under ``root``."""
+    missing = {p for p in _REPO_PATH.findall(text) if not (root / p).exists()}
+    missing |= {p for p in _MODULE_PATH.findall(text) if not (root / "megatron_rpt" / p).exists()}
+    return sorted(missing)
 
 
 def test_scanners_catch_what_they_must() -> None:
@@ -60,6 +65,8 @@ def test_scanners_catch_what_they_must() -> None:
     assert missing_paths("see docs/NO_SUCH_PAGE.md", ROOT) == ["docs/NO_SUCH_PAGE.md"]
     assert missing_paths("tests/gpu/no_such_test.py", ROOT) == ["tests/gpu/no_such_test.py"]
     assert missing_paths("docs/METHOD.md, upstream tools/preprocess_data.py", ROOT) == []
+    assert missing_paths("see trainer/no_such_module.py", ROOT) == ["trainer/no_such_module.py"]
+    assert missing_paths("trainer/step.py, megatron_rpt/model/build.py", ROOT) == []
 
 
 @pytest.mark.parametrize("check", ["outside", "missing"])
