@@ -21,7 +21,7 @@ INSTALL_REQUIRES = [
     "tokenizers",
     "safetensors",
     # megatron-core needs these at run time but does not declare them: without psutil a
-    # dist_checkpointing save hangs (MEGATRON_ON_CPU.md section 2).
+    # dist_checkpointing save hangs (docs/CPU.md).
     "psutil",
     "tqdm",
     "wandb>=0.31",

@@ -10,7 +10,6 @@ The page cache is warm for every read (the same for all timings). Run:
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 from megatron_rpt.model.manifest import verify_manifest, write_manifest  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def _state(mb: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = FlagParser()
     parser.add_argument("--mb", type=int, default=512)
     args = parser.parse_args()
     from megatron.core import dist_checkpointing

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_weight_sync import _PeakRSS, _track_large_allocations  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 MIB = 2**20
 
@@ -77,11 +78,10 @@ def _variant(rank, world_size, handoff, spill, new_tokens):  # noqa: ANN001, ANN
 
 
 def main() -> None:
-    import argparse
 
     from megatron_rpt.testing.distributed import run_distributed
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 generated tokens per sample")
     new_tokens = 4 if parser.parse_args().quick else 16
 

@@ -17,7 +17,6 @@ scored positions. Prints a table and writes ``bench/results/bench_entropy.json``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import RESULTS  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 
 def machine() -> dict:
@@ -56,7 +56,7 @@ def machine() -> dict:
 
 def main() -> int:
     """Run the benchmark and write the JSON result."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--documents", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda")

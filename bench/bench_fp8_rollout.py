@@ -22,7 +22,6 @@ the bf16 gap of the same run. Also timed: quantizing every linear weight of the 
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 
 def _logprobs(model, tokens_BS):  # noqa: ANN001, ANN202
@@ -67,7 +67,7 @@ def main() -> None:
     from megatron_rpt.assets import champ_documents, smollm2_dir
     from megatron_rpt.weight_sync.fp8 import BlockFP8
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("--docs", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)

@@ -3,7 +3,7 @@
 Variants, each in a fresh subprocess so that its peak resident memory is its own:
 
 * ``naive``: full logits ``[T, V]`` fp32 from the output GEMM, log_softmax, gather, entropy
-  (no grad), backward through all of it (what slime/verl do before slicing; ANCHORS.md 2.2);
+  (no grad), backward through all of it (what slime/verl do before slicing);
 * ``logits_chunked``: the same full logits, then ``logprobs_from_logits`` (chunked softmax);
 * ``fused_C``: ``logprobs_from_hidden`` with chunk size C (output layer inside, logits
   recomputed per chunk in backward; never more than ``[C, V]`` at a time).
@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -126,7 +129,7 @@ def _max_diffs(ref_path: Path, path: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--hidden", type=int, default=128)

@@ -24,7 +24,6 @@ SmolLM2-135M-Instruct (the embedded model) in fp32 on CPU, bf16 on GPU.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 
 def _prompts(n: int, length: int, tokenizer) -> list[list[int]]:  # noqa: ANN001
@@ -96,7 +96,7 @@ def main() -> None:
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.rollout.types import SamplingParams
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--samples", type=int, default=8, help="G")
     p.add_argument("--prompt-tokens", type=int, default=128)

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 SHAPE_KEYS = (
     "hidden_size",
@@ -216,7 +217,7 @@ def bench_shape(hf_dir: str, args: argparse.Namespace, prompt: int, response: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = FlagParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--shapes",
         nargs="+",

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 REPEATS = 3
 MODEL = {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
@@ -83,13 +84,12 @@ def _run(rank, world_size, hf_dir, repeats):  # noqa: ANN001, ANN202 - spawned b
 
 
 def main() -> None:
-    import argparse
     import tempfile
 
     from megatron_rpt.testing.distributed import run_distributed
     from megatron_rpt.testing.tiny_models import save_tiny_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = FlagParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 layers, one timed sync")
     args = parser.parse_args()
     layers, repeats = (2, 1) if args.quick else (LAYERS, REPEATS)

@@ -27,7 +27,6 @@ https://www.nvidia.com/en-us/data-center/h200/
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 # (name substring, dense bf16 TFLOP/s, dense fp8 TFLOP/s); first match wins.
 PEAK_TFLOPS = [
@@ -155,7 +155,7 @@ def main() -> None:
 
     from megatron_rpt import capabilities
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--size", choices=sorted(SIZES), default=None, help="default: 1b on GPU, tiny on CPU"
     )

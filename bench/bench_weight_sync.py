@@ -36,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 REPEATS = 3
 MIB = 2**20
@@ -266,14 +267,13 @@ _ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def main() -> None:
-    import argparse
 
     import torch
 
     from megatron_rpt.assets import smollm2_dir
     from megatron_rpt.testing.distributed import run_distributed
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the first layout (TP=1 PP=1)")
     p.add_argument("--model", default="embedded:smollm2",
                    help="HF folder to sync (e.g. a random-init SmolLM2 where the asset is absent)")

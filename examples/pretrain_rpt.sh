@@ -49,11 +49,11 @@ else
     NPROC="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')"
     [[ "$NPROC" -ge 1 ]] || NPROC=1  # no GPU: one process on the CPU
   fi
-  launch=(--nnodes "$NNODES" --nproc_per_node "$NPROC")
+  launch=(--nnodes "$NNODES" --nproc-per-node "$NPROC")
   if [[ "$NNODES" == 1 && -z "${MASTER_PORT:-}" ]]; then
     launch+=(--standalone)
   else
-    launch+=(--node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}")
+    launch+=(--node-rank "$NODE_RANK" --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}")
   fi
   cmd=("$PYTHON" -m torch.distributed.run "${launch[@]}" -m megatron_rpt.train "${args[@]}")
 fi

@@ -53,17 +53,6 @@ def have_sglang_runtime() -> bool:
 
 
 @functools.cache
-def have_sglang_protocol() -> bool:
-    """sglang's pure-Python protocol/serializer classes import (no server needed)."""
-    try:
-        import sglang.srt.utils  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        logger.debug("sglang protocol classes unavailable: %s", exc)
-        return False
-    return True
-
-
-@functools.cache
 def have_dali() -> bool:
     """NVIDIA DALI imports."""
     try:

@@ -5,6 +5,12 @@
 ``add_config_options`` and ``config_option_overrides`` give a tool one ``--FIELD`` option per
 field of a config dataclass (type, default and docstring in ``--help``), turned back into
 ``section.FIELD=VALUE`` overrides so the config tree validates them in one place.
+
+Flag spelling: every command line of the project (tools/, bench/, the training entry point)
+is parsed by ``FlagParser``. Long options are spelled with hyphens, as torchrun's and
+Megatron-LM's are (``--corpus-format``, ``--no-progress``); the underscore spelling
+(``--corpus_format``) is read as the same option. Config keys inside values keep their field
+names (``--set data.corpus_format=jsonl``).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def setup_logging(level: str | int | None = None) -> None:
@@ -44,10 +50,40 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     sys.exit(status or 0)
 
 
+def hyphenate_flags(argv: Sequence[str]) -> list[str]:
+    """``argv`` with underscores in long-option names turned into hyphens (values untouched).
+
+    >>> hyphenate_flags(["--corpus_format", "jsonl", "--set=data.corpus_format=x", "-n", "--", "--a_b"])
+    ['--corpus-format', 'jsonl', '--set=data.corpus_format=x', '-n', '--', '--a_b']
+    """
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--":  # everything after it is positional
+            break
+        if token.startswith("--"):
+            name, eq, value = token.partition("=")
+            out[i] = name.replace("_", "-") + eq + value
+    return out
+
+
+class FlagParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that also accepts ``--a_b`` for every ``--a-b`` option.
+
+    Declare options with hyphens only; sub-parsers made by ``add_subparsers`` are FlagParsers
+    too (argparse builds them with the parent's class).
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = sys.argv[1:] if args is None else args
+        return super().parse_known_args(hyphenate_flags(argv), namespace)
+
+
 def doc_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     """A parser whose description is ``doc``'s first paragraph and epilog the rest, verbatim."""
     head, _, tail = (doc or "").partition("\n\n")
-    return argparse.ArgumentParser(
+    return FlagParser(
         prog=prog, description=head, epilog=tail or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
@@ -67,13 +103,14 @@ def _metavar(type_name: str) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, cfg: object, title: str) -> None:
-    """One ``--KEY`` option per leaf field of the dataclass ``cfg``, in its own help group."""
+    """One ``--KEY`` option per leaf field of the dataclass ``cfg`` (``--entropy-top-k`` for
+    ``entropy_top_k``), in its own help group."""
     from megatron_rpt.config_utils import describe
 
     group = parser.add_argument_group(title)
     for key, tp, value, doc in describe(cfg):
         group.add_argument(
-            f"--{key}", dest=f"field_{key}", metavar=_metavar(tp), default=None,
+            f"--{key.replace('_', '-')}", dest=f"field_{key}", metavar=_metavar(tp), default=None,
             help=f"{doc} (default: {value})".replace("%", "%%"),
         )  # fmt: skip
 

@@ -14,7 +14,6 @@ directory as ``config.yaml``. Megatron's own argument parser is never used.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -325,16 +324,3 @@ def save_config(cfg: RPTConfig, run_dir: str | Path) -> Path:
     path = Path(run_dir) / "config.yaml"
     dump_yaml(cfg, path)
     return path
-
-
-def replace(cfg: RPTConfig) -> RPTConfig:
-    """A deep copy (recipes derive from each other by copying and mutating)."""
-    return dataclasses.replace(
-        cfg, **{f.name: _deepcopy(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    )
-
-
-def _deepcopy(obj):  # noqa: ANN001, ANN202
-    import copy
-
-    return copy.deepcopy(obj)

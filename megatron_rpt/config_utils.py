@@ -43,11 +43,6 @@ _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", "~"}
 
 
-def is_config(obj: Any) -> bool:
-    """True for dataclass instances or classes."""
-    return dataclasses.is_dataclass(obj)
-
-
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

@@ -2,7 +2,7 @@
 
     python -m megatron_rpt.train --recipe examples/smollm2_cpu/config.py:smollm2_cpu \\
         --set train.steps=2 [--config run.yaml] [--resume auto|none|PATH] [--init-from DIR]
-    torchrun --nproc_per_node 8 -m megatron_rpt.train --recipe ...   (or examples/pretrain_rpt.sh)
+    torchrun --nproc-per-node 8 -m megatron_rpt.train --recipe ...   (or examples/pretrain_rpt.sh)
 
 Order of work: resolve the config (defaults -> recipe -> YAML -> --set -> --init-from ->
 validate), check the model, parallel layout, batch, engine and corpus (``trainer.preflight``;
@@ -35,6 +35,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_rpt.cli import FlagParser
+
 if TYPE_CHECKING:
     from megatron_rpt.trainer.engine_guard import EngineFactory
     from megatron_rpt.trainer.loop import PhaseHook
@@ -44,7 +46,7 @@ logger = logging.getLogger("megatron_rpt.train")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The entry point's command line."""
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m megatron_rpt.train", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--recipe", help="recipe function: module:function or file.py:function")

@@ -12,17 +12,16 @@ syncs push the same format (megatron_rpt/weight_sync/fp8.py, docs/FP8.md).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_rpt.cli import run_cli  # noqa: E402
+from megatron_rpt.cli import FlagParser, run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-dir", required=True, help="HF model directory or embedded:smollm2")
     parser.add_argument("--out-dir", required=True, help="FP8 model directory to create")
     parser.add_argument("--block-size", type=int, default=128, help="square block side")

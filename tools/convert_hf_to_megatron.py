@@ -9,19 +9,18 @@ any TP/PP/DP. Single process; see megatron_rpt/conversion/hf_to_megatron.py.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_rpt.cli import run_cli  # noqa: E402
+from megatron_rpt.cli import FlagParser, run_cli  # noqa: E402
 from megatron_rpt.errors import InputError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--hf-dir",
         required=True,

@@ -11,14 +11,13 @@ trained from. Single process; see megatron_rpt/conversion/megatron_to_hf.py.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_rpt.cli import run_cli  # noqa: E402
+from megatron_rpt.cli import FlagParser, run_cli  # noqa: E402
 from megatron_rpt.errors import InputError  # noqa: E402
 
 
@@ -31,7 +30,7 @@ def _size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--megatron-dir",
         required=True,

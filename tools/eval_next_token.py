@@ -10,7 +10,7 @@ Examples:
 
   # base vs an RPT checkpoint, both modes, reasoning on 200 stratified positions
   python tools/eval_next_token.py --model base=/models/r1-14b --model rpt=runs/rpt/checkpoints \\
-      --data runs/data/omnimath --entropy_model /models/r1-14b --engine sglang --out runs/eval/t1
+      --data runs/data/omnimath --entropy-model /models/r1-14b --engine sglang --out runs/eval/t1
 
   # any corpus, scored on the fly (every document is treated as held out)
   python tools/eval_next_token.py --model base=/models/policy --corpus data/heldout.jsonl \\

@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 LIMIT = 64 * 2**20
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json",
@@ -26,7 +29,6 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
 
 def pack(dest: Path) -> int:
     """Tokenizer + config of the embedded SmolLM2 into ``dest/smollm2-tokenizer``; size check."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from megatron_rpt.assets import smollm2_dir
 
     src, out = smollm2_dir(), dest / "smollm2-tokenizer"
@@ -64,7 +66,7 @@ def random_model(src: Path, out: Path, tiny: bool) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("pack")
     a.add_argument("dest", type=Path)

@@ -9,13 +9,16 @@ counts and failing test ids of each test step (from its JUnit XML), and every be
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_rpt.cli import FlagParser  # noqa: E402
 
 
 def junit(path: Path) -> dict | None:
@@ -35,7 +38,7 @@ def junit(path: Path) -> dict | None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--dry-run", default="0")
     p.add_argument("--mcore-pin", default="none")

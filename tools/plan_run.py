@@ -11,7 +11,7 @@ Examples:
       --scale-nodes 16,64
 
   # a stated engine throughput and MFU; exit status 1 when the plan does not fit
-  python tools/plan_run.py --recipe ... --arch ... --engine_tokens_per_s_per_gpu 2500 --mfu 0.4 \\
+  python tools/plan_run.py --recipe ... --arch ... --engine-tokens-per-s-per-gpu 2500 --mfu 0.4 \\
       --strict
 
 Prints the memory per GPU (trainer parameters, gradients, optimizer state, activations,

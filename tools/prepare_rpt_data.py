@@ -8,8 +8,8 @@ Examples:
 
   # your own corpus (JSONL with a "content" field), your policy's tokenizer, a small proxy
   # model that shares that tokenizer
-  python tools/prepare_rpt_data.py --corpus data/my.jsonl --text_field content \\
-      --tokenizer /models/policy --entropy_model /models/proxy --out runs/data/mine
+  python tools/prepare_rpt_data.py --corpus data/my.jsonl --text-field content \\
+      --tokenizer /models/policy --entropy-model /models/proxy --out runs/data/mine
 
 Precedence: DataConfig defaults < --recipe < --set data.<key>=<value> < the options below.
 Every option is a field of DataConfig (megatron_rpt/data/config.py); the help text is the

@@ -1,4 +1,4 @@
-"""Recipe ``r1_distill_qwen_14b``: the paper's RPT-14B run (RPT_PAPER.md section 5) on a cluster.
+"""Recipe ``r1_distill_qwen_14b``: the paper's RPT-14B run (docs/METHOD.md §7) on a cluster.
 
     NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 MASTER_PORT=29500 GPUS_PER_NODE=8 \\
         bash examples/pretrain_rpt.sh --recipe examples/r1_distill_qwen_14b/config.py:r1_distill_qwen_14b \\

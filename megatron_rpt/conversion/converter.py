@@ -68,11 +68,6 @@ class WeightConverter:
         row, layer = self.row(name)
         return hf_names(row, layer)
 
-    def exported_hf_names(self, name: str) -> tuple[str, ...]:
-        """HF tensors that exporting ``name`` produces (none for a tied output layer)."""
-        row, layer = self.row(name)
-        return () if row.transform == "tied_vocab" else hf_names(row, layer)
-
     def megatron_to_hf(self, name: str, full: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Full Megatron tensor -> [(hf_name, tensor)]; tensors may be views of ``full``."""
         row, layer = self.row(name)

@@ -144,11 +144,6 @@ class HFWeights:
             raise CheckpointError(f"{where}: tensor '{name}' is missing")
 
 
-def dtype_code(dtype: torch.dtype) -> str:
-    """safetensors dtype string of a torch dtype."""
-    return _DTYPE_CODES[dtype]
-
-
 class SafetensorsShardWriter:
     """Write planned tensors into safetensors shards as they arrive (see module docstring)."""
 

@@ -15,7 +15,7 @@ Long documents are scored in windows of at most ``window`` tokens. Window j+1 st
 every position past the first window is scored with at least ``overlap`` tokens of left
 context. Starting each window from scratch instead would score its first tokens with almost
 no context and make every window start look falsely high-entropy (the casinca/LLM-quest
-lesson, RPT_PAPER.md section 7). For a model whose receptive field is shorter than
+lesson, docs/METHOD.md §5). For a model whose receptive field is shorter than
 ``overlap`` the windowed scores equal single-pass scores exactly (tested).
 
 Windows are packed into right-padded batches of at most ``batch_tokens`` tokens (rows x

@@ -2,8 +2,8 @@ r"""The paper's seven next-token-reasoning prompt templates and how a context be
 
 Templates (RPT paper, Appendix D, Table 10; ``{prompt_content}`` is the context text x<t):
 
-* **v0** (used for all of the paper's RPT training; the default) is the text of RPT_PAPER.md
-  section 2.1, as one instruction paragraph, a blank line, ``### Context`` and the context.
+* **v0** (used for all of the paper's RPT training; the default) is the paper's text
+  (docs/METHOD.md §2), as one instruction paragraph, a blank line, ``### Context`` and the context.
 * **v1-v6** are transcribed from the text of Table 10 (two independent text extractions of the
   arXiv PDF agreed on the wording). Typesetting is not recoverable from a PDF, so these
   choices are ours: the instruction is one paragraph followed by a blank line; ``### Context``
@@ -18,7 +18,7 @@ Templates (RPT paper, Appendix D, Table 10; ``{prompt_content}`` is the context 
 message, the bare context as the user turn).
 
 Chat wrapper and the ``<think>`` opener (the paper does not specify the wrapper; see
-RPT_PAPER.md section 2.1):
+docs/METHOD.md §2):
 
 1. With ``PromptConfig.chat_template`` (default) the filled template is the **user** turn of
    ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``. A system message is

@@ -188,11 +188,6 @@ class SampleStore:
             bucket=difficulty_bucket(entropy, self.thresholds),
         )
 
-    def document_entropy(self, doc_index: int) -> np.ndarray:
-        """float16 [n_tokens] entropies of one document (memory-mapped)."""
-        ent = np.memmap(self.prepared_dir / "entropy.bin", dtype=np.float16, mode="r")
-        return ent[self.doc_offsets[doc_index] : self.doc_offsets[doc_index + 1]]
-
     def decode(self, ids: np.ndarray | list[int]) -> str:
         """Text of token ids via the exact byte table (a cut character at either end is
         dropped; see ``tokens.decode_utf8_trimmed``)."""

@@ -1,6 +1,6 @@
 """Config of the next-token evaluation (``cfg.eval``): what is measured, on which positions, how.
 
-Defaults follow the RPT paper where it says something (RPT_PAPER.md section 6.1): difficulty
+Defaults follow the RPT paper where it says something (docs/METHOD.md §8): difficulty
 buckets at entropy > 0.5 / 1.0 / 1.5 nats (nested), sampling at temperature 0.8, the v0
 template, 8 samples per position. The paper leaves the evaluation sample count, temperature and
 judging rule unspecified; the prefix-match reward (``reward.name``) is the judge here.

@@ -13,7 +13,7 @@ Per token, with ``r = exp(logp - logp_old)`` and advantage ``A``::
 ``old_logprobs_T=None`` means exactly on-policy (the paper's setting): ``logp_old`` is
 ``logp.detach()``, so ``r == 1`` with gradient ``A * grad logp`` and no extra forward pass.
 
-**Aggregation never divides by anything local.** NeMo-RL's pattern (ANCHORS.md section 2.3):
+**Aggregation never divides by anything local.** NeMo-RL's pattern (its loss-functions design doc):
 the caller counts the valid tokens (``global_num_tokens``) or sequences (``global_num_seqs``)
 of the *whole global batch* (all micro-batches, all DP ranks) once per step and passes the same
 number to every micro-batch. Then the sum over micro-batches and DP ranks of the returned losses
@@ -29,9 +29,11 @@ is exactly the full-batch loss, whatever the split:
 >>> bool(torch.allclose(full, halves[0] + halves[1]))
 True
 
-Megatron's schedules divide each micro-batch loss by the number of micro-batches and DDP
-averages gradients over DP; the Megatron adapter must undo both (NeMo-RL does the same), because
-the global denominator here already accounts for every micro-batch and DP rank.
+By default Megatron's schedules divide each micro-batch loss by the number of micro-batches
+and DDP averages gradients over DP. The global denominator here already accounts for every
+micro-batch and DP rank, so neither may happen: the trainer sets
+``calculate_per_token_loss=True``, under which Megatron does neither (trainer/forward.py, "Loss
+scaling contract"); nothing is multiplied back.
 
 Metrics are returned as additive sums and counts (plus ``*_max``/``*_min``) over this
 micro-batch's valid tokens, ready to be all-reduced and turned into means by

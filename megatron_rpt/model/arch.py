@@ -70,11 +70,6 @@ class ArchSpec:
     """Weight dtype the config declares ('float32', 'bfloat16', ...), if any."""
 
     @property
-    def query_groups(self) -> int:
-        """Number of KV heads (Megatron's ``num_query_groups``)."""
-        return self.num_kv_heads
-
-    @property
     def heads_per_group(self) -> int:
         """Query heads sharing one KV head (GQA ratio)."""
         return self.num_attention_heads // self.num_kv_heads

@@ -7,7 +7,7 @@ This is the ONE place that builds Megatron's ``TransformerConfig``
 * Llama family: RMSNorm, SwiGLU (``gated_linear_unit`` + silu), no linear biases, RoPE with
   the HF base (and Llama-3 scaling), GQA via ``num_query_groups``, ``kv_channels = head_dim``;
   Qwen2 adds QKV biases, Qwen3 per-head Q/K RMSNorm; tied embeddings share the output layer.
-* CPU: ``use_cpu_initialization`` (MEGATRON_ON_CPU.md C1) and ``batch_p2p_sync=False`` (C4).
+* CPU: ``use_cpu_initialization`` (docs/CPU.md C1) and ``batch_p2p_sync=False`` (C4).
 * Training contract (trainer/step.py): ``calculate_per_token_loss=True`` so that Megatron
   neither divides micro-batch losses by their number nor averages gradients over DP (our
   losses carry global-batch denominators), and ``variable_seq_lengths=True`` so pipeline

@@ -2,7 +2,7 @@
 
 Swapped into Megatron's local spec (``specs.local_layer_spec``) in place of
 ``DotProductAttention``, whose score buffer is allocated on ``torch.cuda.current_device()``
-(MEGATRON_ON_CPU.md C3). On GPU it also lets torch pick a fused (flash / memory-efficient)
+(docs/CPU.md, C3). On GPU it also lets torch pick a fused (flash / memory-efficient)
 kernel instead of materialising the ``[b, np, sq, sk]`` score matrix.
 
 Shape legend: S query length, K key length, B batch, N query heads on this TP rank, G KV heads

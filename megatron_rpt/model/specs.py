@@ -133,7 +133,8 @@ def te_shared_prefix_attention() -> type:
     sees keys j <= i + K - L), which flash-attention and cuDNN implement natively. Megatron's
     ``TEDotProductAttention.forward`` is bypassed for these calls because its mask-type enum
     has no padding + bottom-right variant; TE's own ``DotProductAttention.forward`` is called.
-    Unverified here (no GPU on the development machine): tests/gpu/test_shared_prefix_te.py.
+    Not yet run on a GPU in this repository; tests/gpu/test_shared_prefix_gpu.py checks it
+    against a dense reference and the packed layout where a GPU is present.
     """
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 

@@ -1,7 +1,8 @@
-"""CPU-only monkeypatches that Megatron-Core 0.16.1 still needs (and nothing else).
+"""The monkeypatches Megatron-Core 0.16.1 still needs: CPU-only ones, and 'optckpt' wherever
+Megatron falls back to torch's Adam.
 
 Megatron-Core hard-codes a few CUDA calls on paths megatron_rpt runs in CPU development and
-CI. Where a clean workaround exists it is used instead of a patch (MEGATRON_ON_CPU.md C1-C5:
+CI. Where a clean workaround exists it is used instead of a patch (docs/CPU.md C1-C5:
 ``use_cpu_initialization``, the inference RNG tracker, the SDPA core attention swapped in
 through the layer spec, ``batch_p2p_sync=False``, ``Float16Module`` for bf16). What remains:
 

@@ -12,8 +12,8 @@ main-parameter path by dtype (``DistributedOptimizer._build_model_and_main_param
 ``Float16OptimizerWithFloat16Params.__init__``, ``clip_grads.count_zeros_fp32``); anything
 else raises "Wrapped parameters must be one of torch.cuda.FloatTensor, ...". On a CPU-only
 machine the CPU tensor is exactly what the CUDA branch expects to handle (same dtype, same
-arithmetic); only the device name in the string differs. MEGATRON_ON_CPU.md H-typestr
-describes the global variant; this one is scoped to the optimizer calls.
+arithmetic); only the device name in the string differs. A global variant
+would change the answer for every caller; this one is scoped to the optimizer calls (docs/CPU.md).
 
 When to remove: when ``upstream_fails()`` returns False (the optimizer accepts CPU parameters).
 """

@@ -1,4 +1,4 @@
-"""Patch 'optckpt': DistributedOptimizer checkpoint load with torch's Adam (MEGATRON_ON_CPU.md §6).
+"""Patch 'optckpt': DistributedOptimizer checkpoint load with torch's Adam (docs/CPU.md).
 
 Without Transformer Engine or Apex, Megatron-Core 0.16.1's ``DistributedOptimizer`` wraps
 ``torch.optim.AdamW``, whose per-parameter ``step`` is a tensor in the optimizer *state* (the

@@ -23,20 +23,5 @@ __all__ = [
     "RolloutEngine",
     "SGLangServerConfig",
     "SamplingParams",
-    "build_engine",
     "tensor_fingerprint",
 ]
-
-
-def build_engine(cfg: RolloutConfig, model: str) -> RolloutEngine:
-    """The engine ``cfg.engine`` names, loaded from ``cfg.model`` or else ``model``."""
-    path = cfg.model or model
-    if cfg.engine == "hf":
-        from megatron_rpt.rollout.hf_engine import HFEngine
-
-        return HFEngine.from_pretrained(
-            path, dtype=cfg.dtype, device=cfg.device, max_batch_rows=cfg.max_batch_rows
-        )
-    from megatron_rpt.rollout.sglang_engine import SGLangEngine
-
-    return SGLangEngine.launch(cfg, path)

@@ -307,11 +307,6 @@ class HFEngine:
             raise InputError(f"weight_checksums: unknown tensors {unknown[:5]}")
         return {n: tensor_fingerprint(table[n], max_rows) for n in names}
 
-    def get_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """CPU copies of parameters by HF name (for exact post-sync comparisons)."""
-        table = self._param_table()
-        return {n: table[n].detach().to("cpu", copy=True) for n in names}
-
     # ------------------------------------------------------------------ lifecycle
 
     def release_memory(self) -> None:

@@ -209,15 +209,6 @@ def tensor_fingerprint(tensor: torch.Tensor, max_rows: int | None = 64) -> str:
     return f"{shape}:{hashlib.sha256(data).hexdigest()[:32]}"
 
 
-def expand_group_order(num_prompts: int, n: int) -> list[tuple[int, int]]:
-    """``(prompt_index, sample_index)`` for the prompt-major flat order engines use.
-
-    >>> expand_group_order(2, 3)
-    [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    """
-    return [(i, j) for i in range(num_prompts) for j in range(n)]
-
-
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int | None = None) -> None:
     """Raise InputError for empty prompts or ids outside ``[0, vocab_size)``."""
     for i, prompt in enumerate(prompts):

@@ -27,7 +27,7 @@ which spans DP ranks) must be issued the same number of times on every rank or t
 
 **Layouts** (``make_micro_batch``):
 
-* shared_prefix (default): like packed, but the responses that share a prompt (a GRPO group)
+* shared_prefix (the 'auto' choice on the local spec): like packed, but the responses that share a prompt (a GRPO group)
   are laid out behind ONE copy of it, ``[ctx; r_1; ...; r_G]``, with per-piece attention and
   positions continuing from the context length in every response (trainer/prefix_layout.py,
   model/shared_prefix.py). The DP partition and the micro-batches take whole groups (a group
@@ -49,7 +49,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,9 +121,6 @@ class RolloutBatch:
     """The global batch of one optimizer step (identical on every rank)."""
 
     sequences: list[TrainSequence]
-    info: dict[str, float] = field(default_factory=dict)
-    """Per-step numbers from the loop (reward mean, accuracy, groups kept, rollout/reward/sync
-    seconds, ...), copied into the step's metrics unchanged."""
 
     def __post_init__(self) -> None:
         if not self.sequences:

@@ -1,6 +1,6 @@
 """Configs of the policy update: optimizer and LR schedule, the training step, checkpoints.
 
-Defaults follow the RPT paper where it says something (RPT_PAPER.md section 5): Adam with
+Defaults follow the RPT paper where it says something (docs/METHOD.md §7): Adam with
 betas (0.9, 0.999), weight decay 0.01, constant learning rate 1e-6, 256 contexts per step and
 one optimizer step per rollout batch (exactly on-policy). The paper's "actor gradient clip
 0.2" is most likely the PPO ratio clip; the gradient-norm clip here is Megatron's usual 1.0.
@@ -67,7 +67,7 @@ class TrainConfig:
     micro_batch_layout: Literal["auto", "shared_prefix", "packed", "padded"] = "auto"
     """'auto': shared_prefix on the local (SDPA) layer spec, where it is tested against the
     separate layout; packed on the Transformer Engine spec until its shared-prefix attention
-    call has been verified on a GPU (tests/gpu/test_shared_prefix_te.py). 'shared_prefix': packed, and the responses that share a prompt (a GRPO group) are laid
+    call has run on a GPU (tests/gpu/test_shared_prefix_gpu.py). 'shared_prefix': packed, and the responses that share a prompt (a GRPO group) are laid
     out behind ONE copy of it, [ctx; r_1; ...; r_G], each response attending to the context and
     itself (same loss and gradients as 'packed'; the context's forward/backward runs once
     instead of G times; a group is never split over micro-batches); 'packed': the sequences of

@@ -14,7 +14,7 @@ the batch is windows of the same corpus, nothing is generated or synced (trainer
 ``train.objective=rlp`` samples thoughts and rewards them by information gain, scored in the
 trainer against an EMA teacher that is updated with the weight sync (trainer/rlp.py).
 
-Deviations from the paper (RPT_PAPER.md), one per line:
+Deviations from the paper (docs/METHOD.md), one per line:
 
 * Megatron-Core trainer with an HF or SGLang engine instead of verl with vLLM.
 * The reward reads the assistant turn: the prompt's reasoning opener followed by the response.

@@ -12,8 +12,9 @@
   batch itself, identical on every rank);
 * ``time/*``: ``train_s`` and ``tokens_per_s`` here; the loop adds ``rollout_s``, ``reward_s``,
   ``weight_sync_s`` (``StepMetrics.time_s``);
-* ``rollout/*``: ``RolloutBatch.info`` as given by the loop (reward mean, accuracy, fraction of
-  groups kept, ...).
+
+``rollout/*`` (reward mean, accuracy, fraction of groups kept, engine counters, ...) are not
+part of it: the loop merges the batch source's ``StepBatch.record`` into the logged record.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ class StepMetrics:
     """Batch statistics."""
     time_s: dict[str, float] = field(default_factory=dict)
     """Seconds per phase; 'train' here, the loop adds 'rollout', 'reward', 'weight_sync'."""
-    rollout: dict[str, float] = field(default_factory=dict)
-    """``RolloutBatch.info`` passed through."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,7 +65,6 @@ class StepMetrics:
         out.update({f"batch/{k}": v for k, v in self.batch.items()})
         out.update({f"time/{k}_s": v for k, v in self.time_s.items()})
         out["time/tokens_per_s"] = self.tokens_per_s
-        out.update({f"rollout/{k}": v for k, v in self.rollout.items()})
         return out
 
 

@@ -3,7 +3,7 @@
 ``train.objective=ntp`` trains the same model, with the same optimizer, checkpoints and
 export, on the **train-split documents** of the same prepared directory, cut into windows of
 ``data.context_tokens`` tokens, with ordinary cross-entropy. It is the baseline the paper
-compares RPT against (RPT_PAPER.md section 6; docs/EVAL.md).
+compares RPT against (docs/METHOD.md §8; docs/EVAL.md).
 
 It runs through the RPT training step unchanged. A window ``x_0..x_{W-1}`` becomes a
 ``TrainSequence`` with prompt ``x_0``, response ``x_1..x_{W-1}``, advantage 1 on every token

@@ -1,4 +1,4 @@
-"""Everything the entry point checks and settles before any heavy work.
+"""Everything the entry point checks and settles before it builds the model and trains.
 
 ``check_run(cfg, world_size)`` (cheap: JSON files, a tokenizer at most, no model weights, no
 process group) raises ``InputError`` naming the setting for
@@ -18,7 +18,8 @@ is built, naming the setting to change. It runs when a GPU is present (its memor
 the device) or when a GPU memory is stated (tests, planning on a laptop).
 
 ``data_status`` tells whether ``data.prepared_dir`` holds data prepared with the run's data
-settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise.
+settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise: the one heavy step here, the whole
+data preparation, entropy scoring with the proxy model included.
 ``resolve_resume`` turns ``--resume auto|none|PATH`` into a checkpoint path or None.
 """
 

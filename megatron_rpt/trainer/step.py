@@ -156,7 +156,6 @@ class TrainStep:
             train=train_metrics,
             batch=stats,
             time_s={"train": time.perf_counter() - start},
-            rollout=dict(batch.info),
         )
         if not success:
             logger.warning(
@@ -452,7 +451,7 @@ def _check_shared_prefix(built: BuiltModel) -> None:
         logger.warning(
             "train.micro_batch_layout=shared_prefix on the Transformer Engine spec uses one "
             "variable-length TE attention call with a bottom-right causal mask; this path has "
-            "not been run on a GPU in this repository yet (tests/gpu/test_shared_prefix_te.py "
+            "not been run on a GPU in this repository yet (tests/gpu/test_shared_prefix_gpu.py "
             "checks it). train.micro_batch_layout=packed is the verified fallback."
         )
 

@@ -28,8 +28,8 @@ class WeightSyncConfig:
     WeightSyncError on every rank."""
     probe_tolerance: float = 0.1
     """Largest allowed mean |engine log-prob - trainer log-prob| (nats) over the probe tokens.
-    Healthy bf16 engines differ from the trainer by about 0.01-0.04 on average (ANCHORS.md
-    §4.5); broken weights by whole nats. Use ~1e-3 for fp32 on both sides."""
+    Healthy bf16 engines differ from the trainer by about 0.01-0.04 on average (the
+    train/rollout log-prob gap other RL stacks report); broken weights by whole nats. Use ~1e-3 for fp32 on both sides."""
     probe_prompt_tokens: int = 16
     """Length of the fixed probe prompt (token ids drawn once from probe_seed)."""
     probe_new_tokens: int = 8

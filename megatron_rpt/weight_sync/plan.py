@@ -163,11 +163,6 @@ class SyncPlan:
         """Bytes pushed to the engine per sync."""
         return sum(o.nbytes for o in self.hf_tensors())
 
-    @property
-    def gathered_bytes(self) -> int:
-        """Bytes of full Megatron tensors materialised per sync (over all buckets)."""
-        return sum(b.nbytes for b in self.buckets)
-
     def digest(self) -> str:
         """Hash of everything that decides the collectives (compared across ranks)."""
         text = repr(

@@ -7,7 +7,8 @@ Two complementary checks (``weight_sync.verify``), because they catch different 
   ``checksum_rows`` rows, or of the whole tensor in 'full' mode); afterwards it asks the engine
   for the same fingerprints of what it actually holds (``RolloutEngine.weight_checksums``).
   Any lost, reordered, stale, half-copied or overwritten bucket - the silent corruption
-  ANCHORS.md §4.1 lists (SGLang bucket races, pause/resume bugs) - changes at least one
+  users of other RL stacks have reported (SGLang bucket races, bugs after pause/resume, e.g.
+  sgl-project/sglang#14178 and #15246) - changes at least one
   fingerprint. It cannot see a conversion bug: the stream itself would be wrong.
 * **Probe** (every mode but 'none'; cheap, on by default): the engine decodes
   ``probe_new_tokens`` greedily after a fixed prompt and returns their log-probs; the trainer

@@ -3,7 +3,7 @@
 Why: sglang imports torchvision at module level for multimodal preprocessing only
 (``transforms``, ``InterpolationMode``, ``io.decode_jpeg``), reached from
 ``sglang.srt.managers.io_struct`` through its config registry. No CPU build of torchvision is on
-PyPI, and the CUDA build fails to import without CUDA libraries (DEPENDENCIES.md section 3.2).
+PyPI, and the CUDA build fails to import without CUDA libraries (docs/CPU.md).
 The request structs, serializer and tensor bucket that megatron_rpt uses never call torchvision.
 
 This module lives under tests/ only and is never shipped: ``install()`` registers a

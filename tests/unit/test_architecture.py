@@ -1,4 +1,4 @@
-"""Architecture rules enforced on the source tree (STYLE.md B.4.12).
+"""Architecture rules enforced on the source tree (the project's layering rules).
 
 * sglang and transformer_engine are imported only in their leaf modules;
 * megatron.core.parallel_state only in megatron_rpt/distributed.py;

@@ -46,7 +46,7 @@ def test_help_documents_every_option():
     flat = " ".join(out.split())
     docs = field_docs(DataConfig)
     for f in dataclasses.fields(DataConfig):
-        assert f"--{f.name} " in out, f.name
+        assert f"--{f.name.replace('_', '-')} " in out, f.name
         assert " ".join(docs[f.name].split()[:6]) in flat, f.name
     for opt in ("--out", "--overwrite", "--recipe", "--set"):
         assert opt in out
@@ -62,11 +62,11 @@ def test_end_to_end_on_a_jsonl_corpus(setup, tmp_path):
             str(setup["corpus"]),
             "--tokenizer",
             str(setup["model"]),
-            "--entropy_device",
+            "--entropy-device",
             "cpu",
-            "--entropy_threshold",
+            "--entropy-threshold",
             "1.0",
-            "--validation_fraction",
+            "--validation-fraction",
             "0.2",
             "--set",
             "data.entropy_window_tokens=256",
@@ -103,13 +103,13 @@ def _tool():
         ("missing", ["--corpus", "{tmp}/nope.jsonl"], r"nope.jsonl: corpus file not found"),
         (
             "field",
-            ["--corpus", "{corpus}", "--text_field", "body"],
+            ["--corpus", "{corpus}", "--text-field", "body"],
             r"corpus.jsonl:1: field 'body' \(data.text_field\) missing; keys present: text",
         ),
         ("utf8", ["--corpus", "{tmp}/bad.jsonl"], r"bad.jsonl:1: invalid UTF-8 at byte offset 10"),
         ("empty", ["--corpus", "{tmp}/empty.jsonl"], r"the corpus has no documents"),
-        ("zero", ["--corpus", "{corpus}", "--entropy_threshold", "50"], r"keeps 0 of \d+ eligible"),
-        ("value", ["--entropy_top_k", "many"], r"data.entropy_top_k: expected an integer"),
+        ("zero", ["--corpus", "{corpus}", "--entropy-threshold", "50"], r"keeps 0 of \d+ eligible"),
+        ("value", ["--entropy-top-k", "many"], r"data.entropy_top_k: expected an integer"),
         ("key", ["--set", "data.entropy_treshold=1"], r"did you mean 'data.entropy_threshold'"),
     ],
 )
@@ -123,7 +123,7 @@ def test_bad_input_gives_one_line_error_and_no_output(setup, tmp_path, capsys, c
     argv += [
         "--tokenizer",
         str(setup["model"]),
-        "--entropy_device",
+        "--entropy-device",
         "cpu",
         "--out",
         str(out),

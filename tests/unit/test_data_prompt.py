@@ -11,7 +11,7 @@ from megatron_rpt.data.config import PromptConfig
 from megatron_rpt.data.prompt import TEMPLATES, build_prompt, fill
 from megatron_rpt.errors import ConfigError
 
-# RPT paper, Table 10, v0 (RPT_PAPER.md section 2.1), typed in independently of the module.
+# RPT paper, Table 10, v0 (docs/METHOD.md §2), typed in independently of the module.
 PAPER_V0 = (
     "Complete the given text under '### Context' by predicting the next token, and wrap it in "
     "'\\boxed{}'. Please reason step by step to find the most probable next token as the final "

@@ -33,7 +33,7 @@ def test_help_documents_every_option():
     text = " ".join(build_parser().format_help().split())
     docs = field_docs(EvalConfig)
     for f in dataclasses.fields(EvalConfig):
-        assert f"--{f.name} " in text, f.name
+        assert f"--{f.name.replace('_', '-')} " in text, f.name
         assert " ".join(docs[f.name].split()[:6]) in text, f.name
     for opt in ("--model", "--data", "--corpus", "--out", "--set", "--hf-config"):
         assert opt in text
@@ -41,9 +41,9 @@ def test_help_documents_every_option():
 
 def _run(model, prepared, out, *extra):
     args = ["--model", f"tiny={model}", "--data", str(prepared), "--out", str(out),
-            "--mode", "both", "--difficulty_thresholds", "0.5,1.0,1.5", "--n_samples", "2",
-            "--pass_k", "2", "--max_new_tokens", "4", "--reasoning_max_positions", "6",
-            "--max_positions", "300", "--device", "cpu", "--set", "prompt.template=v2", *extra]  # fmt: skip
+            "--mode", "both", "--difficulty-thresholds", "0.5,1.0,1.5", "--n-samples", "2",
+            "--pass-k", "2", "--max-new-tokens", "4", "--reasoning-max-positions", "6",
+            "--max-positions", "300", "--device", "cpu", "--set", "prompt.template=v2", *extra]  # fmt: skip
     assert main(args) == 0
     return json.loads((out / "eval.json").read_text())
 
@@ -87,7 +87,7 @@ def test_bad_input_is_one_line(tiny, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools/eval_next_token.py"), "--model", f"tiny={model}",
-         "--data", str(prepared), "--out", str(out), "--difficulty_thresholds", "1.0,0.5,1.5"],
+         "--data", str(prepared), "--out", str(out), "--difficulty-thresholds", "1.0,0.5,1.5"],
         capture_output=True, text=True, env=ENV, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr

@@ -208,7 +208,7 @@ def test_plan_run_tool_prints_the_table(qwen14b_dir):
     rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("16", "64")]
     assert [r[0] for r in rows] == ["16", "64"]
     assert float(rows[1][-2]) < float(rows[0][-2])  # more nodes, shorter step
-    small = subprocess.run([*cmd, "--gpu_memory_gib", "30", "--strict"], capture_output=True,
+    small = subprocess.run([*cmd, "--gpu-memory-gib", "30", "--strict"], capture_output=True,
                            text=True, timeout=300)  # fmt: skip
     assert small.returncode == 1 and "DOES NOT FIT: change" in small.stdout
     assert math.isfinite(float(rows[0][-2]))

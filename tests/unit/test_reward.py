@@ -29,7 +29,7 @@ from megatron_rpt.reward import (
 
 
 def paper_reference_reward(pred: str | None, token_bytes: list[bytes]) -> float:
-    """RPT_PAPER.md section 3 pseudo-code: prefix of the completion bytes ending on a boundary."""
+    """The paper's Eq. 3 (docs/METHOD.md §4): prefix of the completion bytes ending on a boundary."""
     if pred is None:
         return 0.0
     try:

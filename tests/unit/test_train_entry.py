@@ -168,7 +168,7 @@ def _launch(echo_python, *args, **env):
 def test_launcher_default_runs_the_embedded_recipe_under_torchrun(echo_python):
     argv = _launch(echo_python, "--set", "train.steps=2")
     assert argv[:3] == ["-m", "torch.distributed.run", "--nnodes"]
-    assert "--standalone" in argv and argv[argv.index("--nproc_per_node") + 1] == "1"
+    assert "--standalone" in argv and argv[argv.index("--nproc-per-node") + 1] == "1"
     tail = argv[argv.index("megatron_rpt.train") + 1 :]
     assert tail == ["--recipe", f"{ROOT}/examples/smollm2_cpu/config.py:smollm2_cpu",
                     "--set", "train.steps=2"]  # fmt: skip
@@ -178,8 +178,8 @@ def test_launcher_multi_node(echo_python):
     argv = _launch(echo_python, "--recipe", "r.py:f", NNODES="2", NODE_RANK="1",
                    MASTER_ADDR="node0", MASTER_PORT="6000", GPUS_PER_NODE="8")  # fmt: skip
     opts = dict(zip(argv[2:12:2], argv[3:13:2], strict=True))
-    assert opts == {"--nnodes": "2", "--nproc_per_node": "8", "--node_rank": "1",
-                    "--master_addr": "node0", "--master_port": "6000"}  # fmt: skip
+    assert opts == {"--nnodes": "2", "--nproc-per-node": "8", "--node-rank": "1",
+                    "--master-addr": "node0", "--master-port": "6000"}  # fmt: skip
     assert argv[-3:] == ["megatron_rpt.train", "--recipe", "r.py:f"]
     assert "--standalone" not in argv
 
