@@ -72,8 +72,8 @@ class RolloutConfig:
     pushed through CUDA IPC); 'disaggregated' runs on separate GPUs (weights over NCCL)."""
     model: str | None = None
     """Initial engine weights (HF directory or 'embedded:smollm2'); default: the policy's."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """HF engine weight dtype."""
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
+    """HF engine weight dtype (the short names fp32/bf16/fp16 are read as torch's)."""
     device: str = "auto"
     """HF engine device: 'auto' (CUDA when available), 'cpu' or 'cuda[:i]'."""
     n_samples: int = 8
