@@ -37,7 +37,6 @@ import yaml
 from megatron_rpt.errors import ConfigError
 
 
-
 class ConfigTree(Protocol):
     """Any dataclass instance: ``RPTConfig``, one of its sections, or a tool's own config.
 
