@@ -135,6 +135,11 @@ def _get(cfg: RPTConfig, dotted: str) -> object:
     return getattr(getattr(cfg, section), name)
 
 
+def _set(cfg: RPTConfig, dotted: str, value: object) -> None:
+    section, name = dotted.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
 @rule
 def _check_dtypes(cfg: RPTConfig) -> None:
     for key, supported in _DTYPE_FIELDS.items():
@@ -305,32 +310,22 @@ def resolve(cfg: RPTConfig) -> RPTConfig:
     """
     out = replace(cfg)
     for key in _DTYPE_FIELDS:
-        section, name = key.split(".")
-        setattr(getattr(out, section), name, canonical_dtype(_get(out, key), key))  # type: ignore[arg-type]
+        _set(out, key, canonical_dtype(_get(out, key), key))  # type: ignore[arg-type]
     if out.weight_sync.dtype != "model":  # 'model': the trainer's parameter dtype
-        out.weight_sync.dtype = canonical_dtype(out.weight_sync.dtype, "weight_sync.dtype")  # type: ignore[assignment]
+        _set(out, "weight_sync.dtype", canonical_dtype(out.weight_sync.dtype, "weight_sync.dtype"))
     out.loss.tis = resolve_tis(out)
     out.train.micro_batch_layout = _resolve_layout(out)
     r = out.rollout
     r.block_contexts = r.block_contexts or max(1, r.max_batch_rows // r.n_samples)
-    changed = {
-        f"{section}.{key}": value
-        for section, values in _flat_changes(cfg, out).items()
-        for key, value in values.items()
-    }
+    keys = [
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(out)
+        for f in dataclasses.fields(getattr(out, s.name))
+    ]
+    changed = [f"{k}={_get(out, k)}" for k in keys if _get(cfg, k) != _get(out, k)]
     if changed:
-        logger.info("resolved: %s", ", ".join(f"{k}={v}" for k, v in changed.items()))
+        logger.info("resolved: %s", ", ".join(changed))
     return out
-
-
-def _flat_changes(before: RPTConfig, after: RPTConfig) -> dict[str, dict[str, object]]:
-    changes: dict[str, dict[str, object]] = {}
-    for f in dataclasses.fields(after):
-        old, new = getattr(before, f.name), getattr(after, f.name)
-        for g in dataclasses.fields(new):
-            if getattr(old, g.name) != getattr(new, g.name):
-                changes.setdefault(f.name, {})[g.name] = getattr(new, g.name)
-    return changes
 
 
 def resolve_tis(cfg: RPTConfig) -> bool:
