@@ -22,7 +22,6 @@ import dataclasses
 import importlib
 import importlib.util
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from megatron_rpt.model.config import (
     check_precision_config,
 )
 from megatron_rpt.reward.config import RewardConfig
-from megatron_rpt.rollout.config import RolloutConfig
+from megatron_rpt.rollout.config import RolloutConfig, validate_rollout_config
 from megatron_rpt.trainer.config import (
     CheckpointConfig,
     OptimizerConfig,
@@ -159,34 +158,7 @@ def _check_eval(cfg: RPTConfig) -> None:
 
 @rule
 def _check_rollout(cfg: RPTConfig) -> None:
-    r = cfg.rollout
-    if r.n_samples < 1:
-        raise ConfigError("rollout.n_samples must be >= 1")
-    if not math.isfinite(r.temperature) or r.temperature < 0:
-        raise ConfigError(f"rollout.temperature must be a finite number >= 0, got {r.temperature}")
-    if not 0 < r.top_p <= 1:
-        raise ConfigError("rollout.top_p must be in (0, 1]")
-    if r.max_new_tokens < 1:
-        raise ConfigError("rollout.max_new_tokens must be >= 1")
-    if r.max_batch_rows < 1:
-        raise ConfigError("rollout.max_batch_rows must be >= 1")
-    if r.engine == "hf" and r.mode != "colocated":
-        raise ConfigError("rollout.mode=disaggregated needs rollout.engine=sglang")
-    if not 0 < r.sglang.mem_fraction_static < 1:
-        raise ConfigError("rollout.sglang.mem_fraction_static must be in (0, 1)")
-    if r.sglang.tp_size < 1 or r.sglang.bucket_bytes < 1 or r.sglang.max_unfenced_buckets < 1:
-        raise ConfigError(
-            "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
-        )
-    if not r.timeout_s > 0:
-        raise ConfigError(f"rollout.timeout_s must be > 0, got {r.timeout_s}")
-    if r.max_restarts < 0:
-        raise ConfigError(f"rollout.max_restarts must be >= 0, got {r.max_restarts}")
-    for name in ("gpus_per_engine", "block_contexts"):
-        if getattr(r, name) is not None and getattr(r, name) < 1:
-            raise ConfigError(f"rollout.{name} must be >= 1 (or None), got {getattr(r, name)}")
-    if r.engine_gpu_offset < 0:
-        raise ConfigError(f"rollout.engine_gpu_offset must be >= 0, got {r.engine_gpu_offset}")
+    validate_rollout_config(cfg.rollout)
 
 
 @rule
