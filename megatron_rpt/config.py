@@ -8,8 +8,12 @@ and documents every field with a docstring under it. Runs are configured by
    returns an ``RPTConfig`` (see examples/),
 3. ``--set a.b=value`` overrides,
 
-then ``validate`` checks cross-field rules and the resolved config is written to the run
-directory as ``config.yaml``. Megatron's own argument parser is never used.
+then ``validate`` checks cross-field rules without changing anything, and ``resolve`` (run
+once by the entry point) returns a copy with every derived value settled (``loss.tis``,
+``train.micro_batch_layout=auto``, ``rollout.block_contexts``, the dtype spellings); that copy
+is logged and written to the run directory as ``config.yaml``. ``build_config`` is the one
+pipeline (defaults -> recipe -> YAML -> ``--set`` -> ``--init-from`` -> validate) the entry
+point, the tools and the tests share. Megatron's own argument parser is never used.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,7 +28,8 @@ from pathlib import Path
 
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig, validate_data_config
-from megatron_rpt.errors import ConfigError
+from megatron_rpt.dtypes import canonical_dtype
+from megatron_rpt.errors import CheckpointError, ConfigError
 from megatron_rpt.eval.config import EvalConfig, validate_eval_config
 from megatron_rpt.loss.config import LossConfig, validate_loss_config
 from megatron_rpt.model.config import (
@@ -37,11 +41,13 @@ from megatron_rpt.model.config import (
     check_precision_config,
 )
 from megatron_rpt.reward.config import RewardConfig
-from megatron_rpt.rollout.config import RolloutConfig
+from megatron_rpt.rollout.config import RolloutConfig, validate_rollout_config
 from megatron_rpt.trainer.config import (
     CheckpointConfig,
     OptimizerConfig,
     TrainConfig,
+    check_interleaved_schedule,
+    resolve_layout,
     validate_trainer_configs,
 )
 from megatron_rpt.trainer.rlp_config import RLPConfig, validate_rlp_config
@@ -107,6 +113,36 @@ def _check_model(cfg: RPTConfig) -> None:
     # Architecture-dependent checks (TP vs heads, PP vs layers) run when the model is built.
     check_model_config(cfg.model)
     check_parallel_config(cfg.parallel)
+    p = cfg.parallel
+    check_interleaved_schedule(
+        p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
+    )
+
+
+# Config fields naming a dtype, and the dtypes each supports (one vocabulary: megatron_rpt.dtypes).
+_DTYPE_FIELDS = {
+    "model.dtype": ("float32", "bfloat16"),
+    "rollout.dtype": ("float32", "bfloat16", "float16"),
+    "data.entropy_dtype": ("float32", "bfloat16"),
+    "eval.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def _get(cfg: RPTConfig, dotted: str) -> object:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _set(cfg: RPTConfig, dotted: str, value: object) -> None:
+    section, name = dotted.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+@rule
+def _check_dtypes(cfg: RPTConfig) -> None:
+    for key, supported in _DTYPE_FIELDS.items():
+        if canonical_dtype(_get(cfg, key), key) not in supported:  # type: ignore[arg-type]
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {list(supported)}")
 
 
 @rule
@@ -121,34 +157,7 @@ def _check_eval(cfg: RPTConfig) -> None:
 
 @rule
 def _check_rollout(cfg: RPTConfig) -> None:
-    r = cfg.rollout
-    if r.n_samples < 1:
-        raise ConfigError("rollout.n_samples must be >= 1")
-    if not math.isfinite(r.temperature) or r.temperature < 0:
-        raise ConfigError(f"rollout.temperature must be a finite number >= 0, got {r.temperature}")
-    if not 0 < r.top_p <= 1:
-        raise ConfigError("rollout.top_p must be in (0, 1]")
-    if r.max_new_tokens < 1:
-        raise ConfigError("rollout.max_new_tokens must be >= 1")
-    if r.max_batch_rows < 1:
-        raise ConfigError("rollout.max_batch_rows must be >= 1")
-    if r.engine == "hf" and r.mode != "colocated":
-        raise ConfigError("rollout.mode=disaggregated needs rollout.engine=sglang")
-    if not 0 < r.sglang.mem_fraction_static < 1:
-        raise ConfigError("rollout.sglang.mem_fraction_static must be in (0, 1)")
-    if r.sglang.tp_size < 1 or r.sglang.bucket_bytes < 1 or r.sglang.max_unfenced_buckets < 1:
-        raise ConfigError(
-            "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
-        )
-    if not r.timeout_s > 0:
-        raise ConfigError(f"rollout.timeout_s must be > 0, got {r.timeout_s}")
-    if r.max_restarts < 0:
-        raise ConfigError(f"rollout.max_restarts must be >= 0, got {r.max_restarts}")
-    for name in ("gpus_per_engine", "block_contexts"):
-        if getattr(r, name) is not None and getattr(r, name) < 1:
-            raise ConfigError(f"rollout.{name} must be >= 1 (or None), got {getattr(r, name)}")
-    if r.engine_gpu_offset < 0:
-        raise ConfigError(f"rollout.engine_gpu_offset must be >= 0, got {r.engine_gpu_offset}")
+    validate_rollout_config(cfg.rollout)
 
 
 @rule
@@ -188,9 +197,7 @@ def _check_objective(cfg: RPTConfig) -> None:
     if cfg.train.objective == "rlp":
         _check_rlp(cfg)
         return
-    loss = cfg.loss
-    if getattr(loss, "tis", None) is None:  # "auto" (where it exists): NTP has no rollouts
-        loss.tis = False
+    loss = cfg.loss  # loss.tis=None resolves to false here: NTP has no rollouts
     if loss.kl_coef or loss.entropy_coef or loss.tis or loss.aggregation != "token_mean":
         raise ConfigError(
             "train.objective=ntp is plain cross-entropy: it needs loss.kl_coef=0, "
@@ -245,35 +252,81 @@ def _check_precision(cfg: RPTConfig) -> None:
                 f"weight_sync.verify={cfg.weight_sync.verify} cannot check FP8 rollout weights on "
                 "the HF engine (it holds them dequantized); use weight_sync.verify=probe"
             )
-    resolve_tis(cfg)
-
-
-def resolve_tis(cfg: RPTConfig) -> RPTConfig:
-    """Set ``loss.tis`` when it is None: on when rollout and training precisions differ."""
-    if cfg.loss.tis is not None:
-        return cfg
-    from megatron_rpt.model.fp8 import training_precision
-    from megatron_rpt.weight_sync.fp8 import rollout_precision
-
-    train = training_precision(cfg.model.dtype, cfg.precision)
-    rollout = rollout_precision(cfg.rollout, cfg.precision)
-    cfg.loss.tis = rollout != train
-    logger.info(
-        "loss.tis resolved to %s: training computes in %s, the rollout engine in %s%s",
-        cfg.loss.tis, train, rollout or "an unknown precision (dtype 'auto')",
-        f" (token TIS, cap {cfg.loss.tis_cap})" if cfg.loss.tis else "",
-    )  # fmt: skip
-    return cfg
 
 
 def validate(cfg: RPTConfig) -> RPTConfig:
-    """Run every registered rule; the first failure raises ConfigError."""
+    """Run every registered rule; the first failure raises ConfigError. ``cfg`` is not
+    changed (derived values are ``resolve``'s job)."""
     for check in _RULES:
         check(cfg)
     from megatron_rpt.reward.registry import get_reward  # cheap, pure-Python
 
     get_reward(cfg.reward.name)
     return cfg
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def resolve(cfg: RPTConfig) -> RPTConfig:
+    """A copy of a validated ``cfg`` with every derived value settled (logged); idempotent.
+
+    * ``loss.tis`` None: false for NTP (no rollouts), else on when the rollout engine's
+      precision differs from the trainer's (``resolve_tis``);
+    * ``train.micro_batch_layout=auto``: shared_prefix on the local layer spec, packed on TE
+      (the spec ``model.spec=auto`` gets on this machine);
+    * ``rollout.block_contexts`` None: ``rollout.max_batch_rows // rollout.n_samples`` (>= 1);
+    * dtype fields (``model.dtype``, ``rollout.dtype``, ``data.entropy_dtype``, ``eval.dtype``,
+      ``weight_sync.dtype``) in torch's spelling (``bf16`` -> ``bfloat16``, megatron_rpt.dtypes).
+    """
+    out = replace(cfg)
+    for key in _DTYPE_FIELDS:
+        _set(out, key, canonical_dtype(_get(out, key), key))  # type: ignore[arg-type]
+    if out.weight_sync.dtype != "model":  # 'model': the trainer's parameter dtype
+        _set(out, "weight_sync.dtype", canonical_dtype(out.weight_sync.dtype, "weight_sync.dtype"))
+    out.loss.tis = resolve_tis(out)
+    out.train.micro_batch_layout = _resolve_layout(out)
+    r = out.rollout
+    r.block_contexts = r.block_contexts or max(1, r.max_batch_rows // r.n_samples)
+    keys = [
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(out)
+        for f in dataclasses.fields(getattr(out, s.name))
+    ]
+    changed = [f"{k}={_get(out, k)}" for k in keys if _get(cfg, k) != _get(out, k)]
+    if changed:
+        logger.info("resolved: %s", ", ".join(changed))
+    return out
+
+
+def resolve_tis(cfg: RPTConfig) -> bool:
+    """``loss.tis``, or when it is None: on when rollout and training precisions differ (logged)."""
+    if cfg.loss.tis is not None:
+        return cfg.loss.tis
+    if cfg.train.objective == "ntp":
+        return False
+    from megatron_rpt.model.fp8 import training_precision
+    from megatron_rpt.weight_sync.fp8 import rollout_precision
+
+    train = training_precision(cfg.model.dtype, cfg.precision)
+    rollout = rollout_precision(cfg.rollout, cfg.precision)
+    tis = rollout != train
+    logger.info(
+        "loss.tis resolved to %s: training computes in %s, the rollout engine in %s%s",
+        tis, train, rollout or "an unknown precision (dtype 'auto')",
+        f" (token TIS, cap {cfg.loss.tis_cap})" if tis else "",
+    )  # fmt: skip
+    return tis
+
+
+def _resolve_layout(cfg: RPTConfig) -> str:
+    """``train.micro_batch_layout`` for the layer spec ``model.spec`` gets here."""
+    from megatron_rpt import capabilities
+
+    spec = cfg.model.spec
+    if spec == "auto":  # as model/specs.py decides it; an unusable 'te' fails at build time
+        spec = "te" if capabilities.have_te() else "local"
+    return resolve_layout(cfg.train.micro_batch_layout, spec)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -308,15 +361,42 @@ def build_config(
     recipe: str | None = None,
     overrides: Iterable[str] = (),
     yaml_file: str | Path | None = None,
+    *,
+    init_from: str | None = None,
+    check: bool = True,
 ) -> RPTConfig:
-    """Defaults -> recipe -> YAML file -> overrides -> validate."""
+    """Defaults -> recipe -> YAML file -> overrides -> ``--init-from`` -> validate.
+
+    The one pipeline from command-line arguments to a config (entry point, tools, tests).
+    ``check=False`` skips validation (``--help-config`` lists a config being written).
+    """
     cfg = load_recipe(recipe)() if recipe else RPTConfig()
     if not isinstance(cfg, RPTConfig):
         raise ConfigError(f"--recipe {recipe!r} returned {type(cfg).__name__}, not RPTConfig")
     if yaml_file is not None:
         load_yaml(cfg, yaml_file)
     apply_overrides(cfg, overrides)
-    return validate(cfg)
+    if init_from:
+        apply_init_from(cfg, init_from)
+    return validate(cfg) if check else cfg
+
+
+def apply_init_from(cfg: RPTConfig, path: str) -> None:
+    """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
+    from megatron_rpt.model.checkpoint_io import find_checkpoint  # torch: only with --init-from
+
+    p = Path(path).expanduser()
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
+        return
+    try:
+        find_checkpoint(p)
+    except CheckpointError as exc:
+        raise ConfigError(
+            f"--init-from {path}: neither an HF model directory (config.json + *.safetensors) "
+            f"nor a Megatron checkpoint ({exc})"
+        ) from None
+    cfg.model.megatron_checkpoint = str(p)
 
 
 def save_config(cfg: RPTConfig, run_dir: str | Path) -> Path:

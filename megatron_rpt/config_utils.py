@@ -30,13 +30,24 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, Union
 
 import yaml
 
 from megatron_rpt.errors import ConfigError
 
-T = TypeVar("T")
+
+class ConfigTree(Protocol):
+    """Any dataclass instance: ``RPTConfig``, one of its sections, or a tool's own config.
+
+    These helpers walk fields generically and know no component (the config layer must not
+    import the components' configs), so a structural type is as precise as they can be.
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+
+T = TypeVar("T", bound=ConfigTree)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -171,7 +182,7 @@ def convert_value(raw: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
-def _unknown_key(cfg: Any, name: str, prefix: str) -> ConfigError:
+def _unknown_key(cfg: ConfigTree, name: str, prefix: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cfg)]
     full = f"{prefix}{name}"
     close = difflib.get_close_matches(name, names, n=1)
@@ -179,7 +190,7 @@ def _unknown_key(cfg: Any, name: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key '{full}'{hint}")
 
 
-def set_by_path(cfg: Any, dotted: str, raw: Any) -> None:
+def set_by_path(cfg: ConfigTree, dotted: str, raw: Any) -> None:
     """Set ``cfg.a.b.c = convert(raw)`` in place; errors name the full dotted key."""
     parts = dotted.split(".")
     node = cfg
@@ -222,7 +233,7 @@ def update_from_dict(cfg: T, data: Mapping[str, Any], prefix: str = "") -> T:
     return cfg
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def to_dict(cfg: ConfigTree) -> dict[str, Any]:
     """Plain nested dict (Paths and tuples made YAML-friendly)."""
 
     def clean(v: Any) -> Any:
@@ -237,7 +248,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return clean(dataclasses.asdict(cfg))
 
 
-def dump_yaml(cfg: Any, path: str | Path) -> None:
+def dump_yaml(cfg: ConfigTree, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
     from megatron_rpt.fileio import atomic_write_text
 
@@ -265,7 +276,7 @@ def load_yaml(cfg: T, path: str | Path) -> T:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+def describe(cfg: ConfigTree, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Rows of (dotted key, type, current value, doc) for every leaf field."""
     rows = []
     docs = field_docs(type(cfg))
@@ -281,7 +292,7 @@ def describe(cfg: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def format_description(cfg: Any) -> str:
+def format_description(cfg: ConfigTree) -> str:
     """Human-readable listing of every key, for ``--help-config``."""
     lines = []
     for key, tp, value, doc in describe(cfg):

@@ -20,12 +20,15 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_rpt import capabilities
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +37,9 @@ logger = logging.getLogger(__name__)
 class ParallelGroups:
     """Process groups and coordinates of this rank (built by ``initialize_model_parallel``)."""
 
-    tp_group: Any
-    pp_group: Any
-    dp_group: Any
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
     tp_rank: int
     pp_rank: int
     dp_rank: int
@@ -44,13 +47,13 @@ class ParallelGroups:
     pp_size: int
     dp_size: int
     vpp_size: int | None
-    pg_collection: Any
-    """megatron.core.process_groups_config.ProcessGroupCollection with every default group."""
-    cp_group: Any = None
+    pg_collection: ProcessGroupCollection
+    """Megatron's collection with every default group (tp, pp, dp, mp, ...)."""
+    cp_group: dist.ProcessGroup | None = None
     """Context-parallel group (ranks that hold parts of the same sequences); None: CP = 1."""
     cp_rank: int = 0
     cp_size: int = 1
-    dp_cp_group: Any = None
+    dp_cp_group: dist.ProcessGroup | None = None
     """Data x context-parallel group (where Megatron's DDP reduces gradients); None: CP = 1."""
 
     @property

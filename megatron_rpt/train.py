@@ -4,15 +4,15 @@
         --set train.steps=2 [--config run.yaml] [--resume auto|none|PATH] [--init-from DIR]
     torchrun --nproc-per-node 8 -m megatron_rpt.train --recipe ...   (or examples/pretrain_rpt.sh)
 
-Order of work: resolve the config (defaults -> recipe -> YAML -> --set -> --init-from ->
-validate), check the model, parallel layout, batch, engine and corpus (``trainer.preflight``;
-a mistake fails here with one line naming the setting, before anything heavy), on GPUs check
+Order of work: build the config (``config.build_config``: defaults -> recipe -> YAML -> --set
+-> --init-from -> validate) and settle its derived values (``config.resolve``, logged), check
+the model, parallel layout, batch, engine and corpus (``trainer.preflight``; a mistake fails
+here with one line naming the setting, before anything heavy), on GPUs check
 that the trainer and the colocated engine fit in memory (``preflight.check_memory``), start
 torch.distributed (torchrun's environment, NCCL on GPUs, gloo on CPU; a single process
 without torchrun), prepare the data on rank 0 if ``data.prepared_dir`` is missing or was made
-with other settings, train (``trainer.loop``; ``<run_dir>/config.yaml`` is written once a
-resume's checks passed), and export the
-final checkpoint as HF with ``checkpoint.export_hf_at_end``.
+with other settings, train (``trainer.loop``; the resolved config is written to ``<run_dir>/config.yaml`` once a
+resume's checks passed), and export the final checkpoint as HF with ``checkpoint.export_hf_at_end``.
 
 ``--resume auto`` (the default) continues from the newest complete checkpoint in
 ``<run_dir>/checkpoints`` when there is one (else from ``checkpoint.load`` if set), so running
@@ -33,11 +33,14 @@ import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from megatron_rpt.cli import FlagParser
 
 if TYPE_CHECKING:
+    from megatron_rpt.config import RPTConfig
+    from megatron_rpt.distributed import ParallelGroups
+    from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.trainer.engine_guard import EngineFactory
     from megatron_rpt.trainer.loop import PhaseHook
 
@@ -69,49 +72,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace, *, validate: bool = True) -> Any:
-    """Defaults -> recipe -> YAML -> overrides -> --init-from (-> validate)."""
-    from megatron_rpt import config as config_mod
-    from megatron_rpt.config_utils import apply_overrides, load_yaml
+def config_from_args(args: argparse.Namespace, *, check: bool = True) -> RPTConfig:
+    """``config.build_config`` over the command line (recipe, --config, --set, --init-from)."""
+    from megatron_rpt.config import build_config
 
-    cfg = config_mod.load_recipe(args.recipe)() if args.recipe else config_mod.RPTConfig()
-    if not isinstance(cfg, config_mod.RPTConfig):
-        raise config_mod.ConfigError(f"--recipe {args.recipe!r} did not return an RPTConfig")
-    if args.config:
-        load_yaml(cfg, args.config)
-    apply_overrides(cfg, args.set)
-    if args.init_from:
-        apply_init_from(cfg, args.init_from)
-    return config_mod.validate(cfg) if validate else cfg
+    return build_config(
+        args.recipe, args.set, args.config, init_from=args.init_from, check=check
+    )
 
 
-def apply_init_from(cfg: Any, path: str) -> None:
-    """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
-    from megatron_rpt.errors import CheckpointError, ConfigError
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    p = Path(path).expanduser()
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
-        cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
-        return
-    try:
-        find_checkpoint(p)
-    except CheckpointError as exc:
-        raise ConfigError(
-            f"--init-from {path}: neither an HF model directory (config.json + *.safetensors) "
-            f"nor a Megatron checkpoint ({exc})"
-        ) from None
-    cfg.model.megatron_checkpoint = str(p)
-
-
-def process_group_timeout(cfg: Any) -> timedelta:
+def process_group_timeout(r: RolloutConfig) -> timedelta:
     """Ranks wait in a collective while rank 0 generates (and restarts a failed engine)."""
-    r = cfg.rollout
     return timedelta(seconds=max(1800.0, (r.timeout_s + 600.0) * (r.max_restarts + 1)))
 
 
 @contextlib.contextmanager
-def distributed(cfg: Any) -> Iterator[Any]:
+def distributed(cfg: RPTConfig) -> Iterator[ParallelGroups]:
     """torch.distributed from torchrun's environment (or one process) + Megatron's groups.
 
     A process group that already exists (a test harness, a notebook) is used as it is and
@@ -128,7 +104,7 @@ def distributed(cfg: Any) -> Iterator[Any]:
     )
 
     backend = "nccl" if capabilities.have_cuda() else "gloo"
-    timeout = process_group_timeout(cfg)
+    timeout = process_group_timeout(cfg.rollout)
     owned = not dist.is_initialized()
     if owned and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
@@ -173,20 +149,21 @@ def main(
     if args.help_config:
         from megatron_rpt.config_utils import format_description
 
-        sys.stdout.write(format_description(resolve_config(args, validate=False)) + "\n")
+        sys.stdout.write(format_description(config_from_args(args, check=False)) + "\n")
         return 0
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    from megatron_rpt.config import resolve
     from megatron_rpt.trainer import preflight
 
-    cfg = resolve_config(args)
+    cfg = resolve(config_from_args(args))  # derived values settled once, logged
     hf_dir = preflight.check_run(cfg, world)
     preflight.check_memory(cfg, hf_dir, world)  # GPU only: before any model is built
     with _run_dir_lock(cfg, rank):
-        resume = preflight.resolve_resume(args.resume, cfg)
+        resume = preflight.resolve_resume(args.resume, cfg.run.run_dir, cfg.checkpoint.load)
         cfg.checkpoint.load = None if resume is None else str(resume)
         done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
         final = resume if done else None
@@ -200,7 +177,7 @@ def main(
     return 0
 
 
-def _run_dir_lock(cfg: Any, rank: int) -> contextlib.AbstractContextManager:
+def _run_dir_lock(cfg: RPTConfig, rank: int) -> contextlib.AbstractContextManager:
     """Rank 0 holds ``<run_dir>/.lock`` for the whole run: one writer per run directory."""
     from megatron_rpt.dir_lock import run_dir_lock
 
@@ -208,8 +185,8 @@ def _run_dir_lock(cfg: Any, rank: int) -> contextlib.AbstractContextManager:
 
 
 def _train(
-    cfg: Any,
-    groups: Any,
+    cfg: RPTConfig,
+    groups: ParallelGroups,
     hf_dir: Path,
     resume: Path | None,
     engine_factory: EngineFactory | None,
@@ -223,7 +200,7 @@ def _train(
     if dist.get_rank() == 0:
         Path(cfg.run.run_dir).mkdir(parents=True, exist_ok=True)
         # config.yaml is written by the run logger once a resume's checks passed.
-        preflight.ensure_prepared(cfg, hf_dir)
+        preflight.ensure_prepared(cfg.data, hf_dir)
         logger.info(
             "run %s: %s",
             cfg.run.run_dir,
@@ -237,7 +214,7 @@ def _train(
     return result.checkpoint or resume
 
 
-def _finish(cfg: Any, checkpoint: Path | None) -> None:
+def _finish(cfg: RPTConfig, checkpoint: Path | None) -> None:
     """HF export (when configured) and a summary of what the run left (rank 0)."""
     import torch.distributed as dist
 

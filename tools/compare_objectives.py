@@ -43,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate every model, write and print the table."""
-    from megatron_rpt.config import build_config
+    from megatron_rpt.config import build_config, resolve
     from megatron_rpt.eval.compare import compare_runs, markdown, write_comparison
     from megatron_rpt.eval.models import parse_model_args
 
     args = build_parser().parse_args(argv)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    cfg = build_config(args.recipe, args.overrides)
+    cfg = resolve(build_config(args.recipe, args.overrides))  # as train.py
     models = [(ref.name, ref.path) for ref in parse_model_args(args.model)]
     entries = compare_runs(
         models, args.data, eval_cfg=cfg.eval, data_cfg=cfg.data, prompt=cfg.prompt,

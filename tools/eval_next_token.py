@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, resolve models and positions, evaluate, write and print the report."""
-    from megatron_rpt.config import build_config
+    from megatron_rpt.config import build_config, resolve
     from megatron_rpt.eval.models import materialize, parse_model_args
     from megatron_rpt.eval.report import markdown_table, write_report
     from megatron_rpt.eval.runner import build_eval_set, default_engine_factory, evaluate
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     fields = config_option_overrides(args, "eval")
-    cfg = build_config(args.recipe, [*args.overrides, *fields])
+    cfg = resolve(build_config(args.recipe, [*args.overrides, *fields]))  # as train.py
     refs = parse_model_args(args.model)
     out = check_output_dir(args.out, overwrite=args.overwrite)
     eval_set = build_eval_set(

@@ -56,16 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point (see the module docstring)."""
     import dataclasses
 
+    from megatron_rpt.config import build_config, resolve
     from megatron_rpt.config_utils import apply_overrides
     from megatron_rpt.planning import ClusterSpec, PlanAssumptions, format_plan, plan_run
     from megatron_rpt.planning.cluster import PRESETS
     from megatron_rpt.planning.plan import format_scaling, read_plan_arch
-    from megatron_rpt.train import resolve_config
 
     args = build_parser().parse_args(argv)
-    cfg = resolve_config(
-        argparse.Namespace(recipe=args.recipe, config=args.config, set=args.set, init_from=None)
-    )
+    cfg = resolve(build_config(args.recipe, args.set, args.config))  # as the entry point
     cluster = ClusterSpec(**PRESETS.get(args.preset or "", {}))
     assume = PlanAssumptions()
     given = {k[len("field_") :]: v for k, v in vars(args).items() if k.startswith("field_") and v}

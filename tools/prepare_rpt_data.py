@@ -67,13 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build the config, prepare the data, print the summary."""
-    from megatron_rpt.config import build_config
+    from megatron_rpt.config import build_config, resolve
     from megatron_rpt.data.pipeline import prepare_data
 
     args = build_parser().parse_args(argv)
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # IndexedDataset chatter
     fields = config_option_overrides(args, "data")
-    cfg = build_config(args.recipe, [*args.overrides, *fields])
+    cfg = resolve(build_config(args.recipe, [*args.overrides, *fields]))  # as train.py
     out = Path(args.out or cfg.data.prepared_dir)
     summary = prepare_data(
         cfg.data, out, overwrite=args.overwrite, progress=False if args.no_progress else None

@@ -20,20 +20,19 @@ import torch
 
 from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.conversion.hf_io import HFWeights
+from megatron_rpt.dtypes import dtype_name, short_dtype
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import check_not_inside, check_output_dir
 from megatron_rpt.model.arch import read_arch
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
 
 def source_dtype(weights: HFWeights) -> str:
     """'fp32' or 'bf16' when all floating tensors of the checkpoint share it, else an error."""
     dtypes = {weights.dtype(n) for n in weights.names() if weights.dtype(n).is_floating_point}
-    if len(dtypes) == 1 and next(iter(dtypes)) in _DTYPE_NAMES:
-        return _DTYPE_NAMES[next(iter(dtypes))]
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float32, torch.bfloat16):
+        return short_dtype(dtype_name(next(iter(dtypes))))
     names = sorted(str(d).removeprefix("torch.") for d in dtypes)
     raise CheckpointError(
         f"{weights.dir}: weights are {names}; pass --dtype bf16 or --dtype fp32 to convert"

@@ -22,6 +22,7 @@ import torch
 
 from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
 from megatron_rpt.conversion.hf_io import SafetensorsShardWriter, copy_side_files
+from megatron_rpt.dtypes import canonical_dtype, dtype_name, short_dtype
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import (
     atomic_output_dir,
@@ -32,9 +33,6 @@ from megatron_rpt.fileio import (
 from megatron_rpt.model.arch import ArchSpec
 
 logger = logging.getLogger(__name__)
-
-_HF_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
-_TORCH_TO_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def convert_megatron_to_hf(
@@ -79,7 +77,7 @@ def convert_megatron_to_hf(
         dtype = ckpt.metadata.dtype
     else:
         saved = checkpoint_tensor_info(ckpt.model_dir, EMBEDDING_KEY)[1]
-        dtype = _TORCH_TO_NAME.get(saved, "fp32")
+        dtype = short_dtype(dtype_name(saved)) if saved == torch.bfloat16 else "fp32"
     model_cfg = ModelConfig(dtype=dtype, spec="local")  # type: ignore[arg-type]
     with single_process_group():
         groups = initialize_model_parallel(1, 1)
@@ -128,9 +126,9 @@ def write_hf_dir(
     config = json.loads((hf_source / "config.json").read_text())
     config["vocab_size"] = arch.vocab_size
     config["architectures"] = [arch.hf_architecture]
-    config["dtype"] = _HF_DTYPE[dtype]
+    config["dtype"] = canonical_dtype(dtype)  # HF's spelling
     if "torch_dtype" in config:
-        config["torch_dtype"] = _HF_DTYPE[dtype]
+        config["torch_dtype"] = canonical_dtype(dtype)
     atomic_write_json(out / "config.json", config)
     copy_side_files(hf_source, out, skip={"config.json"})
     return files

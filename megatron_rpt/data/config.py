@@ -71,8 +71,8 @@ class DataConfig:
     """Tokens each later window re-reads from the previous one without re-scoring them, so
     every position is scored with at least this much left context (window starts would
     otherwise look falsely high-entropy). At least 1 and below entropy_window_tokens."""
-    entropy_dtype: Literal["float32", "bfloat16"] = "float32"
-    """Proxy model dtype."""
+    entropy_dtype: Literal["float32", "bfloat16", "fp32", "bf16"] = "float32"
+    """Proxy model dtype (the short names fp32/bf16 are read as float32/bfloat16)."""
     entropy_device: str = "auto"
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
 

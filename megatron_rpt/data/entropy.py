@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_rpt.dtypes import torch_dtype
 from megatron_rpt.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,9 @@ class EntropyScorer:
 
         resolved = resolve_device(device)
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype(dtype, "data.entropy_dtype")
+            )
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: cannot load the entropy proxy model ({exc})") from None
         out = model.get_output_embeddings()

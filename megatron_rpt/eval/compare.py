@@ -21,12 +21,16 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from megatron_rpt.errors import DataError
+
+if TYPE_CHECKING:
+    from megatron_rpt.data.config import DataConfig, PromptConfig
+    from megatron_rpt.eval.config import EvalConfig
 
 FLOP_KEYS = ("total", "train", "rollout", "score")
 
@@ -102,8 +106,8 @@ def heldout_perplexity(
 
 
 def compare_runs(
-    models: list[tuple[str, str]], prepared_dir: str | Path, *, eval_cfg: Any, data_cfg: Any,
-    prompt: Any, window_tokens: int = 256,
+    models: list[tuple[str, str]], prepared_dir: str | Path, *, eval_cfg: EvalConfig,
+    data_cfg: DataConfig, prompt: PromptConfig, window_tokens: int = 256,
 ) -> list[Entry]:  # fmt: skip
     """Evaluate ``(name, run dir or model path)`` pairs on ``prepared_dir``'s validation data."""
     import dataclasses

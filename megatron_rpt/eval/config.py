@@ -68,8 +68,9 @@ class EvalConfig:
     """Reasoning-mode rollout engine: 'hf' (transformers, CPU or GPU), 'sglang' (GPU; uses
     rollout.sglang settings), or 'auto': SGLang when its runtime and a GPU are present, else
     HF."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype for standard-mode forwards and the HF rollout engine."""
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
+    """Weight dtype for standard-mode forwards and the HF rollout engine (fp32/bf16/fp16 are
+    read as torch's names)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu' or 'cuda[:i]'."""
     window_tokens: int | None = None

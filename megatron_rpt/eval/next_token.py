@@ -30,12 +30,10 @@ import numpy as np
 import torch
 
 from megatron_rpt.data.entropy import pack_by_length, plan_windows
+from megatron_rpt.dtypes import torch_dtype
 from megatron_rpt.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load_causal_lm(hf_dir: str | Path, *, dtype: str = "float32", device: str = "cpu"):  # noqa: ANN201
     """An HF ``*ForCausalLM`` in eval mode (safetensors only, no remote code)."""
@@ -43,7 +41,7 @@ def load_causal_lm(hf_dir: str | Path, *, dtype: str = "float32", device: str = 
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(hf_dir), dtype=_DTYPES[dtype], use_safetensors=True
+            str(hf_dir), dtype=torch_dtype(dtype, "eval.dtype"), use_safetensors=True
         )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{hf_dir}: cannot load the model ({exc})") from None

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from megatron_rpt.eval.metrics import (
 )
 from megatron_rpt.eval.models import ResolvedModel
 from megatron_rpt.rollout.types import RolloutEngine, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_rpt.data.config import DataConfig
+    from megatron_rpt.rollout.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,9 @@ def select_positions(eval_set: EvalSet, cfg: EvalConfig) -> tuple[EvalSet, EvalS
     return std, std.subset(idx)
 
 
-def default_engine_factory(cfg: EvalConfig, rollout_cfg: Any = None) -> EngineFactory:
+def default_engine_factory(
+    cfg: EvalConfig, rollout_cfg: RolloutConfig | None = None
+) -> EngineFactory:
     """HF engine over the already loaded model, or an SGLang server for ``eval.engine=sglang``."""
 
     def build(model: ResolvedModel, hf_model: Any, tokenizer: Any) -> RolloutEngine:
@@ -305,7 +311,7 @@ def _fmt(scores: dict[str, BucketScore]) -> str:
 def build_eval_set(
     refs: list[Any],
     eval_cfg: EvalConfig,
-    data_cfg: Any,
+    data_cfg: DataConfig,
     *,
     prepared_dir: str | None = None,
     split: str = "valid",
@@ -367,7 +373,7 @@ def _digest(tokenizer: Any) -> str:
     return ByteVocabulary.from_tokenizer(tokenizer).digest()
 
 
-def _scorer(path: Any, vocab_size: int, cfg: EvalConfig, data_cfg: Any) -> Any:
+def _scorer(path: Any, vocab_size: int, cfg: EvalConfig, data_cfg: DataConfig) -> Any:
     from megatron_rpt.data.entropy import EntropyScorer
 
     window = cfg.window_tokens or data_cfg.entropy_window_tokens

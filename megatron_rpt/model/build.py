@@ -32,12 +32,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_rpt import capabilities
 from megatron_rpt.distributed import ParallelGroups
+from megatron_rpt.dtypes import short_dtype, torch_dtype
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.model import fp8
 from megatron_rpt.model.arch import ArchSpec
@@ -51,9 +52,10 @@ from megatron_rpt.model.config import (
 )
 from megatron_rpt.model.specs import layer_spec, local_block_spec, resolve_spec_name
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,13 @@ class BuiltModel:
 
     chunks: list[torch.nn.Module]
     """One module per virtual pipeline stage on this rank (Float16Module-wrapped for bf16)."""
-    config: Any
-    """The megatron.core TransformerConfig."""
+    config: TransformerConfig
     arch: ArchSpec
     vocab: VocabSizes
     spec: str
     """'local' or 'te'."""
     dtype: str
-    """'bf16' or 'fp32'."""
+    """'bf16' or 'fp32' (Megatron's short name, as checkpoint metadata records it)."""
     hf_dir: Path | None = None
     """HF folder with the config.json and tokenizer the model came from, when known."""
 
@@ -120,7 +121,7 @@ def build_transformer_config(
     *,
     initialize: bool = True,
     precision: PrecisionConfig | None = None,
-) -> Any:
+) -> TransformerConfig:
     """The one place a megatron.core ``TransformerConfig`` is built (see module docstring).
 
     ``initialize=False`` skips Megatron's random initialisation (weights are loaded next).
@@ -136,7 +137,7 @@ def build_transformer_config(
     on_cpu = not capabilities.have_cuda()
     if on_cpu:
         _check_cpu_settings(model_cfg, parallel)
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = torch_dtype(model_cfg.dtype, "model.dtype")
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -310,7 +311,7 @@ def build_model(
         vocab.true,
         vocab.padded,
     )
-    return BuiltModel(chunks, config, arch, vocab, spec.name, model_cfg.dtype)
+    return BuiltModel(chunks, config, arch, vocab, spec.name, short_dtype(model_cfg.dtype))
 
 
 def _check_layout(parallel: ParallelConfig, groups: ParallelGroups) -> None:

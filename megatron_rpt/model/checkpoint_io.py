@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,10 @@ from megatron_rpt.model.safe_load import (
     failure_message,
     safe_byte_entries,
 )
+
+if TYPE_CHECKING:  # model/loading.py (above model/build.py) imports this module
+    from megatron_rpt.distributed import ParallelGroups
+    from megatron_rpt.model.build import BuiltModel
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +96,8 @@ class ResolvedCheckpoint:
     """'megatron_rpt' or 'megatron_lm'."""
 
 
-def metadata_for(built: Any, groups: Any, source: str) -> CheckpointMetadata:
-    """Metadata of a checkpoint of ``built`` (a BuiltModel) saved from the layout ``groups``."""
+def metadata_for(built: BuiltModel, groups: ParallelGroups, source: str) -> CheckpointMetadata:
+    """Metadata of a checkpoint of ``built`` saved from the layout ``groups``."""
     return CheckpointMetadata(
         architecture=built.arch.hf_architecture,
         dtype=built.dtype,

@@ -80,8 +80,9 @@ class ModelConfig:
     a converter/trainer checkpoint dir, a run's checkpoints dir (its latest), or a Megatron-LM
     dir with latest_checkpointed_iteration.txt (torch_dist format). A checkpoint with an hf/
     folder must describe the same architecture as hf_path."""
-    dtype: Literal["bf16", "fp32"] = "bf16"
-    """Parameter/compute dtype. bf16 wraps the model in Megatron's Float16Module."""
+    dtype: Literal["bfloat16", "float32", "bf16", "fp32"] = "bfloat16"
+    """Parameter/compute dtype (the short names bf16/fp32 are read as bfloat16/float32).
+    bfloat16 wraps the model in Megatron's Float16Module."""
     spec: Literal["auto", "local", "te"] = "auto"
     """Layer spec: 'te' (Transformer Engine), 'local' (Megatron-Core modules + torch SDPA core
     attention) or 'auto' (TE when it imports and a GPU is present, else local)."""

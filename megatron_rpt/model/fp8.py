@@ -48,11 +48,15 @@ This module and model/specs.py are the only ones that import ``transformer_engin
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_rpt import capabilities
+from megatron_rpt.dtypes import short_dtype
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.model.config import PrecisionConfig
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +188,7 @@ def recipe_support(recipe: str) -> tuple[bool, str]:
         return capability >= need, f"needs compute capability >= {need}, have {capability}"
 
 
-def token_alignment(config: Any) -> int:
+def token_alignment(config: TransformerConfig) -> int:
     """Multiple the token dimension of a micro-batch must have (1 without FP8).
 
     FP8 GEMMs need 16 (32 with mxfp8), as Megatron's ``get_fp8_align_size`` says.
@@ -200,10 +204,12 @@ def training_precision(model_dtype: str, precision: PrecisionConfig | None) -> s
     >>> training_precision("bf16", PrecisionConfig()), training_precision("bf16", PrecisionConfig(fp8="delayed"))
     ('bf16', 'fp8-delayed')
     """
-    return f"fp8-{precision.fp8}" if fp8_enabled(precision) else model_dtype  # type: ignore[union-attr]
+    if fp8_enabled(precision):
+        return f"fp8-{precision.fp8}"  # type: ignore[union-attr]
+    return short_dtype(model_dtype, "model.dtype")
 
 
-def describe(config: Any) -> str:
+def describe(config: TransformerConfig) -> str:
     """One line naming the resolved recipe of a built ``TransformerConfig`` (for the log)."""
     if not getattr(config, "fp8", None):
         return "FP8 off"

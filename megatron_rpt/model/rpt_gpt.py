@@ -29,7 +29,7 @@ gathers its input. Not supported with hidden output: multi-token prediction (its
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -37,12 +37,19 @@ from megatron.core.models.gpt import GPTModel
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.model.shared_prefix import SharedPrefixParams, rotary_rows_at
 
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
+
 
 class RPTGPTModel(GPTModel):
     """``GPTModel`` whose last stage can return final hidden states instead of logits."""
 
     def __init__(
-        self, config: Any, *args: Any, output_hidden_states: bool = True, **kwargs: Any
+        self,
+        config: TransformerConfig,
+        *args: Any,
+        output_hidden_states: bool = True,
+        **kwargs: Any,
     ) -> None:
         if output_hidden_states:
             _check_hidden_output_supported(config)
@@ -90,7 +97,7 @@ class RPTGPTModel(GPTModel):
         return self.output_layer.weight
 
 
-def _check_hidden_output_supported(config: Any) -> None:
+def _check_hidden_output_supported(config: TransformerConfig) -> None:
     if config.mtp_num_layers is not None:
         raise ConfigError(
             "model.transformer_overrides: mtp_num_layers is not supported by the RPT trainer "

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from megatron_rpt import capabilities
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.model.arch import ArchSpec
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,9 @@ def local_layer_spec(arch: ArchSpec) -> object:
     return spec
 
 
-def local_block_spec(layer: object, config: Any, vp_stage: int | None, pp_rank: int) -> object:
+def local_block_spec(
+    layer: object, config: TransformerConfig, vp_stage: int | None, pp_rank: int
+) -> object:
     """The decoder block of one pipeline chunk: ``layer`` repeated + a ``TorchNorm`` final norm.
 
     Given a layer spec, Megatron picks the block's final norm itself (``WrappedTorchNorm``

@@ -13,9 +13,12 @@ identical module (same class, same parameters, same numerics).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 
 class TorchNorm:
@@ -23,7 +26,7 @@ class TorchNorm:
 
     def __new__(  # noqa: D102 - Megatron builds norms as norm_cls(config=..., hidden_size=..., eps=...)
         cls,
-        config: Any,
+        config: TransformerConfig,
         hidden_size: int,
         eps: float = 1e-5,
         persist_layer_norm: bool = False,

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_rpt.config import RPTConfig
+from megatron_rpt.dtypes import canonical_dtype
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.eval.flops import ModelFlops
 from megatron_rpt.model.arch import ArchSpec
@@ -132,7 +133,7 @@ def trainer_shape(cfg: RPTConfig, world: int, work: timing.Workload) -> TrainerS
         cp=cp,
         dp=dp,
         sequence_parallel=p.sequence_parallel,
-        param_bytes=2 if cfg.model.dtype == "bf16" else 4,
+        param_bytes=2 if canonical_dtype(cfg.model.dtype) == "bfloat16" else 4,
         distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
         optimizer=cfg.optimizer.optimizer,
         sgd_momentum=cfg.optimizer.sgd_momentum,
@@ -168,7 +169,7 @@ def plan_run(
             f"{cluster.world_size} GPUs"
         )
     trainer = trainer_memory(arch, shape, padded_vocab(arch, cfg))
-    weight_bytes = 2 if cfg.rollout.dtype in ("bfloat16", "float16") else 4
+    weight_bytes = 2 if canonical_dtype(cfg.rollout.dtype) in ("bfloat16", "float16") else 4
     if cfg.precision.rollout_fp8:
         weight_bytes = 1
     seq_tokens = work.prompt_tokens + work.max_response_tokens
@@ -285,7 +286,7 @@ def read_plan_arch(cfg: RPTConfig, path: str | None) -> ArchSpec:
     from megatron_rpt.trainer.preflight import policy_hf_dir
 
     if path is None:
-        return read_arch(policy_hf_dir(cfg))
+        return read_arch(policy_hf_dir(cfg.model))
     p = Path(path)
     return read_arch(p.parent if p.is_file() else p)
 

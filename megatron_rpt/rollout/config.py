@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from megatron_rpt.errors import ConfigError
 
 
 @dataclass(kw_only=True)
@@ -72,8 +75,8 @@ class RolloutConfig:
     pushed through CUDA IPC); 'disaggregated' runs on separate GPUs (weights over NCCL)."""
     model: str | None = None
     """Initial engine weights (HF directory or 'embedded:smollm2'); default: the policy's."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """HF engine weight dtype."""
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"
+    """HF engine weight dtype (the short names fp32/bf16/fp16 are read as torch's)."""
     device: str = "auto"
     """HF engine device: 'auto' (CUDA when available), 'cpu' or 'cuda[:i]'."""
     n_samples: int = 8
@@ -136,3 +139,34 @@ class RolloutConfig:
             seed=seed,
             stop_at_final_box=self.stop_at_final_box,
         )
+
+
+def validate_rollout_config(r: RolloutConfig) -> None:
+    """Field ranges and combinations; raise ConfigError naming the field (``rollout.*``)."""
+    if r.n_samples < 1:
+        raise ConfigError("rollout.n_samples must be >= 1")
+    if not math.isfinite(r.temperature) or r.temperature < 0:
+        raise ConfigError(f"rollout.temperature must be a finite number >= 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError("rollout.top_p must be in (0, 1]")
+    if r.max_new_tokens < 1:
+        raise ConfigError("rollout.max_new_tokens must be >= 1")
+    if r.max_batch_rows < 1:
+        raise ConfigError("rollout.max_batch_rows must be >= 1")
+    if r.engine == "hf" and r.mode != "colocated":
+        raise ConfigError("rollout.mode=disaggregated needs rollout.engine=sglang")
+    if not 0 < r.sglang.mem_fraction_static < 1:
+        raise ConfigError("rollout.sglang.mem_fraction_static must be in (0, 1)")
+    if r.sglang.tp_size < 1 or r.sglang.bucket_bytes < 1 or r.sglang.max_unfenced_buckets < 1:
+        raise ConfigError(
+            "rollout.sglang.tp_size, bucket_bytes and max_unfenced_buckets must be >= 1"
+        )
+    if not r.timeout_s > 0:
+        raise ConfigError(f"rollout.timeout_s must be > 0, got {r.timeout_s}")
+    if r.max_restarts < 0:
+        raise ConfigError(f"rollout.max_restarts must be >= 0, got {r.max_restarts}")
+    for name in ("gpus_per_engine", "block_contexts"):
+        if getattr(r, name) is not None and getattr(r, name) < 1:
+            raise ConfigError(f"rollout.{name} must be >= 1 (or None), got {getattr(r, name)}")
+    if r.engine_gpu_offset < 0:
+        raise ConfigError(f"rollout.engine_gpu_offset must be >= 0, got {r.engine_gpu_offset}")

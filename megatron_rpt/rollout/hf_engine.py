@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rpt.dtypes import torch_dtype
 from megatron_rpt.errors import InputError
 from megatron_rpt.memory import StorageOffload
 from megatron_rpt.rollout.rank_shards import ShardPiece, assemble_shards
@@ -40,7 +41,6 @@ from megatron_rpt.rollout.types import (
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -102,19 +102,18 @@ class HFEngine:
 
         from megatron_rpt.assets import resolve_model_path
 
-        if dtype not in _DTYPES:
-            raise InputError(f"rollout.dtype: {dtype!r} is not one of {sorted(_DTYPES)}")
+        weights_dtype = torch_dtype(dtype, "rollout.dtype")  # ConfigError naming the field
         path = resolve_model_path(str(name_or_path))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         tokenizer = AutoTokenizer.from_pretrained(path)
         if load_weights:
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=_DTYPES[dtype], use_safetensors=True
+                path, dtype=weights_dtype, use_safetensors=True
             )
         else:
             model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(path), dtype=_DTYPES[dtype]
+                AutoConfig.from_pretrained(path), dtype=weights_dtype
             )
         return cls(model.to(device), tokenizer, max_batch_rows=max_batch_rows, spill_dir=spill_dir)
 

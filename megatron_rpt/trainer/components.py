@@ -20,12 +20,12 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
 from megatron_rpt.errors import ConfigError
-from megatron_rpt.rollout.placement import EnginePlacement, default_gpus_per_engine
+from megatron_rpt.rollout.placement import EnginePlacement, EngineSlot, default_gpus_per_engine
 from megatron_rpt.trainer.engine_guard import EngineFactory, EngineGuard
 from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.trainer.ntp import NTPSource, NTPWindows
@@ -34,20 +34,33 @@ from megatron_rpt.trainer.sampler import ContextSampler
 from megatron_rpt.trainer.step import TrainStep
 from megatron_rpt.weight_sync.fp8 import DequantizingEngine, rollout_quantization
 
+if TYPE_CHECKING:
+    from megatron_rpt.config import RPTConfig
+    from megatron_rpt.distributed import ParallelGroups
+    from megatron_rpt.rollout.config import RolloutConfig
+    from megatron_rpt.rollout.hf_engine import HFEngine
+    from megatron_rpt.rollout.types import RolloutEngine
+
 logger = logging.getLogger(__name__)
 
 
-def build_train_step(cfg: Any, groups: Any, resume: str | Path | None) -> TrainStep:
-    """Model + DDP + optimizer for ``cfg`` (an ``RPTConfig``); weights of ``resume`` if given."""
+def build_train_step(
+    cfg: RPTConfig, groups: ParallelGroups, resume: str | Path | None
+) -> TrainStep:
+    """Model + DDP + optimizer for a resolved ``cfg``; weights of ``resume`` if given."""
     model_cfg = cfg.model
     if resume is not None:  # read the checkpoint's weights once instead of the initial ones
         model_cfg = dataclasses.replace(cfg.model, megatron_checkpoint=str(resume))
     ntp = cfg.train.objective == "ntp"
-    return TrainStep.from_config(cfg, groups, model=model_cfg, temperature=1.0 if ntp else None)
+    return TrainStep.from_config(
+        groups, model=model_cfg, parallel=cfg.parallel, precision=cfg.precision,
+        optimizer=cfg.optimizer, train=cfg.train, loss=cfg.loss,
+        temperature=1.0 if ntp else cfg.rollout.temperature,
+    )  # fmt: skip
 
 
 def default_engine_factory(
-    cfg: Any, placement: EnginePlacement | None = None, engine: int = 0
+    cfg: RPTConfig, placement: EnginePlacement | None = None, engine: int = 0
 ) -> EngineFactory:
     """Builds engine ``engine`` of ``placement`` as ``cfg.rollout`` describes (on its lead rank)."""
     from megatron_rpt.assets import resolve_model_path
@@ -55,7 +68,7 @@ def default_engine_factory(
     path = resolve_model_path(cfg.rollout.model or cfg.model.hf_path)
     has_weights = any(path.glob("*.safetensors"))
 
-    def build() -> Any:
+    def build() -> RolloutEngine:
         if cfg.rollout.engine == "hf":
             engine = _hf_engine(path, cfg.rollout, has_weights)
             quantization = rollout_quantization(cfg.precision)
@@ -77,7 +90,9 @@ def default_engine_factory(
     return build
 
 
-def _sglang_server_of(rollout: Any, placement: EnginePlacement | None, engine: int) -> Any:
+def _sglang_server_of(
+    rollout: RolloutConfig, placement: EnginePlacement | None, engine: int
+) -> RolloutConfig:
     """``rollout`` with engine ``engine``'s GPUs (--tp-size, --base-gpu-id) and its own port.
 
     An engine wider than a node (the one-engine fallback) keeps ``rollout.sglang.tp_size``
@@ -102,7 +117,7 @@ def _sglang_server_of(rollout: Any, placement: EnginePlacement | None, engine: i
     return dataclasses.replace(rollout, sglang=sglang)
 
 
-def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
+def _hf_engine(path: Path, rollout: RolloutConfig, has_weights: bool) -> HFEngine:
     from megatron_rpt.rollout.hf_engine import HFEngine
 
     return HFEngine.from_pretrained(
@@ -112,7 +127,7 @@ def _hf_engine(path: Path, rollout: Any, has_weights: bool) -> Any:
 
 
 def build_source(
-    cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
+    cfg: RPTConfig, train_step: TrainStep, engine_factory: EngineFactory | None = None
 ) -> tuple[RolloutSource | NTPSource, EngineFleet | None]:
     """The batch source for ``cfg.train.objective`` and the engines it samples from (RPT)."""
     prepared = Path(cfg.data.prepared_dir)
@@ -133,7 +148,11 @@ def build_source(
     tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir)
     fleet = build_fleet(cfg, train_step, engine_factory)
     sampler = ContextSampler(len(store), cfg.run.seed)
-    source = RolloutSource(cfg, store, tokenizer, sampler, fleet.generate)
+    source = RolloutSource(
+        store, tokenizer, sampler, fleet.generate, rollout=cfg.rollout, prompt=cfg.prompt,
+        reward=cfg.reward, loss=cfg.loss, contexts_per_step=cfg.train.contexts_per_step,
+        seed=cfg.run.seed,
+    )  # fmt: skip
     if cfg.train.objective == "rlp":  # the same data, engines and sync; RLP's reward
         from megatron_rpt.trainer.rlp import RLPSource
 
@@ -142,18 +161,18 @@ def build_source(
                 "rollout.offload_trainer='all' cannot be used with train.objective=rlp: RLP "
                 "scores the thoughts with the trainer's model during rollout; use 'optimizer'"
             )
-        return RLPSource.wrap(cfg, source, train_step), fleet
+        return RLPSource.wrap(source, train_step, cfg.rlp), fleet
     return source, fleet
 
 
 def build_fleet(
-    cfg: Any, train_step: TrainStep, engine_factory: EngineFactory | None = None
+    cfg: RPTConfig, train_step: TrainStep, engine_factory: EngineFactory | None = None
 ) -> EngineFleet:
     """The run's engines (one per ``rollout.gpus_per_engine`` ranks) and their weight sync."""
     from megatron_rpt.weight_sync import WeightSync, sync_weights
 
     r, rank = cfg.rollout, dist.get_rank()
-    placement = fleet_placement(cfg, dist.get_world_size())
+    placement = fleet_placement(r, cfg.parallel.tensor_model_parallel_size, dist.get_world_size())
     crowded = _crowded_model_parallel_group(placement, train_step.groups)
     if crowded and r.gpus_per_engine is None:  # the default cannot work here: one engine
         logger.warning(
@@ -201,7 +220,7 @@ def build_fleet(
 
 
 def _engine_ranks(
-    placement: EnginePlacement, slot: Any, engine_kind: str, fp8_rollout: bool
+    placement: EnginePlacement, slot: EngineSlot, engine_kind: str, fp8_rollout: bool
 ) -> dict[str, Any]:
     """WeightSync's per-engine-rank arguments (collective: every rank creates every engine's
     group), or none for one-GPU engines, where the lead's payload is already its own GPU's.
@@ -222,19 +241,18 @@ def _engine_ranks(
     )  # fmt: skip
 
 
-def fleet_placement(cfg: Any, world_size: int) -> EnginePlacement:
-    """The engines' placement for ``cfg.rollout`` over ``world_size`` ranks."""
-    r = cfg.rollout
+def fleet_placement(r: RolloutConfig, tp_size: int, world_size: int) -> EnginePlacement:
+    """The engines' placement for ``rollout`` over ``world_size`` ranks at TP ``tp_size``."""
     local = os.environ.get("LOCAL_WORLD_SIZE")
     return EnginePlacement(
         world_size,
-        default_gpus_per_engine(r.gpus_per_engine, cfg.parallel.tensor_model_parallel_size),
+        default_gpus_per_engine(r.gpus_per_engine, tp_size),
         gpus_per_node=int(local) if local else None, mode=r.mode,
         engine_gpu_offset=r.engine_gpu_offset,
     )  # fmt: skip
 
 
-def _crowded_model_parallel_group(placement: EnginePlacement, groups: Any) -> list[int]:
+def _crowded_model_parallel_group(placement: EnginePlacement, groups: ParallelGroups) -> list[int]:
     """Lead ranks of a model-parallel group holding more than one (collective; [] if none)."""
     leads = set(placement.leads())
     mine = [r for r in dist.get_process_group_ranks(groups.pg_collection.mp) if r in leads]

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -59,6 +59,10 @@ from megatron_rpt.trainer.offload import TrainerOffload
 from megatron_rpt.trainer.run_logger import RunLogger
 from megatron_rpt.trainer.run_state import RunState
 from megatron_rpt.trainer.step_batch import BatchSource, StepBatch
+
+if TYPE_CHECKING:
+    from megatron_rpt.config import RPTConfig
+    from megatron_rpt.distributed import ParallelGroups
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +83,14 @@ class TrainResult:
 
 
 def run_training(
-    cfg: Any,
-    groups: Any,
+    cfg: RPTConfig,
+    groups: ParallelGroups,
     *,
     resume: str | Path | None = None,
     engine_factory: EngineFactory | None = None,
     on_phase: PhaseHook | None = None,
 ) -> TrainResult:
-    """Train ``cfg`` (an ``RPTConfig``) to ``train.steps``; collective over all ranks.
+    """Train ``cfg`` (resolved: ``config.resolve``) to ``train.steps``; collective over all ranks.
 
     ``resume``: a training checkpoint to continue from (weights, optimizer, data order).
     ``engine_factory`` replaces the engine ``rollout.engine`` describes. ``on_phase`` is
@@ -146,7 +150,10 @@ def run_training(
 
 
 def _build(
-    cfg: Any, groups: Any, resume: str | Path | None, engine_factory: EngineFactory | None
+    cfg: RPTConfig,
+    groups: ParallelGroups,
+    resume: str | Path | None,
+    engine_factory: EngineFactory | None,
 ) -> tuple[RunState, BatchSource, EngineFleet | None]:
     """The policy and the stateful parts (resumed), the batch source and its engines."""
     policy = build_train_step(cfg, groups, resume)

@@ -21,17 +21,24 @@ megatron_rpt/patches: CUDA device requests and CUDA type-string checks).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_rpt import patches
 from megatron_rpt.distributed import ParallelGroups
+from megatron_rpt.dtypes import torch_dtype
 from megatron_rpt.trainer.config import OptimizerConfig
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 
 def wrap_ddp(
-    chunks: list[torch.nn.Module], model_config: Any, groups: ParallelGroups, cfg: OptimizerConfig
+    chunks: list[torch.nn.Module],
+    model_config: TransformerConfig,
+    groups: ParallelGroups,
+    cfg: OptimizerConfig,
 ) -> list[torch.nn.Module]:
     """Megatron ``DistributedDataParallel`` around each model chunk (in place of the chunks)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -68,8 +75,8 @@ def megatron_optimizer_config(cfg: OptimizerConfig, dtype: str) -> Any:
         adam_eps=cfg.adam_eps,
         sgd_momentum=cfg.sgd_momentum,
         clip_grad=cfg.clip_grad,
-        bf16=dtype == "bf16",
-        params_dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+        bf16=torch_dtype(dtype) == torch.bfloat16,
+        params_dtype=torch_dtype(dtype),
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         overlap_param_gather=cfg.overlap_param_gather,
     )
@@ -137,7 +144,10 @@ def finalize_grads_without_token_scaling(
 
 
 def attach_to_schedules(
-    model_config: Any, ddp_chunks: list[torch.nn.Module], optimizer: Any, cfg: OptimizerConfig
+    model_config: TransformerConfig,
+    ddp_chunks: list[torch.nn.Module],
+    optimizer: Any,
+    cfg: OptimizerConfig,
 ) -> None:
     """Install the ``TransformerConfig`` hooks Megatron's schedules call (as Megatron-LM)."""
 

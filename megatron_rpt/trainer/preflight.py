@@ -28,9 +28,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from megatron_rpt.errors import CheckpointError, ConfigError, DataError, InputError
+
+if TYPE_CHECKING:
+    from megatron_rpt.config import RPTConfig
+    from megatron_rpt.data.config import DataConfig
+    from megatron_rpt.model.config import ModelConfig
+    from megatron_rpt.planning.plan import RunPlan
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +47,32 @@ _READ_TIME_KEYS = frozenset(
 )  # fmt: skip
 
 
-def policy_hf_dir(cfg: Any) -> Path:
+def policy_hf_dir(model: ModelConfig) -> Path:
     """HF directory giving the policy's architecture and tokenizer (errors name the setting)."""
     from megatron_rpt.assets import resolve_model_path
     from megatron_rpt.model.checkpoint_io import find_checkpoint
 
-    if cfg.model.megatron_checkpoint:
+    if model.megatron_checkpoint:
         try:
-            ckpt = find_checkpoint(cfg.model.megatron_checkpoint)
+            ckpt = find_checkpoint(model.megatron_checkpoint)
         except CheckpointError as exc:
             raise ConfigError(f"model.megatron_checkpoint: {exc}") from None
         if ckpt.hf_dir is not None:
             return ckpt.hf_dir
     try:
-        return resolve_model_path(cfg.model.hf_path)
+        return resolve_model_path(model.hf_path)
     except InputError as exc:
         raise ConfigError(f"model.hf_path: {exc}") from None
 
 
-def check_run(cfg: Any, world_size: int) -> Path:
+def check_run(cfg: RPTConfig, world_size: int) -> Path:
     """The checks listed in the module docstring; returns the policy's HF directory."""
     from megatron_rpt import capabilities
     from megatron_rpt.assets import resolve_model_path
     from megatron_rpt.model.arch import read_arch
     from megatron_rpt.model.build import check_parallel_fit
 
-    hf_dir = policy_hf_dir(cfg)
+    hf_dir = policy_hf_dir(cfg.model)
     check_parallel_fit(read_arch(hf_dir), cfg.parallel)
     p = cfg.parallel
     mp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
@@ -97,13 +103,13 @@ def check_run(cfg: Any, world_size: int) -> Path:
                 resolve_model_path(cfg.rollout.model)
             except InputError as exc:
                 raise ConfigError(f"rollout.model: {exc}") from None
-    status = data_status(cfg, hf_dir)
+    status = data_status(cfg.data, hf_dir)
     if status != "ok":
-        check_corpus(cfg)
+        check_corpus(cfg.data)
     return hf_dir
 
 
-def check_context_parallel(cfg: Any) -> None:
+def check_context_parallel(cfg: RPTConfig) -> None:
     """Context parallelism: a GPU with Transformer Engine, and a layout it composes with.
 
     CP splits every sequence over ``parallel.context_parallel_size`` ranks inside TE's
@@ -137,13 +143,13 @@ def check_context_parallel(cfg: Any) -> None:
 
 
 def check_memory(
-    cfg: Any,
+    cfg: RPTConfig,
     hf_dir: Path,
     world_size: int,
     *,
     gpu_memory_gib: float | None = None,
     gpus_per_node: int | None = None,
-) -> Any:
+) -> RunPlan | None:
     """Refuse a run that cannot fit in GPU memory (ConfigError naming the setting).
 
     Returns the ``RunPlan`` (logged), or None without a GPU and without ``gpu_memory_gib``.
@@ -176,12 +182,12 @@ def check_memory(
     return plan
 
 
-def check_corpus(cfg: Any) -> None:
+def check_corpus(data: DataConfig) -> None:
     """The corpus files exist (raises naming data.corpus)."""
     from megatron_rpt.data.readers import input_files
 
     try:
-        files = input_files(cfg.data)
+        files = input_files(data)
     except InputError as exc:
         raise ConfigError(f"data.corpus: {exc}") from None
     missing = [f for f in files if not Path(f).exists()]
@@ -189,19 +195,19 @@ def check_corpus(cfg: Any) -> None:
         raise ConfigError(f"data.corpus: {missing[0]} does not exist")
 
 
-def data_status(cfg: Any, hf_dir: Path) -> str:
+def data_status(data: DataConfig, hf_dir: Path) -> str:
     """'ok', 'missing', or 'differs: <why>' for ``data.prepared_dir``."""
     from megatron_rpt.config_utils import to_dict
     from megatron_rpt.data.store import read_meta
 
-    prepared = Path(cfg.data.prepared_dir)
+    prepared = Path(data.prepared_dir)
     if not (prepared / "meta.json").is_file():
         return "missing"
     try:
         meta = read_meta(prepared)
     except DataError as exc:
         return f"differs: {exc}"
-    want = {k: v for k, v in to_dict(cfg.data).items() if k not in _READ_TIME_KEYS}
+    want = {k: v for k, v in to_dict(data).items() if k not in _READ_TIME_KEYS}
     have = json.loads(json.dumps(meta.get("data_config", {})))
     changed = sorted(k for k, v in json.loads(json.dumps(want)).items() if have.get(k) != v)
     if changed:
@@ -217,33 +223,34 @@ def _tokenizer_digest(hf_dir: Path) -> str:
     return ByteVocabulary.from_tokenizer(load_tokenizer(str(hf_dir))).digest()
 
 
-def ensure_prepared(cfg: Any, hf_dir: Path) -> None:
+def ensure_prepared(data: DataConfig, hf_dir: Path) -> None:
     """Prepare ``data.prepared_dir`` unless it already matches (call on one rank)."""
     from megatron_rpt.data.pipeline import prepare_data
 
-    status = data_status(cfg, hf_dir)
+    status = data_status(data, hf_dir)
     if status == "ok":
-        logger.info("using prepared data in %s", cfg.data.prepared_dir)
+        logger.info("using prepared data in %s", data.prepared_dir)
         return
     if status != "missing":
-        logger.warning("data.prepared_dir=%s %s; preparing it again", cfg.data.prepared_dir, status)
-    logger.info("preparing %s into %s ...", cfg.data.corpus, cfg.data.prepared_dir)
+        logger.warning("data.prepared_dir=%s %s; preparing it again", data.prepared_dir, status)
+    logger.info("preparing %s into %s ...", data.corpus, data.prepared_dir)
     summary = prepare_data(
-        cfg.data, cfg.data.prepared_dir, overwrite=status != "missing", policy_tokenizer=str(hf_dir)
+        data, data.prepared_dir, overwrite=status != "missing", policy_tokenizer=str(hf_dir)
     )
-    logger.info("prepared data:\n%s", summary.format_table(tuple(cfg.data.difficulty_thresholds)))
+    logger.info("prepared data:\n%s", summary.format_table(tuple(data.difficulty_thresholds)))
 
 
-def resolve_resume(resume: str, cfg: Any) -> Path | None:
-    """The checkpoint to continue from for ``--resume auto|none|PATH`` (see the entry point)."""
+def resolve_resume(resume: str, run_dir: str, load: str | None) -> Path | None:
+    """The checkpoint to continue from for ``--resume auto|none|PATH`` (see the entry point):
+    the run's own latest in ``<run.run_dir>/checkpoints``, else ``checkpoint.load``."""
     from megatron_rpt.model.checkpoint_io import find_checkpoint
 
-    own_dir = Path(cfg.run.run_dir) / "checkpoints"
+    own_dir = Path(run_dir) / "checkpoints"
     if resume == "none":
         existing = _visible_entries(own_dir)
         if existing:
             raise ConfigError(
-                f"--resume none, but run.run_dir={cfg.run.run_dir} already has checkpoints "
+                f"--resume none, but run.run_dir={run_dir} already has checkpoints "
                 f"({existing[-1]}); use --resume auto to continue it, or another run.run_dir"
             )
         return None
@@ -251,9 +258,9 @@ def resolve_resume(resume: str, cfg: Any) -> Path | None:
         own = latest_checkpoint(own_dir)
         if own is not None:
             return own
-        if cfg.checkpoint.load is None:
+        if load is None:
             return None
-        resume = cfg.checkpoint.load
+        resume = load
     try:
         return find_checkpoint(resume).root
     except CheckpointError as exc:

@@ -38,7 +38,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,13 @@ from megatron_rpt.trainer.engine_guard import EngineFailure
 from megatron_rpt.trainer.rollout_source import GenerateFn, RolloutSource
 from megatron_rpt.trainer.sampler import ContextSampler, derive_seed
 from megatron_rpt.trainer.step_batch import StepBatch
+
+if TYPE_CHECKING:
+    from megatron_rpt.data.config import PromptConfig
+    from megatron_rpt.data.store import SampleStore
+    from megatron_rpt.rollout.config import RolloutConfig
+    from megatron_rpt.trainer.rlp_config import RLPConfig
+    from megatron_rpt.trainer.step import TrainStep
 
 logger = logging.getLogger(__name__)
 
@@ -90,24 +97,44 @@ class RLPStepBatch(StepBatch):
 class RLPSource:
     """The RLP batch source (the loop's ``BatchSource``, plus the EMA teacher's hooks)."""
 
-    def __init__(self, cfg: Any, store: Any, tokenizer: Any, sampler: ContextSampler,
-                 generate: GenerateFn, train_step: Any) -> None:  # fmt: skip
-        """``cfg`` is the run's ``RPTConfig``; ``store`` the train ``SampleStore``;
-        ``generate`` the engine fleet's (collective) generate function."""
-        self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
+    def __init__(
+        self,
+        store: SampleStore,
+        tokenizer: Any,
+        sampler: ContextSampler,
+        generate: GenerateFn,
+        train_step: TrainStep,
+        *,
+        rlp: RLPConfig,
+        rollout: RolloutConfig,
+        prompt: PromptConfig,
+        contexts_per_step: int,
+        seed: int,
+    ) -> None:
+        """``store``: the train ``SampleStore``; ``generate``: the engine fleet's (collective)
+        generate function; ``train_step`` scores the thoughts. The settings are the run's
+        ``rlp``, ``rollout`` (sampling), ``prompt`` configs, ``train.contexts_per_step`` and
+        ``run.seed``."""
+        self.store, self.tokenizer = store, tokenizer
         self.sampler, self.generate, self.train_step = sampler, generate, train_step
+        self.rlp, self.rollout, self.prompt = rlp, rollout, prompt
+        self.contexts_per_step, self.seed = contexts_per_step, seed
         g = train_step.groups
         # The teacher file of a (TP, PP) coordinate has one writer: DP rank 0 of CP rank 0
         # (context-parallel ranks hold the same weights, like data-parallel ones).
         self.teacher = EMATeacher(
-            train_step.model_modules, cfg.rlp.ema_decay,
+            train_step.model_modules, rlp.ema_decay,
             tp_rank=g.tp_rank, pp_rank=g.pp_rank, dp_rank=g.dp_rank * g.cp_size + g.cp_rank,
         )  # fmt: skip
 
     @classmethod
-    def wrap(cls, cfg: Any, source: RolloutSource, train_step: Any) -> RLPSource:
-        """Reuse an RPT ``RolloutSource``'s store, tokenizer, sampler and engines."""
-        return cls(cfg, source.store, source.tokenizer, source.sampler, source.generate, train_step)
+    def wrap(cls, source: RolloutSource, train_step: TrainStep, rlp: RLPConfig) -> RLPSource:
+        """Reuse an RPT ``RolloutSource``'s store, tokenizer, sampler, engines and settings."""
+        return cls(
+            source.store, source.tokenizer, source.sampler, source.generate, train_step, rlp=rlp,
+            rollout=source.rollout, prompt=source.prompt,
+            contexts_per_step=source.contexts_per_step, seed=source.seed,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ loop interface
 
@@ -141,18 +168,18 @@ class RLPSource:
     # ------------------------------------------------------------------ driver
 
     def _generate(self) -> tuple[list[ThoughtGroup], dict[str, Any]]:
-        cfg, n = self.cfg, self.cfg.train.contexts_per_step
+        n = self.contexts_per_step
         ids = self.sampler.take(n)
-        seed = derive_seed(cfg.run.seed, "rollout", self.sampler.consumed - n)
+        seed = derive_seed(self.seed, "rollout", self.sampler.consumed - n)
         samples = [self.store[i] for i in ids]
         prompts = [
-            build_prompt(self.store.context_text(s), self.tokenizer, cfg.prompt) for s in samples
+            build_prompt(self.store.context_text(s), self.tokenizer, self.prompt) for s in samples
         ]
         requests = [
             RolloutRequest(s.doc_id, s.position, tuple(p.ids))
             for s, p in zip(samples, prompts, strict=True)
         ]
-        params = cfg.rollout.sampling_params(seed=seed)
+        params = self.rollout.sampling_params(seed=seed)
         t0 = time.perf_counter()
         completions = self.generate(requests, params)
         t1 = time.perf_counter()
@@ -169,7 +196,7 @@ class RLPSource:
         return groups, record
 
     def _group(self, sample: Any, prompt: Any, completions: list[Any]) -> ThoughtGroup:
-        pc, close = self.cfg.prompt, self.cfg.rlp.thought_close
+        pc, close = self.prompt, self.rlp.thought_close
         opener = pc.think_opener if pc.open_think and prompt.text.endswith(pc.think_opener) else ""
         opener_ids = self._tokenize(opener) if opener else []
         special = set(self.tokenizer.all_special_ids)

@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,13 @@ from megatron_rpt.rollout.types import Completion, SamplingParams
 from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
 from megatron_rpt.trainer.sampler import ContextSampler, derive_seed
 from megatron_rpt.trainer.step_batch import StepBatch
+
+if TYPE_CHECKING:
+    from megatron_rpt.data.config import PromptConfig
+    from megatron_rpt.data.store import SampleStore
+    from megatron_rpt.loss.config import LossConfig
+    from megatron_rpt.reward.config import RewardConfig
+    from megatron_rpt.rollout.config import RolloutConfig
 
 GenerateFn = Callable[[Sequence[RolloutRequest], SamplingParams], list[list[Completion]]]
 """``generate(requests, params)``: ``params.n`` completions per request, in request order."""
@@ -74,11 +81,27 @@ class RolloutSource:
     """Contexts -> scored groups -> ``RolloutBatch`` (see the module docstring)."""
 
     def __init__(
-        self, cfg: Any, store: Any, tokenizer: Any, sampler: ContextSampler, generate: GenerateFn
+        self,
+        store: SampleStore,
+        tokenizer: Any,
+        sampler: ContextSampler,
+        generate: GenerateFn,
+        *,
+        rollout: RolloutConfig,
+        prompt: PromptConfig,
+        reward: RewardConfig,
+        loss: LossConfig,
+        contexts_per_step: int,
+        seed: int,
     ) -> None:
-        """``cfg`` is the run's ``RPTConfig``; ``store`` the train ``SampleStore``."""
-        self.cfg, self.store, self.tokenizer = cfg, store, tokenizer
+        """``store``: the train ``SampleStore``; ``generate``: the engine fleet's (collective)
+        generate function. The settings are the run's ``rollout`` (sampling), ``prompt``,
+        ``reward``, ``loss`` (advantages, dynamic sampling) configs, ``train.contexts_per_step``
+        and ``run.seed``."""
+        self.store, self.tokenizer = store, tokenizer
         self.sampler, self.generate = sampler, generate
+        self.rollout, self.prompt, self.reward, self.loss = rollout, prompt, reward, loss
+        self.contexts_per_step, self.seed = contexts_per_step, seed
         self._token_bytes = None  # completion mode: the policy's byte table, built once
 
     def after_step(self) -> None:
@@ -86,16 +109,13 @@ class RolloutSource:
 
     def next_batch(self, step: int) -> StepBatch:
         """The global batch of optimizer step ``step`` (0-based; collective through generate)."""
-        cfg = self.cfg
-        target = cfg.train.contexts_per_step
+        loss, target = self.loss, self.contexts_per_step
         filler = None
-        if dynamic_sampling_active(
-            cfg.loss.dynamic_sampling, cfg.loss.dynamic_sampling_start_step, step
-        ):
+        if dynamic_sampling_active(loss.dynamic_sampling, loss.dynamic_sampling_start_step, step):
             filler = DynamicBatchFiller(
                 target,
-                max_rounds=cfg.loss.dynamic_sampling_max_rounds,
-                on_max_rounds=cfg.loss.dynamic_sampling_on_max_rounds,
+                max_rounds=loss.dynamic_sampling_max_rounds,
+                on_max_rounds=loss.dynamic_sampling_on_max_rounds,
             )
         generated: list[Group] = []
         drawn: list[int] = []
@@ -103,7 +123,7 @@ class RolloutSource:
         need = target
         while True:
             ids = self.sampler.take(need)
-            seed = derive_seed(cfg.run.seed, "rollout", self.sampler.consumed - need)
+            seed = derive_seed(self.seed, "rollout", self.sampler.consumed - need)
             groups = self._round(ids, seed, times)
             generated += groups
             drawn += ids
@@ -127,10 +147,9 @@ class RolloutSource:
 
     def _round(self, ids: list[int], seed: int, times: dict[str, float]) -> list[Group]:
         """Prompts of ``ids``, their G responses each, scored."""
-        cfg = self.cfg
         samples = [self.store[i] for i in ids]
         prompts = [self._prompt(s) for s in samples]
-        params = cfg.rollout.sampling_params(seed=seed)
+        params = self.rollout.sampling_params(seed=seed)
         t0 = time.perf_counter()
         requests = [
             RolloutRequest(s.doc_id, s.position, tuple(p))
@@ -150,7 +169,7 @@ class RolloutSource:
         """Prompt ids and the assistant-turn prefix they end with (the reasoning opener)."""
         result = context_prompt(
             sample.context_ids, lambda: self.store.context_text(sample), self.tokenizer,
-            self.cfg.prompt,
+            self.prompt,
         )  # fmt: skip
         return result.ids, result.opener
 
@@ -162,20 +181,20 @@ class RolloutSource:
             continuation_ids=tuple(int(t) for t in sample.continuation_ids),
             tokenize=lambda s: self.tokenizer(s, add_special_tokens=False)["input_ids"],
         )
-        mode = self.cfg.prompt.mode
+        mode = self.prompt.mode
         if mode == "completion" and self._token_bytes is None:
             from megatron_rpt.data.tokens import token_byte_table
 
             self._token_bytes = token_byte_table(self.tokenizer)
         reader = ResponseReader.for_prompt(mode, opener, self.tokenizer, self._token_bytes)
         rewards, formatted = score_group(
-            completions, target, reader, reward_name=self.cfg.reward.name,
-            require_think_close=self.cfg.reward.require_think_close,
+            completions, target, reader, reward_name=self.reward.name,
+            require_think_close=self.reward.require_think_close,
         )  # fmt: skip
         return Group(sample, list(prompt_ids), completions, rewards, formatted)
 
     def _make_batch(self, groups: Sequence[Group]) -> RolloutBatch:
-        loss = self.cfg.loss
+        loss = self.loss
         adv_BG = grpo_advantages(
             _rewards_BG(groups), std_normalize=loss.advantage_std_normalize, eps=loss.advantage_eps
         )

@@ -37,6 +37,7 @@ from megatron_rpt.errors import ConfigError
 from megatron_rpt.loss.config import LossConfig
 from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, finalize_metrics
 from megatron_rpt.model.build import BuiltModel
+from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_rpt.model.fp8 import token_alignment
 from megatron_rpt.trainer import optimizer as optim
 from megatron_rpt.trainer.batch import (
@@ -48,7 +49,12 @@ from megatron_rpt.trainer.batch import (
     plan_batch,
     rank_micro_batches,
 )
-from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+from megatron_rpt.trainer.config import (
+    OptimizerConfig,
+    TrainConfig,
+    check_interleaved_schedule,
+    resolve_layout,
+)
 from megatron_rpt.trainer.context_parallel import padded_width, split_micro_batch
 from megatron_rpt.trainer.cp_gather import gather_response_values
 from megatron_rpt.trainer.forward import LossContext, forward_step, logprob_step
@@ -103,32 +109,33 @@ class TrainStep:
     @classmethod
     def from_config(
         cls,
-        cfg: Any,
         groups: ParallelGroups,
         *,
-        model: Any = None,
-        temperature: float | None = None,
+        model: ModelConfig,
+        parallel: ParallelConfig,
+        precision: PrecisionConfig,
+        optimizer: OptimizerConfig,
+        train: TrainConfig,
+        loss: LossConfig,
+        temperature: float,
     ) -> TrainStep:
-        """Build the model from ``cfg.model`` / ``cfg.parallel`` and wrap it (an ``RPTConfig``).
+        """Build the model from ``model`` / ``parallel`` / ``precision`` and wrap it.
 
         Initial weights come from ``model.hf_path`` or ``model.megatron_checkpoint``; resume
         from a training checkpoint with ``trainer.checkpoint.load_training_checkpoint``.
-        ``model`` replaces ``cfg.model`` and ``temperature`` ``cfg.rollout.temperature``.
+        ``loss`` comes from a resolved config (``megatron_rpt.config.resolve`` decides
+        ``loss.tis``); ``temperature`` is the sampling temperature (1 for NTP).
         """
-        from megatron_rpt.config import resolve_tis
         from megatron_rpt.model.loading import build_pretrained
 
-        resolve_tis(cfg)  # loss.tis=None: decided by the precision settings (logged)
-        built = build_pretrained(
-            model or cfg.model, cfg.parallel, groups, output="hidden", precision=cfg.precision
-        )
+        if loss.tis is None:
+            raise ConfigError(
+                "loss.tis=None (auto) is decided by megatron_rpt.config.resolve(cfg) from the "
+                "precision settings; resolve the config before building the TrainStep"
+            )
+        built = build_pretrained(model, parallel, groups, output="hidden", precision=precision)
         return cls(
-            built,
-            groups,
-            optimizer=cfg.optimizer,
-            train=cfg.train,
-            loss=cfg.loss,
-            temperature=cfg.rollout.temperature if temperature is None else temperature,
+            built, groups, optimizer=optimizer, train=train, loss=loss, temperature=temperature
         )
 
     # ------------------------------------------------------------------ public API
@@ -362,16 +369,8 @@ def _align_width(mb: MicroBatch, multiple: int) -> MicroBatch:
 def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) -> None:
     from megatron_rpt.model.rpt_gpt import RPTGPTModel
 
-    if groups.vpp_size and groups.pp_size == 2:
-        # With two stages the previous and next pipeline rank are the same process, and the
-        # interleaved schedule's bidirectional exchange pairs its two sends/receives in the
-        # wrong order: activations and gradients are swapped silently (measured here: a grad
-        # norm of 14.09 instead of 3.23). Megatron-LM PR #5271 / issue #5100.
-        raise ConfigError(
-            "parallel.virtual_pipeline_model_parallel_size needs "
-            "parallel.pipeline_model_parallel_size >= 3 for training: Megatron-Core 0.16.1's "
-            "interleaved schedule swaps activations and gradients at PP=2 (Megatron-LM #5271)"
-        )
+    # validate() refuses this config; a TrainStep built without it is refused here too.
+    check_interleaved_schedule(groups.pp_size, groups.vpp_size)
     modules = [unwrap_model(chunk) for chunk in built.chunks]
     if not all(isinstance(m, RPTGPTModel) and m.output_hidden_states for m in modules):
         raise ValueError(
@@ -383,17 +382,6 @@ def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) 
             f"rollout.temperature={temperature}: training needs the sampling distribution "
             "softmax(logits / T) with T > 0 (greedy rollouts have no log-probs to train on)"
         )
-
-
-def resolve_layout(layout: str, spec: str) -> str:
-    """``train.micro_batch_layout`` with 'auto' resolved for the model's layer spec.
-
-    >>> resolve_layout("auto", "local"), resolve_layout("auto", "te"), resolve_layout("padded", "te")
-    ('shared_prefix', 'packed', 'padded')
-    """
-    if layout != "auto":
-        return layout
-    return "shared_prefix" if spec == "local" else "packed"
 
 
 def _check_context_parallel(built: BuiltModel, layout: str, groups: ParallelGroups) -> None:

@@ -8,7 +8,7 @@ from typing import Literal
 from megatron_rpt.errors import ConfigError
 
 VerifyMode = Literal["none", "probe", "checksum", "full"]
-PushDtype = Literal["model", "fp32", "bf16", "fp16"]
+PushDtype = Literal["model", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,7 @@ class WeightSyncConfig:
     """verify='checksum': rows (dim 0) of each tensor hashed on both sides."""
     dtype: PushDtype = "model"
     """Dtype of the pushed HF tensors: 'model' (the trainer's parameter dtype) or an explicit
-    'fp32' / 'bf16' / 'fp16' (converted after gathering)."""
+    'float32' / 'bfloat16' / 'float16' (or fp32 / bf16 / fp16; converted after gathering)."""
 
 
 def validate_weight_sync_config(cfg: WeightSyncConfig, prefix: str = "weight_sync") -> None:

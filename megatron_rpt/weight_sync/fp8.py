@@ -42,12 +42,17 @@ import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from megatron_rpt.dtypes import short_dtype
 from megatron_rpt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_rpt.model.config import PrecisionConfig
+    from megatron_rpt.rollout.config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
@@ -179,24 +184,23 @@ def scale_name(weight_name: str) -> str:
     return weight_name.removesuffix(".weight") + SCALE_SUFFIX
 
 
-def rollout_quantization(precision: Any) -> BlockFP8 | None:
+def rollout_quantization(precision: PrecisionConfig | None) -> BlockFP8 | None:
     """The ``BlockFP8`` a ``PrecisionConfig`` asks for (None when ``rollout_fp8`` is off)."""
     if precision is None or not precision.rollout_fp8:
         return None
     return BlockFP8(precision.rollout_fp8_block_size, precision.rollout_fp8_pow2_scales)
 
 
-_ENGINE_DTYPES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-_ENGINE_DTYPES["half"] = "fp16"
-
-
-def rollout_precision(rollout_cfg: Any, precision: Any) -> str | None:
+def rollout_precision(rollout_cfg: RolloutConfig, precision: PrecisionConfig | None) -> str | None:
     """Label of the rollout engine's weight numerics ('bf16', 'fp8-block128', ...), None when
     unknown (SGLang's dtype 'auto' follows the served checkpoint)."""
     if precision is not None and precision.rollout_fp8:
         return f"fp8-block{precision.rollout_fp8_block_size}"
     dtype = rollout_cfg.dtype if rollout_cfg.engine == "hf" else rollout_cfg.sglang.dtype
-    return _ENGINE_DTYPES.get(dtype)
+    try:
+        return short_dtype(dtype)
+    except ConfigError:  # 'auto' (or a name SGLang knows and we do not)
+        return None
 
 
 # ----------------------------------------------------------------------------- streams

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt.distributed import ParallelGroups
+from megatron_rpt.dtypes import torch_dtype
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.rollout.types import RolloutEngine
 from megatron_rpt.weight_sync.config import WeightSyncConfig
@@ -72,7 +73,6 @@ from megatron_rpt.weight_sync.verify import (
 
 logger = logging.getLogger(__name__)
 
-_PUSH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 Tamper = Callable[[int, list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]]
 """Test hook: (bucket index, tensors) -> tensors actually pushed, applied after fingerprints
@@ -133,7 +133,7 @@ def build_plan(
         padded_vocab=built.vocab.padded,
         tp_size=groups.tp_size,
         bucket_bytes=cfg.bucket_bytes,
-        push_dtype=None if cfg.dtype == "model" else _PUSH_DTYPES[cfg.dtype],
+        push_dtype=None if cfg.dtype == "model" else torch_dtype(cfg.dtype, "weight_sync.dtype"),
         quantization=quantization,
     )
     digests: list[Any] = [None] * dist.get_world_size()

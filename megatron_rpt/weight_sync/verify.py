@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.rollout.types import RolloutEngine, SamplingParams, tensor_fingerprint
 
@@ -91,7 +91,7 @@ def engine_probe(
 
 
 def trainer_logprobs(
-    built: BuiltModel, groups: Any, prompt: Sequence[int], response: Sequence[int]
+    built: BuiltModel, groups: ParallelGroups, prompt: Sequence[int], response: Sequence[int]
 ) -> list[float] | None:
     """Log-probs of ``response`` after ``prompt`` under the Megatron model (fp32 logits).
 

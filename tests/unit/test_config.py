@@ -140,3 +140,92 @@ def test_binary_config_file_is_one_error(tmp_path):
     bad.write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(ConfigError, match="bad.yaml: not a UTF-8 text file"):
         load_yaml(RPTConfig(), bad)
+
+
+# ----------------------------------------------------------------------------- validate / resolve
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["train.objective=ntp", "loss.kl_coef=0"],
+        ["precision.rollout_fp8=true", "model.dtype=bf16", "rollout.dtype=fp32"],
+        ["prompt.mode=completion", "rollout.stop_at_final_box=false"],
+    ],
+)
+def test_validate_does_not_change_the_config(overrides):
+    import copy
+
+    cfg = apply_overrides(RPTConfig(), overrides)
+    before = copy.deepcopy(cfg)
+    assert validate(cfg) is cfg and cfg == before  # loss.tis, layout and dtypes untouched
+
+
+def test_resolve_settles_derived_values_in_a_copy():
+    from megatron_rpt import capabilities
+    from megatron_rpt.config import resolve
+
+    cfg = validate(apply_overrides(RPTConfig(), ["model.dtype=bf16", "weight_sync.dtype=fp16"]))
+    resolved = resolve(cfg)
+    assert cfg.loss.tis is None and cfg.train.micro_batch_layout == "auto"  # input untouched
+    assert cfg.model.dtype == "bf16" and cfg.rollout.block_contexts is None
+    assert resolved.loss.tis is True  # the bf16 trainer vs the fp32 HF engine
+    layout = "packed" if capabilities.have_te() else "shared_prefix"
+    assert resolved.train.micro_batch_layout == layout
+    assert resolved.rollout.block_contexts == resolved.rollout.max_batch_rows // 8
+    assert (resolved.model.dtype, resolved.weight_sync.dtype) == ("bfloat16", "float16")
+    assert resolve(resolved) == resolved and validate(resolved) == resolved
+    ntp = resolve(validate(apply_overrides(RPTConfig(), ["train.objective=ntp"])))
+    assert ntp.loss.tis is False  # no rollouts to correct
+
+
+def test_resolved_config_round_trips_through_config_yaml(tmp_path: Path):
+    from megatron_rpt.config import resolve
+
+    resolved = resolve(build_config(overrides=["train.micro_batch_layout=padded"]))
+    path = save_config(resolved, tmp_path)
+    assert load_yaml(RPTConfig(), path) == resolved
+    assert "tis: true" in path.read_text() and "micro_batch_layout: padded" in path.read_text()
+
+
+def test_dtype_fields_take_both_spellings():
+    from megatron_rpt.config import resolve
+    from megatron_rpt.dtypes import canonical_dtype, dtype_name, short_dtype, torch_dtype
+
+    short = ["model.dtype=fp32", "rollout.dtype=bf16", "data.entropy_dtype=bf16",
+             "eval.dtype=fp16", "weight_sync.dtype=bf16"]  # fmt: skip
+    long = ["model.dtype=float32", "rollout.dtype=bfloat16", "data.entropy_dtype=bfloat16",
+            "eval.dtype=float16", "weight_sync.dtype=bfloat16"]  # fmt: skip
+    a = resolve(build_config(overrides=short))
+    assert a == resolve(build_config(overrides=long))
+    assert (a.model.dtype, a.rollout.dtype, a.eval.dtype) == ("float32", "bfloat16", "float16")
+    for name in ("float32", "bfloat16", "float16"):
+        assert torch_dtype(name) == torch_dtype(short_dtype(name))
+        assert dtype_name(torch_dtype(name)) == name == canonical_dtype(short_dtype(name))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model", "int8", "model.dtype: 'int8' is not a dtype"),
+        ("model", "float16", "model.dtype: 'float16' is not one of"),
+        ("data", "fp16", "data.entropy_dtype: 'fp16' is not one of"),
+    ],
+)
+def test_a_recipe_dtype_outside_the_vocabulary_names_the_field(field, value, message):
+    cfg = RPTConfig()
+    setattr(cfg.model if field == "model" else cfg.data,
+            "dtype" if field == "model" else "entropy_dtype", value)  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_virtual_stages_at_two_pipeline_stages_are_refused_before_any_model():
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size >= 3 for training"):
+        build_config(
+            overrides=[
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+            ]
+        )

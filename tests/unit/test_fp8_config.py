@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 
-from megatron_rpt.config import RPTConfig, validate
+from megatron_rpt.config import RPTConfig, resolve, validate
 from megatron_rpt.config_utils import apply_overrides
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.model import fp8
@@ -196,10 +196,12 @@ def test_build_applies_the_recipe_and_logs_it(monkeypatch, caplog):
 def test_tis_follows_the_precision_gap_unless_set(overrides, tis, caplog):
     cfg = apply_overrides(RPTConfig(), overrides)
     with caplog.at_level(logging.INFO, logger="megatron_rpt.config"):
-        assert validate(cfg).loss.tis is tis
+        resolved = resolve(validate(cfg))
+    assert resolved.loss.tis is tis
+    assert cfg.loss.tis is (False if "loss.tis=false" in overrides else None)  # validate: pure
     if "loss.tis=false" not in overrides:
         assert f"loss.tis resolved to {tis}: training computes in" in caplog.text
-    assert validate(cfg).loss.tis is tis  # idempotent
+    assert resolve(resolved) == resolved  # idempotent
 
 
 def test_checkpoints_and_exports_stay_in_model_dtype_under_fp8(tmp_path):
@@ -207,7 +209,9 @@ def test_checkpoints_and_exports_stay_in_model_dtype_under_fp8(tmp_path):
     them) keep model.dtype; FP8 exists only inside TE's GEMMs. Checked on the config path."""
     from megatron_rpt.config import save_config
 
-    cfg = validate(apply_overrides(RPTConfig(), ["precision.fp8=tensorwise", "model.spec=te"]))
+    cfg = resolve(
+        validate(apply_overrides(RPTConfig(), ["precision.fp8=tensorwise", "model.spec=te"]))
+    )
     kw = fp8.fp8_transformer_kwargs(cfg.precision, num_layers=4)
     assert not {"fp8_param", "params_dtype", "bf16"} & set(kw)
     text = save_config(cfg, tmp_path).read_text()

@@ -64,8 +64,12 @@ class _Store:
 
 def _phase(tok, es, prompt: PromptConfig, reward: str = "prefix_match") -> RolloutSource:
     cfg = RPTConfig()
-    cfg.prompt, cfg.reward.name = prompt, reward
-    return RolloutSource(cfg, _Store(es), tok, sampler=None, generate=None)  # type: ignore[arg-type]
+    cfg.reward.name = reward
+    return RolloutSource(
+        _Store(es), tok, sampler=None, generate=None,  # type: ignore[arg-type]
+        rollout=cfg.rollout, prompt=prompt, reward=cfg.reward, loss=cfg.loss,
+        contexts_per_step=cfg.train.contexts_per_step, seed=cfg.run.seed,
+    )  # fmt: skip
 
 
 def test_reasoning_eval_and_training_parse_the_prefilled_opener_the_same_way():

@@ -79,16 +79,14 @@ def test_resume_none_refuses_a_run_with_checkpoints(tiny_model, tmp_path):
 
 
 def test_init_from_rejects_what_is_neither(tmp_path):
-    from megatron_rpt.config import RPTConfig
-    from megatron_rpt.train import apply_init_from
+    from megatron_rpt.config import RPTConfig, apply_init_from
 
     with pytest.raises(ConfigError, match="--init-from .*neither an HF model directory"):
         apply_init_from(RPTConfig(), str(tmp_path))
 
 
 def test_init_from_hf_dir_sets_hf_path(tmp_path):
-    from megatron_rpt.config import RPTConfig
-    from megatron_rpt.train import apply_init_from
+    from megatron_rpt.config import RPTConfig, apply_init_from
 
     model = save_tiny_model("qwen2", tmp_path / "m")
     cfg = RPTConfig()
@@ -127,9 +125,9 @@ def test_cli_prints_one_line_and_exits_2():
     ["smollm2_cpu/config.py:smollm2_cpu", "r1_distill_qwen_14b/config.py:r1_distill_qwen_14b"],
 )
 def test_recipes_validate(recipe):
-    from megatron_rpt.config import build_config
+    from megatron_rpt.config import build_config, resolve
 
-    cfg = build_config(f"{ROOT}/examples/{recipe}")
+    cfg = resolve(build_config(f"{ROOT}/examples/{recipe}"))
     assert cfg.rollout.n_samples == 8 and cfg.rollout.temperature == 0.8
     assert cfg.loss.kl_coef == 0.0 and cfg.loss.entropy_coef == 0.0
     if recipe.startswith("r1_distill"):  # FP8 training, bf16 rollouts: TIS resolves to on
@@ -187,3 +185,29 @@ def test_launcher_multi_node(echo_python):
 def test_launcher_under_torchrun_execs_the_entry_point(echo_python):
     argv = _launch(echo_python, "--recipe", "r.py:f", "--set", "a=b", RANK="3", NPROC_PER_NODE="4")
     assert argv == ["-m", "megatron_rpt.train", "--recipe", "r.py:f", "--set", "a=b"]
+
+
+def test_entry_point_trains_the_resolved_config_of_build_config(tiny_model, tmp_path, monkeypatch):
+    """The entry point, the tools and the tests share ``config.build_config``; the entry point
+    resolves its result once and trains (and writes to config.yaml) exactly that."""
+    import megatron_rpt.config as config_mod
+    from megatron_rpt.trainer import loop, preflight
+
+    built, trained = [], []
+    real_build = config_mod.build_config
+
+    def build(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    def run_training(cfg, groups, **kwargs):
+        trained.append(cfg)
+        return loop.TrainResult(0, None, None)
+
+    monkeypatch.setattr(config_mod, "build_config", build)
+    monkeypatch.setattr(preflight, "ensure_prepared", lambda data, hf_dir: None)
+    monkeypatch.setattr(loop, "run_training", run_training)
+    main(_args(tiny_model, tmp_path, "model.dtype=bf16", "train.steps=1"))
+    assert len(built) == 1 and len(trained) == 1
+    assert trained[0] == config_mod.resolve(built[0]) != built[0]
+    assert trained[0].model.dtype == "bfloat16" and trained[0].loss.tis is not None

@@ -224,24 +224,27 @@ def test_configuration_errors(models, process_group):
 
 
 def test_from_run_config(models, process_group):
-    from megatron_rpt.config import RPTConfig, validate
+    from megatron_rpt.config import RPTConfig, resolve, validate
     from megatron_rpt.config_utils import apply_overrides
     from megatron_rpt.distributed import initialize_model_parallel
+    from megatron_rpt.trainer.components import build_train_step as from_run_config
     from megatron_rpt.trainer.step import TrainStep
 
-    cfg = validate(
-        apply_overrides(
-            RPTConfig(),
-            [
-                f"model.hf_path={models['qwen2']}",
-                "model.dtype=fp32",
-                "rollout.temperature=0.8",
-                "optimizer.lr=1e-5",
-                "train.micro_batch_layout=padded",
-            ],
-        )
-    )
-    ts = TrainStep.from_config(cfg, initialize_model_parallel(1, 1))
+    overrides = [
+        f"model.hf_path={models['qwen2']}",
+        "model.dtype=fp32",
+        "rollout.temperature=0.8",
+        "optimizer.lr=1e-5",
+        "train.micro_batch_layout=padded",
+    ]
+    cfg = validate(apply_overrides(RPTConfig(), overrides))
+    groups = initialize_model_parallel(1, 1)
+    with pytest.raises(ConfigError, match="loss.tis=None .* resolve the config"):
+        TrainStep.from_config(
+            groups, model=cfg.model, parallel=cfg.parallel, precision=cfg.precision,
+            optimizer=cfg.optimizer, train=cfg.train, loss=cfg.loss, temperature=0.8,
+        )  # fmt: skip
+    ts = from_run_config(resolve(cfg), groups, resume=None)
     assert ts.temperature == 0.8 and ts.train_cfg.micro_batch_layout == "padded"
     assert ts.train_step(random_rollout_batch(VOCAB)).lr == 1e-5
 
