@@ -18,6 +18,8 @@ point, the tools and the tests share. Megatron's own argument parser is never us
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -279,7 +281,7 @@ def resolve(cfg: RPTConfig) -> RPTConfig:
     * dtype fields (``model.dtype``, ``rollout.dtype``, ``data.entropy_dtype``, ``eval.dtype``,
       ``weight_sync.dtype``) in torch's spelling (``bf16`` -> ``bfloat16``, megatron_rpt.dtypes).
     """
-    out = replace(cfg)
+    out = copy.deepcopy(cfg)
     for key in _DTYPE_FIELDS:
         _set(out, key, canonical_dtype(_get(out, key), key))  # type: ignore[arg-type]
     if out.weight_sync.dtype != "model":  # 'model': the trainer's parameter dtype
