@@ -76,7 +76,7 @@ _PUSH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 Tamper = Callable[[int, list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]]
 """Test hook: (bucket index, tensors) -> tensors actually pushed, applied after fingerprints
-are recorded (see megatron_rpt.testing.faults)."""
+are recorded (see tests.helpers.faults)."""
 
 
 @dataclass

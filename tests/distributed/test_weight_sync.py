@@ -3,7 +3,7 @@
 
 Two spawned runs share the work (each spawn costs ~5 s of imports per rank). Each run builds
 the model from an HF folder, perturbs every parameter with layout-independent noise
-(``testing.updates``), syncs with full fingerprints + the probe, and returns the trainer's and
+(``tests.helpers.updates``), syncs with full fingerprints + the probe, and returns the trainer's and
 the engine's logits and the engine's tensors; it then rebuilds the model at TP=1/PP=1 in the
 same processes, applies the same noise and exports it with ``iter_hf_weights`` as the
 single-process reference. The TP=2 run also checks that a bucket is freed before the next is
@@ -47,7 +47,7 @@ def _built(hf_dir, groups, dtype="fp32"):
 
 
 def _perturb(built, groups):
-    from megatron_rpt.testing.updates import perturb_parameters
+    from tests.helpers.updates import perturb_parameters
 
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, groups.tp_rank, groups.tp_size)
 
@@ -161,8 +161,8 @@ def _expect_sync_error(fn):
 
 
 def _tp2_run(rank, world_size, dirs, tokens):
-    from megatron_rpt.testing.faults import corrupt_bucket
     from megatron_rpt.weight_sync import WeightSync
+    from tests.helpers.faults import corrupt_bucket
 
     groups = _setup(2, 1)
     res = {}

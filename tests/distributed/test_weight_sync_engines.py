@@ -54,8 +54,8 @@ def _engine_groups(engine_tp):
 
 def _run(rank, world_size, hf_dir, tokens):
     from megatron_rpt.model.logits import forward_logits
-    from megatron_rpt.testing.faults import corrupt_bucket
     from megatron_rpt.weight_sync import WeightSync
+    from tests.helpers.faults import corrupt_bucket
 
     groups = _setup(2, 1)
     built = _built(hf_dir, groups)

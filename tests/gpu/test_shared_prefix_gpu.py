@@ -26,12 +26,12 @@ def process_group():
 
 
 def _step(hf_dir, layout, spec, dtype):
-    from megatron_rpt.testing.training import (
+    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import (
         build_train_step,
         gather_full_gradients,
         random_group_batch,
     )
-    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 
     sgd = OptimizerConfig(
         optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False

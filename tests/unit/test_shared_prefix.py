@@ -20,9 +20,9 @@ from megatron_rpt.model.shared_prefix import (
     group_pieces,
 )
 from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
-from megatron_rpt.testing.training import random_group_batch
 from megatron_rpt.trainer.batch import make_micro_batch, pad_to_common_shape, plan_batch
 from megatron_rpt.trainer.prefix_layout import group_tokens, prefix_groups
+from tests.helpers.training import random_group_batch
 
 TOL = 1e-5
 

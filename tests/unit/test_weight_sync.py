@@ -19,11 +19,11 @@ import torch
 from megatron_rpt.conversion.hf_io import HFWeights
 from megatron_rpt.errors import CheckpointError, ConfigError
 from megatron_rpt.model.arch import read_arch
-from megatron_rpt.testing.faults import corrupt_bucket
 from megatron_rpt.testing.tiny_models import KINDS, VOCAB, save_tiny_model
-from megatron_rpt.testing.updates import perturb_parameters
 from megatron_rpt.weight_sync import WeightSyncConfig, WeightSyncError, make_plan
 from megatron_rpt.weight_sync.plan import ParamMeta
+from tests.helpers.faults import corrupt_bucket
+from tests.helpers.updates import perturb_parameters
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
@@ -200,7 +200,7 @@ def _hf_engine(hf_dir):
     from transformers import AutoModelForCausalLM
 
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from tests._stubs.rollout_helpers import smollm2_tokenizer
+    from tests.helpers.rollout_helpers import smollm2_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return HFEngine(model, smollm2_tokenizer())
@@ -281,13 +281,13 @@ def test_bf16_push_dtype_rounds_like_the_engine_would(tiny, groups):
 
 
 def test_sync_through_the_sglang_adapter(tiny, groups):
-    from tests._stubs.rollout_helpers import require_sglang_protocol
+    from tests.helpers.rollout_helpers import require_sglang_protocol
 
     require_sglang_protocol()
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine, hf_manifest
     from megatron_rpt.weight_sync import WeightSync
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     built = _pretrained(tiny["qwen3"], groups)
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, 0, 1, seed=7)
