@@ -87,9 +87,9 @@ def _train_without_sync(rank, world_size, argv):
 
     initial = push.WeightSync.__call__
 
-    def first_sync_only(self, *, version, tamper=None):
+    def first_sync_only(self, *, version):
         if version == 0:
-            return initial(self, version=version, tamper=tamper)
+            return initial(self, version=version)
         return push.SyncMetrics(version=version, pushed=False)
 
     push.WeightSync.__call__ = first_sync_only
