@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from megatron_rpt.config import RPTConfig
@@ -25,11 +26,13 @@ from megatron_rpt.config import RPTConfig
 
 def _task_module():  # noqa: ANN202 - the module object of task.py
     """task.py next to this file, loaded by path (a recipe file is not inside a package)."""
-    path = Path(__file__).with_name("task.py")
-    spec = importlib.util.spec_from_file_location("_rpt_tiny_task", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "_rpt_tiny_task"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("task.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # registered first: its dataclass looks its module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def tiny() -> RPTConfig:
