@@ -26,14 +26,6 @@ LOGPROB_TOL = 1e-5  # fp32: Megatron vs HF forward differ by ~1e-6 in log-prob
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    from megatron_rpt.distributed import single_process_group
-
-    with single_process_group():
-        yield
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_models")
     return {kind: str(save_tiny_model(kind, root / kind)) for kind in ("qwen2", "llama_tied")}
