@@ -44,9 +44,9 @@ def _variant(rank, world_size, handoff, spill, new_tokens):  # noqa: ANN001, ANN
     from megatron_rpt.assets import smollm2_dir
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.rollout.types import SamplingParams
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.offload import TrainerOffload
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     _track_large_allocations()
     torch.set_num_threads(2)

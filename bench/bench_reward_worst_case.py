@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, write_result  # noqa: E402
 from megatron_rpt.reward import extract_prediction  # noqa: E402
-from megatron_rpt.testing.box_scan import per_brace_extract as per_brace_scan  # noqa: E402
+from tests.helpers.box_scan import per_brace_extract as per_brace_scan  # noqa: E402
 
 
 def best_of(fn, text: str, repeats: int = 3) -> float:

@@ -131,7 +131,7 @@ def _timed_steps(steps: dict, batches: dict, reps: int) -> tuple[dict, dict, dic
 def _agreement(steps: dict, probe) -> dict[str, float]:
     """Max log-prob difference on a probe group, and the largest gradient difference of the
     last step relative to each tensor's largest entry (shared vs separate)."""
-    from megatron_rpt.testing.training import gather_full_gradients
+    from tests.helpers.training import gather_full_gradients
 
     lps = [steps[name].compute_logprobs(probe) for name in ("packed", "shared_prefix")]
     grads = [
@@ -148,8 +148,8 @@ def _agreement(steps: dict, probe) -> dict[str, float]:
 
 
 def bench_shape(hf_dir: str, args: argparse.Namespace, prompt: int, response: int) -> list[dict]:
-    from megatron_rpt.testing.training import build_train_step
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step
 
     # lr 0: the update is computed (and timed) but the weights stay the same, so that both
     # layouts (and the "fixed" steps, run on the packed model) see identical weights.

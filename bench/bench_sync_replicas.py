@@ -45,8 +45,8 @@ def _run(rank, world_size, hf_dir, repeats):  # noqa: ANN001, ANN202 - spawned b
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from megatron_rpt.testing.updates import perturb_parameters
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
+    from tests.helpers.updates import perturb_parameters
 
     torch.set_num_threads(1)
     groups = initialize_model_parallel(2, 1)

@@ -175,7 +175,7 @@ def main() -> None:
     response = args.response or (512 if cuda else 32)
 
     from megatron_rpt.distributed import single_process_group
-    from megatron_rpt.testing.training import random_rollout_batch
+    from tests.helpers.training import random_rollout_batch
 
     if cuda:
         torch.cuda.set_device(0)

@@ -4,7 +4,7 @@ For each layout (TP=1; PP=2 and TP=3 over gloo, 2 and 3 processes) and bucket si
 run (``run_distributed``; the engine on rank 0, 1 torch thread per rank):
 
 1. builds the Megatron model from the embedded HF folder and the HF engine from the same folder;
-2. perturbs every weight (``testing.updates``) and syncs once with ``verify='full'`` (every
+2. perturbs every weight (``tests.helpers.updates``) and syncs once with ``verify='full'`` (every
    tensor's fingerprint compared, and the log-prob probe) - a correctness gate for the numbers;
 3. times ``REPEATS`` syncs with ``verify='none'`` (median), split into the executor (gather +
    convert) and the engine's copy-in, plus one sync each with ``verify='probe'`` and 'full';
@@ -171,8 +171,8 @@ def _run(rank, world_size, tp, pp, bucket_mib, model="embedded:smollm2"):
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from megatron_rpt.testing.updates import perturb_parameters
     from megatron_rpt.weight_sync import WeightSyncConfig, build_plan, sync_weights
+    from tests.helpers.updates import perturb_parameters
 
     cuda = torch.cuda.is_available()
     if cuda:

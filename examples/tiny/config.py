@@ -2,7 +2,7 @@
 
     bash examples/pretrain_rpt.sh --recipe examples/tiny/config.py:tiny
 
-The task (megatron_rpt/testing/synthetic.py): six words that always follow each other in a
+The task (task.py, beside this file): six words that always follow each other in a
 fixed cycle, a byte-level BPE tokenizer trained on them, and a 2-layer, 64-wide Llama warmed
 up on the plain text and on answering in the RPT format with a *random* word. Its reward
 starts at chance (about 1/6) and rises as RPT learns to box the word that comes next (0.5-0.7
@@ -16,16 +16,29 @@ Not the paper's settings where a tiny model needs otherwise: lr 3e-3 with a 5-st
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 from megatron_rpt.config import RPTConfig
 
 
+def _task_module():  # noqa: ANN202 - the module object of task.py
+    """task.py next to this file, loaded by path (a recipe file is not inside a package)."""
+    name = "_rpt_tiny_task"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("task.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # registered first: its dataclass looks its module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def tiny() -> RPTConfig:
     """The synthetic task, HF engine on CPU, fp32, 16 contexts x 8 samples, 30 steps."""
-    from megatron_rpt.testing.synthetic import build_synthetic_task
-
-    task = build_synthetic_task(os.environ.get("MEGATRON_RPT_TINY_ASSETS", "runs/tiny/assets"))
+    assets = os.environ.get("MEGATRON_RPT_TINY_ASSETS", "runs/tiny/assets")
+    task = _task_module().build_synthetic_task(assets)
     cfg = RPTConfig()
     cfg.run.run_dir, cfg.run.name = "runs/tiny", "tiny"
     cfg.model.hf_path, cfg.model.dtype, cfg.model.spec = str(task.model_dir), "fp32", "local"

@@ -146,7 +146,7 @@ def rank_payload_stream(
 
     Yields the list of every engine rank's payload on the lead and None elsewhere.
     ``on_bucket(bucket) -> tensors`` sees (and may replace) the full tensors before they are
-    cut (fingerprints, tamper hooks, metrics). ``state["keep"]`` holds the keep-alive of the
+    cut (fingerprints, the bucket filter, metrics). ``state["keep"]`` holds the keep-alive of the
     last bucket (drop it after the final agreement); ``state["executor_error"]`` is set when
     the executor itself failed.
     """

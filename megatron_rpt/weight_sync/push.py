@@ -56,6 +56,7 @@ from megatron_rpt.weight_sync.gather import HFBucket, collect_metadata, iter_hf_
 from megatron_rpt.weight_sync.per_engine import (
     EngineKind,
     EngineRanks,
+    RankEncoder,
     check_engine_placement,
     drain,
     encoder_for,
@@ -74,9 +75,10 @@ from megatron_rpt.weight_sync.verify import (
 logger = logging.getLogger(__name__)
 
 
-Tamper = Callable[[int, list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]]
-"""Test hook: (bucket index, tensors) -> tensors actually pushed, applied after fingerprints
-are recorded (see megatron_rpt.testing.faults)."""
+BucketFilter = Callable[[int, list[tuple[str, torch.Tensor]]], list[tuple[str, torch.Tensor]]]
+"""(bucket index, tensors) -> the tensors handed to the engine, applied after the trainer-side
+fingerprints are recorded: the transport between gather and engine. ``WeightSync`` uses the
+identity unless given one (tests give one that corrupts a bucket, as a faulty link would)."""
 
 
 @dataclass
@@ -152,7 +154,6 @@ def sync_weights(
     *,
     version: int,
     cfg: WeightSyncConfig | None = None,
-    tamper: Tamper | None = None,
 ) -> SyncMetrics:
     """Push the trainer's current weights to ``engine`` and verify (collective, all ranks).
 
@@ -160,7 +161,18 @@ def sync_weights(
     engine object on the rank(s) that hold one and None elsewhere. Bucket size and push dtype
     are the plan's; ``cfg`` only chooses the checks.
     """
-    cfg = cfg or WeightSyncConfig()
+    return _sync_single(built, groups, engine, plan, version, cfg or WeightSyncConfig(), None)
+
+
+def _sync_single(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    engine: RolloutEngine | None,
+    plan: SyncPlan,
+    version: int,
+    cfg: WeightSyncConfig,
+    bucket_filter: BucketFilter | None,
+) -> SyncMetrics:
     start = time.perf_counter()
     metrics = SyncMetrics(version=version, pushed=engine is not None)
     engine_rank = _engine_rank_of_my_mp_group(engine, groups)
@@ -170,7 +182,7 @@ def sync_weights(
     error: str | None = None
     fingerprints = _fingerprints(cfg) if engine is not None else None
     if engine is not None:
-        error = _push(engine, buckets, version, fingerprints, tamper, metrics)
+        error = _push(engine, buckets, version, fingerprints, bucket_filter, metrics)
     elif engine_rank is not None:  # a peer of the pushing rank: join the collectives
         metrics.gather_seconds = _drain(buckets)[1]
     # else: a data-parallel replica without an engine has nothing to gather
@@ -210,7 +222,6 @@ def sync_engine_weights(
     cfg: WeightSyncConfig | None = None,
     engine_kind: EngineKind = "hf",
     sglang_bucket_bytes: int = 512 * 1024 * 1024,
-    tamper: Tamper | None = None,
 ) -> SyncMetrics:
     """Per-engine sync (per_engine.py): every rank feeds the engine TP rank on its GPU.
 
@@ -218,7 +229,23 @@ def sync_engine_weights(
     object on each engine's lead (``ranks.engine_rank == 0``) and None elsewhere; it must
     implement ``update_weights_from_ranks`` (HFEngine, SGLangEngine). Every engine is verified.
     """
-    cfg = cfg or WeightSyncConfig()
+    return _sync_per_engine(
+        built, groups, engine, plan, ranks, version, cfg or WeightSyncConfig(),
+        encoder_for(engine_kind, sglang_bucket_bytes), None,
+    )  # fmt: skip
+
+
+def _sync_per_engine(
+    built: BuiltModel,
+    groups: ParallelGroups,
+    engine: RolloutEngine | None,
+    plan: SyncPlan,
+    ranks: EngineRanks,
+    version: int,
+    cfg: WeightSyncConfig,
+    encoder: RankEncoder,
+    bucket_filter: BucketFilter | None,
+) -> SyncMetrics:
     check_engine_placement(engine, ranks)
     start = time.perf_counter()
     metrics = SyncMetrics(version=version, pushed=ranks.is_lead, engine_rank=ranks.engine_rank)
@@ -233,9 +260,10 @@ def sync_engine_weights(
         for name, tensor in bucket.tensors if fingerprints is not None else ():
             fingerprints.record(name, tensor)
         metrics.verify_seconds += time.perf_counter() - t0
-        return bucket.tensors if tamper is None else list(tamper(bucket.index, bucket.tensors))
+        if bucket_filter is None:
+            return bucket.tensors
+        return list(bucket_filter(bucket.index, bucket.tensors))
 
-    encoder = encoder_for(engine_kind, sglang_bucket_bytes)
     stream = rank_payload_stream(
         plan, built, groups, ranks, encoder, on_bucket=on_bucket, state=state
     )
@@ -300,7 +328,10 @@ class WeightSync:
     One engine per group of GPUs: pass ``engine_rank`` (this rank's TP rank in its engine),
     ``engine_tp`` and ``engine_group`` (gloo group over the engine's ranks, lead first) on
     every rank, and ``engine`` on each engine's lead; ``engine_kind`` ('hf' or 'sglang') picks
-    the payload (per_engine.py). Without them: the single-engine path (``sync_weights``)."""
+    the payload (per_engine.py). Without them: the single-engine path (``sync_weights``).
+
+    ``bucket_filter`` (``BucketFilter``) stands between the gathered buckets and the engine,
+    after the fingerprints are taken; the default is the identity."""
 
     def __init__(
         self,
@@ -315,6 +346,7 @@ class WeightSync:
         engine_group: Any = None,
         engine_kind: EngineKind = "hf",
         sglang_bucket_bytes: int = 512 * 1024 * 1024,
+        bucket_filter: BucketFilter | None = None,
     ) -> None:
         self.built, self.groups, self.engine = built, groups, engine
         self.cfg = cfg or WeightSyncConfig()
@@ -327,6 +359,7 @@ class WeightSync:
             EngineRanks(engine_rank, engine_tp, engine_group) if all(given) else None  # type: ignore[arg-type]
         )
         self.engine_kind, self.sglang_bucket_bytes = engine_kind, sglang_bucket_bytes
+        self.bucket_filter = bucket_filter
 
     @property
     def plan(self) -> SyncPlan:
@@ -335,18 +368,16 @@ class WeightSync:
             self._plan = build_plan(self.built, self.groups, self.cfg, self.quantization)
         return self._plan
 
-    def __call__(self, *, version: int, tamper: Tamper | None = None) -> SyncMetrics:
+    def __call__(self, *, version: int) -> SyncMetrics:
         """One sync (``sync_engine_weights`` per engine, else ``sync_weights``)."""
         if self.ranks is not None:
-            return sync_engine_weights(
-                self.built, self.groups, self.engine, self.plan, self.ranks, version=version,
-                cfg=self.cfg, engine_kind=self.engine_kind,
-                sglang_bucket_bytes=self.sglang_bucket_bytes, tamper=tamper,
+            return _sync_per_engine(
+                self.built, self.groups, self.engine, self.plan, self.ranks, version, self.cfg,
+                encoder_for(self.engine_kind, self.sglang_bucket_bytes), self.bucket_filter,
             )  # fmt: skip
-        return sync_weights(
-            self.built, self.groups, self.engine, self.plan,
-            version=version, cfg=self.cfg, tamper=tamper,
-        )  # fmt: skip
+        return _sync_single(
+            self.built, self.groups, self.engine, self.plan, version, self.cfg, self.bucket_filter
+        )
 
 
 # ----------------------------------------------------------------------------- pushing rank
@@ -365,13 +396,13 @@ def _push(
     buckets: Iterator[HFBucket],
     version: int,
     fingerprints: StreamFingerprints | None,
-    tamper: Tamper | None,
+    bucket_filter: BucketFilter | None,
     metrics: SyncMetrics,
 ) -> str | None:
     t0 = time.perf_counter()
     state = {"executor_error": None}
     error = None
-    stream = _stream(buckets, fingerprints, tamper, metrics, state)
+    stream = _stream(buckets, fingerprints, bucket_filter, metrics, state)
     try:
         report = engine.update_weights(stream, version=version)
     except Exception as exc:  # noqa: BLE001 - any engine failure becomes a sync error
@@ -397,7 +428,7 @@ def _push(
 def _stream(
     buckets: Iterator[HFBucket],
     fingerprints: StreamFingerprints | None,
-    tamper: Tamper | None,
+    bucket_filter: BucketFilter | None,
     metrics: SyncMetrics,
     state: dict,
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -427,8 +458,8 @@ def _stream(
             for name, tensor in tensors:
                 fingerprints.record(name, tensor)
             metrics.verify_seconds += time.perf_counter() - t1
-        if tamper is not None:
-            tensors = list(tamper(index, tensors))
+        if bucket_filter is not None:
+            tensors = list(bucket_filter(index, tensors))
         tensors.reverse()
         while tensors:  # pop: the consumer's reference is the only one left
             yield tensors.pop()

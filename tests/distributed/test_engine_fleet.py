@@ -35,10 +35,10 @@ def _fleet(rank, world_size, gpus_per_engine, faults=None, max_restarts=2):  # n
 
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.rollout.placement import EnginePlacement
-    from megatron_rpt.testing.faults import FaultyEngine
     from megatron_rpt.trainer.engine_guard import EngineGuard
     from megatron_rpt.trainer.fleet import EngineFleet
-    from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+    from tests.helpers.faults import FaultyEngine
+    from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
 
     torch.set_num_threads(1)
     tok = smollm2_tokenizer()
@@ -98,8 +98,8 @@ def test_one_two_four_engines_give_identical_rollouts():
 
 
 def _one_engine_fails(rank, world_size, plan, always):  # noqa: ANN001, ANN202
-    from megatron_rpt.testing.faults import EngineFaults
     from megatron_rpt.trainer.engine_guard import RolloutEngineError
+    from tests.helpers.faults import EngineFaults
 
     clean, tok = _fleet(rank, world_size, 1)
     clean.start(version=0)

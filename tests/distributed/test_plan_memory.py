@@ -2,7 +2,7 @@
 
 Each run builds a model in fresh gloo processes, runs two training steps (the optimizer
 allocates its state during the first) and measures the peak of the resident anonymous memory
-during the second, above what it was before the model was built (testing/memory_probe.py);
+during the second, above what it was before the model was built (tests/helpers/memory_probe.py);
 the planner estimates the same run from the architecture, the layout and the micro-batch
 sizes the trainer chose, for the rank's pipeline stage. fp32 on CPU: 4-byte parameters and
 activations, Adam state 8 bytes per parameter (sharded with the distributed optimizer).
@@ -56,7 +56,7 @@ RUNS = {
 
 
 def _measure(rank, world_size, hf_dir, layout, batch):
-    from megatron_rpt.testing.memory_probe import measure_train_step
+    from tests.helpers.memory_probe import measure_train_step
 
     return measure_train_step(rank, world_size, hf_dir, layout, batch)
 

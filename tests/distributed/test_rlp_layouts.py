@@ -38,10 +38,10 @@ def _groups(seed=3, contexts=3, g=4):
 
 def _rlp_step(rank, world_size, hf_dir, tp, pp):
     from megatron_rpt.loss.config import LossConfig
-    from megatron_rpt.testing.training import build_train_step, random_group_batch
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from megatron_rpt.trainer.ema import EMATeacher
     from megatron_rpt.trainer.rlp import score_thoughts, thought_batch
+    from tests.helpers.training import build_train_step, random_group_batch
 
     ts = build_train_step(
         hf_dir, tp=tp, pp=pp, temperature=0.7,

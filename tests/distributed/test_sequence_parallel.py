@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 
 def _one_step(hf_dir, layout, *, tp=1, sp=False, recompute="none"):
-    from megatron_rpt.testing.training import random_group_batch, sgd_step_gradients
+    from tests.helpers.training import random_group_batch, sgd_step_gradients
 
     batch = random_group_batch(VOCAB, seed=SEED)
     return sgd_step_gradients(

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def _one_step(hf_dir, layout, seed, *, tp=1, pp=1, vpp=None, dtype="fp32"):
-    from megatron_rpt.testing.training import random_group_batch, sgd_step_gradients
+    from tests.helpers.training import random_group_batch, sgd_step_gradients
 
     batch = random_group_batch(VOCAB, seed=seed)
     return sgd_step_gradients(
@@ -39,8 +39,8 @@ def _adam_steps(hf_dir, layout, steps=3):
     depends on the model), then the log-probs under the final weights."""
     import math
 
-    from megatron_rpt.testing.training import build_train_step, random_group_batch
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step, random_group_batch
 
     ts = build_train_step(
         hf_dir,

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 
 @pytest.mark.slow

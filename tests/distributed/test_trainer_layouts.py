@@ -27,12 +27,12 @@ BUDGET = 24  # tokens per micro-batch: 2-3 micro-batches per DP rank for the tes
 
 
 def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed", overlap=False):
-    from megatron_rpt.testing.training import (
+    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import (
         build_train_step,
         gather_full_parameters,
         random_rollout_batch,
     )
-    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 
     if adam:
         opt = OptimizerConfig(
@@ -74,8 +74,8 @@ def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed", overlap=F
 
 
 def _sign_test_dp2(hf_dir):
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     ts = build_train_step(
         hf_dir,
@@ -220,7 +220,7 @@ def test_dp2_micro_batches_are_split_over_ranks(results):
 
 
 def test_sign_with_distributed_optimizer_at_dp2(results):
-    from megatron_rpt.testing.training import random_rollout_batch
+    from tests.helpers.training import random_rollout_batch
 
     _, ranks = results
     advantages = [s.advantage for s in random_rollout_batch(VOCAB, seed=2).sequences]

@@ -40,8 +40,8 @@ CONFIGS = {
 
 
 def _train_step(hf_dir, name, *, tp=1):
-    from megatron_rpt.testing.training import build_train_step
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step
 
     dtype, distributed, _, _ = CONFIGS[name]
     return build_train_step(
@@ -55,7 +55,7 @@ def _train_step(hf_dir, name, *, tp=1):
 
 
 def _one_step(ts, step):
-    from megatron_rpt.testing.training import random_rollout_batch
+    from tests.helpers.training import random_rollout_batch
 
     m = ts.train_step(random_rollout_batch(VOCAB, seed=100 + step))
     return (m.loss, m.grad_norm, m.train["entropy"])
@@ -85,9 +85,9 @@ def _failing_save(ts, root, cfg):
 
 
 def _run_a(rank, world_size, hf_dir, roots):
-    from megatron_rpt.testing.training import gather_full_parameters
     from megatron_rpt.trainer.checkpoint import save_training_checkpoint
     from megatron_rpt.trainer.config import CheckpointConfig
+    from tests.helpers.training import gather_full_parameters
 
     out = {}
     for name, (_, _, sharding, _) in CONFIGS.items():
@@ -109,8 +109,8 @@ def _run_a(rank, world_size, hf_dir, roots):
 
 
 def _run_b(rank, world_size, hf_dir, roots):
-    from megatron_rpt.testing.training import gather_full_parameters
     from megatron_rpt.trainer.checkpoint import load_training_checkpoint
+    from tests.helpers.training import gather_full_parameters
 
     out = {}
     for name, (_, _, _, tp) in CONFIGS.items():

@@ -3,7 +3,7 @@
 
 Two spawned runs share the work (each spawn costs ~5 s of imports per rank). Each run builds
 the model from an HF folder, perturbs every parameter with layout-independent noise
-(``testing.updates``), syncs with full fingerprints + the probe, and returns the trainer's and
+(``tests.helpers.updates``), syncs with full fingerprints + the probe, and returns the trainer's and
 the engine's logits and the engine's tensors; it then rebuilds the model at TP=1/PP=1 in the
 same processes, applies the same noise and exports it with ``iter_hf_weights`` as the
 single-process reference. The TP=2 run also checks that a bucket is freed before the next is
@@ -47,7 +47,7 @@ def _built(hf_dir, groups, dtype="fp32"):
 
 
 def _perturb(built, groups):
-    from megatron_rpt.testing.updates import perturb_parameters
+    from tests.helpers.updates import perturb_parameters
 
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, groups.tp_rank, groups.tp_size)
 
@@ -70,8 +70,9 @@ def _cfg(**kw):
     )
 
 
-def _sync_and_compare(rank, hf_dir, groups, tokens):
-    """Perturb, sync, and collect what the parent compares (engine parts on rank 0 only)."""
+def _sync_and_compare(rank, hf_dir, groups, tokens, link=None):
+    """Perturb, sync, and collect what the parent compares (engine parts on rank 0 only);
+    ``link``: the sync's bucket filter (tests.helpers.faults.FaultyLink)."""
     from megatron_rpt.model.logits import forward_logits
     from megatron_rpt.weight_sync import WeightSync
 
@@ -81,7 +82,7 @@ def _sync_and_compare(rank, hf_dir, groups, tokens):
         None if engine is None else {n: p.clone() for n, p in engine.model.state_dict().items()}
     )
     _perturb(built, groups)
-    sync = WeightSync(built, groups, engine, _cfg())
+    sync = WeightSync(built, groups, engine, _cfg(), bucket_filter=link)
     metrics = sync(version=1)
     out = {
         "metrics": metrics,
@@ -161,15 +162,17 @@ def _expect_sync_error(fn):
 
 
 def _tp2_run(rank, world_size, dirs, tokens):
-    from megatron_rpt.testing.faults import corrupt_bucket
     from megatron_rpt.weight_sync import WeightSync
+    from tests.helpers.faults import FaultyLink
 
     groups = _setup(2, 1)
     res = {}
+    link = FaultyLink()
     for kind, hf_dir in dirs.items():
-        res[kind], built, sync = _sync_and_compare(rank, hf_dir, groups, tokens)
+        res[kind], built, sync = _sync_and_compare(rank, hf_dir, groups, tokens, link)
     res["freed"] = _freed_before_next(sync.plan, built, groups)
-    res["corrupt"] = _expect_sync_error(lambda: sync(version=2, tamper=corrupt_bucket(3)))
+    with link.corrupting(3):
+        res["corrupt"] = _expect_sync_error(lambda: sync(version=2))
     crashing = None if sync.engine is None else _CrashingEngine(sync.engine, after=5)
     crash = WeightSync(built, groups, crashing, _cfg(verify="probe"))
     res["crash"] = _expect_sync_error(lambda: crash(version=3))

@@ -54,8 +54,8 @@ def _engine_groups(engine_tp):
 
 def _run(rank, world_size, hf_dir, tokens):
     from megatron_rpt.model.logits import forward_logits
-    from megatron_rpt.testing.faults import corrupt_bucket
     from megatron_rpt.weight_sync import WeightSync
+    from tests.helpers.faults import FaultyLink
 
     groups = _setup(2, 1)
     built = _built(hf_dir, groups)
@@ -66,9 +66,10 @@ def _run(rank, world_size, hf_dir, tokens):
         engine_rank, group = _engine_groups(engine_tp)
         engine = _hf_engine(hf_dir) if engine_rank == 0 else None
         before = None if engine is None else {n: p.clone() for n, p in engine.model.state_dict().items()}
+        link = FaultyLink()
         sync = WeightSync(
             built, groups, engine, _cfg(),
-            engine_rank=engine_rank, engine_tp=engine_tp, engine_group=group,
+            engine_rank=engine_rank, engine_tp=engine_tp, engine_group=group, bucket_filter=link,
         )  # fmt: skip
         out = {"metrics": sync(version=1), "hf_bytes": sync.plan.hf_bytes}
         if engine is not None:
@@ -80,7 +81,8 @@ def _run(rank, world_size, hf_dir, tokens):
                 engine_rank=engine_rank, engine_tp=engine_tp, engine_group=group,
             )  # fmt: skip
             out["crash"] = _expect_sync_error(lambda s=crashing: s(version=2))
-            out["corrupt"] = _expect_sync_error(lambda s=sync: s(version=3, tamper=corrupt_bucket(2)))
+            with link.corrupting(2):
+                out["corrupt"] = _expect_sync_error(lambda s=sync: s(version=3))
             out["after"] = sync(version=4)
         res[engine_tp] = out
     reference = _tp1_export(hf_dir)  # collective (group creation): every rank takes part

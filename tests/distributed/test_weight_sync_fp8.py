@@ -49,7 +49,7 @@ def _built(hf_dir, tp):
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import build_pretrained
-    from megatron_rpt.testing.updates import perturb_parameters
+    from tests.helpers.updates import perturb_parameters
 
     groups = initialize_model_parallel(tp, 1)
     seed_model_parallel(0, groups)

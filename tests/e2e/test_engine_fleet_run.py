@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 SETS = (
     "train.steps=3", "optimizer.lr_warmup_steps=1", "checkpoint.interval=0",

@@ -6,7 +6,7 @@ fp32, so the precisions differ and ``loss.tis`` resolves to on. Checks the wirin
 FP8 tensors are pushed at every step, TIS weights are logged, the probe passes.
 """
 
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 
 def test_rollout_fp8_is_pushed_and_tis_turns_on(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_rpt.testing.distributed import run_distributed
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 
 def _assert_same_run(run, reference):
@@ -46,9 +46,9 @@ def test_sigkill_mid_step_then_same_command_resumes_exactly(tmp_path):
 
 
 def _train_with_faults(rank, world_size, argv, plan, always):
-    from megatron_rpt.testing.faults import EngineFaults, FaultyEngine
     from megatron_rpt.train import config_from_args, main, parse_args
     from megatron_rpt.trainer.components import default_engine_factory
+    from tests.helpers.faults import EngineFaults, FaultyEngine
 
     faults = EngineFaults(plan, always=always, hang_s=600)
     inner = default_engine_factory(config_from_args(parse_args(argv)))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from megatron_rpt.testing.distributed import run_distributed
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 RECIPE = f"{th.ROOT}/examples/rlp/config.py:tiny_rlp"
 QUIET = ("log.wandb=disabled", "log.progress_bar=false", "checkpoint.export_hf_at_end=false")

@@ -1,4 +1,4 @@
-"""Done-when 1: the RPT loop learns. On the synthetic task (megatron_rpt/testing/synthetic.py)
+"""Done-when 1: the RPT loop learns. On the synthetic task (examples/tiny/task.py)
 the warmed-up policy answers in format with a random word (reward ~1/6); 30 steps of the
 tiny recipe through the real entry point (Megatron trainer, HF engine, weight sync, reward)
 must raise the mean reward clearly. Measured on this machine with the engine fleet's sampling
@@ -21,7 +21,7 @@ import statistics
 import pytest
 
 from megatron_rpt.testing.distributed import run_distributed
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 
 @pytest.mark.slow
@@ -57,10 +57,10 @@ def _exported_model_answers_the_next_word(run, model_dir=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from examples.tiny.task import WORDS, successor_map
     from megatron_rpt.data.config import PromptConfig
     from megatron_rpt.data.prompt import build_prompt
     from megatron_rpt.reward import extract_prediction
-    from megatron_rpt.testing.synthetic import WORDS, successor_map
 
     path = model_dir or run / "hf"
     tok = AutoTokenizer.from_pretrained(path)
@@ -87,9 +87,9 @@ def _train_without_sync(rank, world_size, argv):
 
     initial = push.WeightSync.__call__
 
-    def first_sync_only(self, *, version, tamper=None):
+    def first_sync_only(self, *, version):
         if version == 0:
-            return initial(self, version=version, tamper=tamper)
+            return initial(self, version=version)
         return push.SyncMetrics(version=version, pushed=False)
 
     push.WeightSync.__call__ = first_sync_only

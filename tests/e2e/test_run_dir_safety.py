@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests._stubs import train_helpers as th
+from tests.helpers import train_helpers as th
 
 
 def _fixture(tmp_path, latest: int, lines: int):

@@ -35,11 +35,11 @@ def test_colocated_fleet_release_resume_matches_trainer(tmp_path):
     from megatron_rpt.rollout.placement import EnginePlacement
     from megatron_rpt.rollout.scheduling import RolloutRequest
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
-    from megatron_rpt.testing.updates import perturb_parameters
     from megatron_rpt.trainer.engine_guard import EngineGuard
     from megatron_rpt.trainer.fleet import EngineFleet
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
-    from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+    from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
+    from tests.helpers.updates import perturb_parameters
 
     tok = smollm2_tokenizer()
     served, trained = tmp_path / "served", tmp_path / "trained"

@@ -25,7 +25,7 @@ import torch
 
 from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
-from tests._stubs.rollout_helpers import smollm2_tokenizer
+from tests.helpers.rollout_helpers import smollm2_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.te]
 
@@ -41,33 +41,15 @@ NLL_ABS_TOL = 0.05  # mean response NLL (nats/token) after each step
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    from megatron_rpt.distributed import single_process_group
-
-    torch.cuda.set_device(0)
-    with single_process_group():
-        yield
-
-
-@pytest.fixture
-def groups(process_group):
-    """Fresh TP=PP=1 groups (build_train_step re-initialises the layout in between)."""
-    from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
-
-    groups = initialize_model_parallel(1, 1)
-    seed_model_parallel(0, groups)
-    return groups
-
-
-@pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
     return save_tiny_model("llama", tmp_path_factory.mktemp("wide"), config_overrides=WIDE)
 
 
-def test_te_spec_forward_equals_local_spec_in_bf16(wide_llama, groups):
+def test_te_spec_forward_equals_local_spec_in_bf16(wide_llama, fresh_groups):
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
+    groups = fresh_groups  # fresh: build_train_step (other tests) re-initialises the layout
     tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     logits = {}
     for spec in ("local", "te"):
@@ -82,7 +64,7 @@ def test_te_spec_forward_equals_local_spec_in_bf16(wide_llama, groups):
 
 
 def _batch():
-    from megatron_rpt.testing.training import random_rollout_batch
+    from tests.helpers.training import random_rollout_batch
 
     shapes = tuple((48 + 8 * i, 16 + 4 * i) for i in range(8))
     return random_rollout_batch(VOCAB, shapes=shapes, seed=5)
@@ -90,8 +72,8 @@ def _batch():
 
 def _run(hf_dir, precision, steps, old_logprobs):
     """Mean PPO loss and response NLL per step of a fresh TrainStep (bf16 params, TE spec)."""
-    from megatron_rpt.testing.training import build_train_step
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step
 
     ts = build_train_step(
         str(hf_dir), dtype="bf16", spec="te", precision=precision,
@@ -113,7 +95,7 @@ def _run(hf_dir, precision, steps, old_logprobs):
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
 def test_fp8_training_steps_track_bf16(recipe, wide_llama, process_group):
     from megatron_rpt.model.fp8 import recipe_support
-    from megatron_rpt.testing.training import build_train_step
+    from tests.helpers.training import build_train_step
 
     ok, reason = recipe_support(recipe)
     if not ok:
@@ -133,7 +115,7 @@ def test_fp8_training_steps_track_bf16(recipe, wide_llama, process_group):
 
 @pytest.mark.sglang_runtime
 @pytest.mark.timeout(900)
-def test_fp8_rollout_weights_into_real_sglang(tmp_path, groups):
+def test_fp8_rollout_weights_into_real_sglang(tmp_path, fresh_groups):
     """A tiny Qwen3: SGLang's Llama loader drops blockwise scales (refused, see
     tests/unit/test_sglang_protocol.py), the Qwen loaders keep them."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -141,11 +123,12 @@ def test_fp8_rollout_weights_into_real_sglang(tmp_path, groups):
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
-    from megatron_rpt.testing.updates import perturb_parameters
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
     from megatron_rpt.weight_sync.fp8 import BlockFP8
     from megatron_rpt.weight_sync.fp8_checkpoint import write_fp8_checkpoint
+    from tests.helpers.updates import perturb_parameters
 
+    groups = fresh_groups  # fresh: build_train_step (other tests) re-initialises the layout
     tok = smollm2_tokenizer()
     bf16_dir, fp8_dir = tmp_path / "bf16", tmp_path / "fp8"
     torch.manual_seed(0)

@@ -14,21 +14,6 @@ from megatron_rpt.testing.tiny_models import VOCAB, hf_logits, save_tiny_model
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def groups():
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-
-    torch.cuda.set_device(0)
-    with single_process_group():
-        groups = initialize_model_parallel(1, 1)
-        seed_model_parallel(0, groups)
-        yield groups
-
-
 def _logits(spec, hf_dir, tokens, groups):
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits

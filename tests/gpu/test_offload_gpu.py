@@ -35,9 +35,9 @@ def _device_used() -> int:
 
 def _train(hf_dir, handoff):  # noqa: ANN001, ANN202
     from megatron_rpt.distributed import single_process_group
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.config import OptimizerConfig
     from megatron_rpt.trainer.offload import TrainerOffload
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     torch.cuda.set_device(0)
     with single_process_group():
@@ -89,10 +89,10 @@ def test_colocated_trainer_and_sglang_hand_memory_back_and_forth(tmp_path):
     from megatron_rpt.model.logits import forward_logits
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.offload import TrainerOffload
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
-    from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+    from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     tok = smollm2_tokenizer()
     served, trained = tmp_path / "served", tmp_path / "trained"

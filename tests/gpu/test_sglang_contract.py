@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
 from tests.unit.test_rollout_contract import (  # noqa: F401 - collected here against SGLang
     Harness,
     test_greedy_is_the_reference_argmax_path,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_rpt.rollout.types import SamplingParams
-from tests._stubs.rollout_helpers import smollm2_tokenizer, teacher_forced_logprobs, tiny_llama
+from tests.helpers.rollout_helpers import smollm2_tokenizer, teacher_forced_logprobs, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sglang_runtime, pytest.mark.timeout(900)]
 

@@ -5,33 +5,23 @@ with ``padding_causal_bottom_right``, model/specs.py) against the separate layou
 attention module against a dense-mask reference.
 """
 
-import math
-
 import pytest
 import torch
 
 from megatron_rpt.model.shared_prefix import SharedPrefixParams, dense_reference_mask, group_pieces
 from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
+from tests.helpers.attention import reference_attention
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    from megatron_rpt.distributed import single_process_group
-
-    torch.cuda.set_device(0)
-    with single_process_group():
-        yield
-
-
 def _step(hf_dir, layout, spec, dtype):
-    from megatron_rpt.testing.training import (
+    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import (
         build_train_step,
         gather_full_gradients,
         random_group_batch,
     )
-    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 
     sgd = OptimizerConfig(
         optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
@@ -86,14 +76,6 @@ def test_te_spec_bf16_equals_separate_layout(kind, tmp_path, process_group):
     _compare("te", "bf16", hf_dir, lp_tol=5e-2, grad_check=check)
 
 
-def _reference_attention(q_TND, k_TGD, v_TGD, visible_TT):
-    reps = q_TND.shape[1] // k_TGD.shape[1]
-    k, v = (t.repeat_interleave(reps, dim=1) for t in (k_TGD, v_TGD))
-    scores = torch.einsum("snd,knd->nsk", q_TND, k) / math.sqrt(q_TND.shape[-1])
-    scores = scores.masked_fill(~visible_TT, float("-inf"))
-    return torch.einsum("nsk,knd->snd", scores.softmax(-1), v).reshape(q_TND.shape[0], -1)
-
-
 @pytest.mark.te
 def test_te_attention_module_matches_dense_mask_reference(process_group):
     from megatron.core.transformer import TransformerConfig
@@ -133,7 +115,7 @@ def test_te_attention_module_matches_dense_mask_reference(process_group):
     assert out.shape == (row, 1, 256)
     visible = dense_reference_mask(pieces, row).cuda()
     qf, kf, vf = (t.detach().float().squeeze(1).requires_grad_(True) for t in (q, k, v))
-    ref = _reference_attention(qf, kf, vf, visible)
+    ref = reference_attention(qf, kf, vf, visible)
     assert (out[:, 0].float() - ref).abs().max().item() <= 2e-2
     weights = torch.randn(row, 256, device="cuda", generator=g)
     grads = torch.autograd.grad((out[:, 0].float() * weights).sum(), (q, k, v))
@@ -144,4 +126,4 @@ def test_te_attention_module_matches_dense_mask_reference(process_group):
     # Any other call is Megatron's TEDotProductAttention unchanged (plain causal, sbhd).
     plain = attn(q, k, v, None, AttnMaskType.causal)
     causal = torch.ones(row, row, dtype=torch.bool, device="cuda").tril()
-    assert (plain[:, 0].float() - _reference_attention(qf, kf, vf, causal)).abs().max() <= 2e-2
+    assert (plain[:, 0].float() - reference_attention(qf, kf, vf, causal)).abs().max() <= 2e-2

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_rpt.rollout.types import SamplingParams
-from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sglang_runtime, pytest.mark.timeout(900)]
 
@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
-    from megatron_rpt.testing.updates import perturb_parameters
+    from tests.helpers.updates import perturb_parameters
 
     tok = smollm2_tokenizer()
     served, trained = tmp_path_factory.mktemp("served"), tmp_path_factory.mktemp("trained")

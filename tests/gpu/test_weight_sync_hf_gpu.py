@@ -46,9 +46,9 @@ def test_nccl_sync_into_cuda_hf_engine_matches_the_trainer(kind, tmp_path, nccl_
     from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from megatron_rpt.testing.updates import perturb_parameters
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
-    from tests._stubs.rollout_helpers import smollm2_tokenizer
+    from tests.helpers.rollout_helpers import smollm2_tokenizer
+    from tests.helpers.updates import perturb_parameters
 
     assert dist.get_backend() == "nccl"
     hf_dir = save_tiny_model(kind, tmp_path / kind)

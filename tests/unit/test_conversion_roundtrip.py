@@ -28,22 +28,6 @@ from megatron_rpt.testing.tiny_models import KINDS, VOCAB, hf_logits, save_tiny_
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def megatron_group():
-    from megatron_rpt.distributed import single_process_group
-
-    with single_process_group():
-        yield
-
-
-def _groups():
-    from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
-
-    groups = initialize_model_parallel(1, 1)
-    seed_model_parallel(0, groups)
-    return groups
-
-
 def _assert_same_tensors(dir_a: Path, dir_b: Path) -> None:
     a, b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
     assert sorted(a) == sorted(b)
@@ -53,14 +37,14 @@ def _assert_same_tensors(dir_a: Path, dir_b: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_name_table_covers_every_hf_tensor(kind, tmp_path, megatron_group):
+def test_name_table_covers_every_hf_tensor(kind, tmp_path, fresh_groups):
     from megatron_rpt.model.build import build_model
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
 
     hf_dir = save_tiny_model(kind, tmp_path / "hf")
     arch = read_arch(hf_dir)
     built = build_model(
-        arch, ModelConfig(dtype="fp32", spec="local"), ParallelConfig(), _groups(), initialize=False
+        arch, ModelConfig(dtype="fp32", spec="local"), ParallelConfig(), fresh_groups, initialize=False
     )
     converter = WeightConverter(arch, built.vocab.padded)
     shapes = [(n, tuple(p.shape), p.dtype) for n, p in named_global_parameters(built.chunks)]
@@ -73,7 +57,7 @@ def test_name_table_covers_every_hf_tensor(kind, tmp_path, megatron_group):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_iter_hf_weights_streams_from_model_or_state_dict(dtype, tmp_path, megatron_group):
+def test_iter_hf_weights_streams_from_model_or_state_dict(dtype, tmp_path, fresh_groups):
     from megatron_rpt.conversion.converter import iter_hf_weights
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.model.loading import build_pretrained
@@ -82,7 +66,7 @@ def test_iter_hf_weights_streams_from_model_or_state_dict(dtype, tmp_path, megat
         "qwen2", tmp_path / "hf", dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     )
     cfg = ModelConfig(hf_path=str(src), dtype=dtype)
-    built = build_pretrained(cfg, ParallelConfig(), _groups())
+    built = build_pretrained(cfg, ParallelConfig(), fresh_groups)
     expected = load_file(src / "model.safetensors")
     params = {p.data_ptr() for p in built.chunks[0].parameters()}
     streamed = list(iter_hf_weights(built.chunks, built.arch, built.vocab.padded))
@@ -98,7 +82,7 @@ def test_iter_hf_weights_streams_from_model_or_state_dict(dtype, tmp_path, megat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_round_trip_is_bit_exact(kind, dtype, tmp_path, megatron_group):
+def test_round_trip_is_bit_exact(kind, dtype, tmp_path, process_group):
     src = save_tiny_model(kind, tmp_path / "hf", dtype=dtype)
     ckpt = convert_hf_to_megatron(src, tmp_path / "mg")
     meta = read_metadata(ckpt)
@@ -118,7 +102,7 @@ def test_round_trip_is_bit_exact(kind, dtype, tmp_path, megatron_group):
         assert fh.get_slice("model.embed_tokens.weight").get_shape()[0] == VOCAB
 
 
-def test_export_loads_in_transformers_with_identical_logits(tmp_path, megatron_group):
+def test_export_loads_in_transformers_with_identical_logits(tmp_path, process_group):
     src = save_tiny_model("qwen3", tmp_path / "hf")
     out = convert_megatron_to_hf(
         convert_hf_to_megatron(src, tmp_path / "mg"), tmp_path / "back", max_shard_bytes=40_000
@@ -128,7 +112,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path, megatron_g
     assert torch.equal(hf_logits(out, tokens), hf_logits(src, tokens))
 
 
-def test_dtype_cast_on_import(tmp_path, megatron_group):
+def test_dtype_cast_on_import(tmp_path, process_group):
     src = save_tiny_model("llama", tmp_path / "hf")
     ckpt = convert_hf_to_megatron(src, tmp_path / "mg", dtype="bf16")
     out = convert_megatron_to_hf(ckpt, tmp_path / "back")
@@ -138,7 +122,7 @@ def test_dtype_cast_on_import(tmp_path, megatron_group):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def test_megatron_lm_directory(tmp_path, megatron_group):
+def test_megatron_lm_directory(tmp_path, process_group):
     src = save_tiny_model("llama_tied", tmp_path / "hf")
     ckpt = convert_hf_to_megatron(src, tmp_path / "mg")
     mlm = tmp_path / "megatron_lm"
@@ -161,7 +145,7 @@ def _no_leftovers(parent: Path, name: str) -> None:
     )
 
 
-def test_shape_mismatch_names_the_tensor(tmp_path, megatron_group):
+def test_shape_mismatch_names_the_tensor(tmp_path, process_group):
     src = save_tiny_model("qwen2", tmp_path / "hf")
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 80}))
@@ -174,7 +158,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path, megatron_group):
     _no_leftovers(tmp_path, "mg")
 
 
-def test_missing_and_unused_tensors_are_named(tmp_path, megatron_group):
+def test_missing_and_unused_tensors_are_named(tmp_path, process_group):
     src = save_tiny_model("llama", tmp_path / "hf")
     tensors = load_file(src / "model.safetensors")
     extra = dict(tensors, **{"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})
@@ -197,7 +181,7 @@ def test_missing_and_unused_tensors_are_named(tmp_path, megatron_group):
     _no_leftovers(tmp_path, "mg")
 
 
-def test_checkpoint_shapes_must_match_its_config(tmp_path, megatron_group):
+def test_checkpoint_shapes_must_match_its_config(tmp_path, process_group):
     ckpt = convert_hf_to_megatron(save_tiny_model("qwen3", tmp_path / "hf"), tmp_path / "mg")
     cfg_file = ckpt / "hf" / "config.json"
     cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"intermediate_size": 80}))
@@ -213,14 +197,14 @@ def test_checkpoint_shapes_must_match_its_config(tmp_path, megatron_group):
     _no_leftovers(tmp_path, "back")
 
 
-def test_fp16_weights_need_an_explicit_dtype(tmp_path, megatron_group):
+def test_fp16_weights_need_an_explicit_dtype(tmp_path, process_group):
     src = save_tiny_model("llama", tmp_path / "hf", dtype=torch.float16)
     with pytest.raises(CheckpointError, match=r"weights are \['float16'\]; pass --dtype"):
         convert_hf_to_megatron(src, tmp_path / "mg")
     assert read_metadata(convert_hf_to_megatron(src, tmp_path / "mg", dtype="fp32")).dtype == "fp32"
 
 
-def test_existing_target_needs_overwrite(tmp_path, megatron_group):
+def test_existing_target_needs_overwrite(tmp_path, process_group):
     src = save_tiny_model("llama", tmp_path / "hf")
     (tmp_path / "mg").mkdir()
     with pytest.raises(InputError, match="output already exists"):
@@ -232,7 +216,7 @@ def test_existing_target_needs_overwrite(tmp_path, megatron_group):
         convert_megatron_to_hf(ckpt, tmp_path / "back")
 
 
-def test_failed_conversion_leaves_nothing_complete_looking(tmp_path, monkeypatch, megatron_group):
+def test_failed_conversion_leaves_nothing_complete_looking(tmp_path, monkeypatch, process_group):
     from megatron_rpt.conversion import hf_io
 
     src = save_tiny_model("qwen2", tmp_path / "hf")

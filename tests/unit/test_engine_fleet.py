@@ -1,7 +1,7 @@
 """EngineFleet + EngineGuard: a dying or hanging engine is detected, rebuilt, re-synced and the
 work retried; too many failures stop the run; errors outside the engine are not retried.
 
-Uses a canned engine behind megatron_rpt.testing.faults.FaultyEngine and a recording push
+Uses a canned engine behind tests.helpers.faults.FaultyEngine and a recording push
 function (no process group: with one process the fleet's broadcasts are the identity).
 """
 
@@ -13,60 +13,32 @@ from megatron_rpt.errors import InputError
 from megatron_rpt.rollout.placement import EnginePlacement
 from megatron_rpt.rollout.routing import block_seed
 from megatron_rpt.rollout.scheduling import RolloutRequest
-from megatron_rpt.rollout.types import Completion, RolloutEngine, SamplingParams
-from megatron_rpt.testing.faults import EngineFaults, FaultyEngine
+from megatron_rpt.rollout.types import RolloutEngine, SamplingParams
+from megatron_rpt.testing.fake_engine import FakeRolloutEngine
 from megatron_rpt.trainer.engine_guard import EngineGuard, RolloutEngineError
 from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.weight_sync import WeightSyncError
+from tests.helpers.faults import EngineFaults, FaultyEngine
 
 PARAMS = SamplingParams(temperature=0.8, n=2, max_new_tokens=4, seed=5)
 SEED = block_seed(5, 0)  # both requests are one block (one document)
 EXPECTED = [f"3-{SEED}-0", f"3-{SEED}-1", f"3-{SEED}-0", f"3-{SEED}-1"]
 
 
-class CannedEngine:
+def _respond(prompt, params):
     """Deterministic completions: text derived from the prompt and the seed."""
+    if len(prompt) > 3:
+        raise InputError("prompt too long")
+    return [f"{sum(prompt)}-{params.seed}-{j}" for j in range(params.n)]
 
-    def __init__(self):
-        self.version, self.closed = 0, False
 
-    def generate(self, prompts, params):
-        if any(len(p) > 3 for p in prompts):
-            raise InputError("prompt too long")
-        return [
-            [Completion(token_ids=[1, 2], text=f"{sum(p)}-{params.seed}-{j}", logprobs=[-1.0, -1.0],
-                        finish_reason="stop") for j in range(params.n)]
-            for p in prompts
-        ]  # fmt: skip
-
-    def update_weights(self, named_tensors, *, version, flush_cache=True):
-        self.version = version
-
-    def health(self):
-        return not self.closed
-
-    def shutdown(self):
-        self.closed = True
-
-    def release_memory(self):
-        pass
-
-    resume_memory = flush_cache = release_memory
-
-    def weight_checksums(self, names=None, *, max_rows=64):
-        return {}
-
-    def prefix_cache_stats(self):
-        return None
-
-    @property
-    def weight_version(self):
-        return self.version
+def canned_engine():
+    return FakeRolloutEngine(_respond)
 
 
 def make_guard(faults, *, timeout_s=5.0, max_restarts=2, sync_fails=()):
     syncs = []
-    guard = EngineGuard(lambda: FaultyEngine(CannedEngine(), faults), timeout_s=timeout_s)
+    guard = EngineGuard(lambda: FaultyEngine(canned_engine(), faults), timeout_s=timeout_s)
 
     def push(version, engines):
         syncs.append((id(guard.engine), version))
@@ -87,12 +59,12 @@ def rollout(guard, prompts=((1, 2), (3,))):
 
 
 def test_the_guard_is_an_engine():
-    guard = EngineGuard(CannedEngine, timeout_s=5.0)
+    guard = EngineGuard(canned_engine, timeout_s=5.0)
     guard.start()
     assert isinstance(guard, RolloutEngine)
     assert guard.generate([[1, 2]], PARAMS)[0][1].text == "3-5-1"
     guard.update_weights([], version=4)
-    assert guard.engine.version == 4 and guard.health()
+    assert guard.engine.weight_version == 4 and guard.health()
     guard.shutdown()
     assert not guard.health()
 
@@ -114,7 +86,7 @@ def test_engine_dies_once_then_recovers(caplog):
     assert faults.engines_built == 2
     # The new engine got the trainer's weights (a full sync at the current version) first.
     assert [v for _, v in syncs] == [3, 3] and syncs[0][0] != syncs[1][0]
-    assert guard.guard.engine.version == 3
+    assert guard.guard.engine.weight_version == 3
     assert guard.failures == [0] and guard.restarts == [1]
     assert "rollout engine 0 failure 1/2" in caplog.text and "injected: engine died" in caplog.text
 
@@ -149,7 +121,7 @@ def test_failed_weight_push_restarts_the_engine():
     guard, syncs = make_guard(faults, sync_fails=(2,))
     guard.start(version=0)
     assert guard.push_weights(version=1) == 3  # sync 2 failed, sync 3 went to a new engine
-    assert faults.engines_built == 2 and guard.guard.engine.version == 1
+    assert faults.engines_built == 2 and guard.guard.engine.weight_version == 1
 
 
 def test_errors_outside_the_engine_are_not_retried():

@@ -16,7 +16,7 @@ import torch
 from megatron_rpt.cli import run_cli
 from megatron_rpt.config_utils import field_docs
 from megatron_rpt.eval.config import EvalConfig
-from tests._stubs.eval_helpers import shared_tiny
+from tests.helpers.eval_helpers import shared_tiny
 from tools.eval_next_token import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from megatron_rpt.eval.next_token import (
     standard_correct,
 )
 from megatron_rpt.eval.runner import build_eval_set
-from tests._stubs.eval_helpers import prepare_tiny, shared_tiny
+from tests.helpers.eval_helpers import prepare_tiny, shared_tiny
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ from megatron_rpt.eval.reasoning import run_reasoning
 from megatron_rpt.eval.report import flat_metrics, markdown_table, write_report
 from megatron_rpt.eval.runner import evaluate
 from megatron_rpt.rollout.types import SamplingParams
-from tests._stubs.eval_helpers import CannedEngine, shared_tiny
-from tests._stubs.rollout_helpers import smollm2_tokenizer
+from megatron_rpt.testing.fake_engine import FakeRolloutEngine
+from tests.helpers.eval_helpers import shared_tiny
+from tests.helpers.rollout_helpers import smollm2_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then the dog sleeps all day long."
 T = (0.5, 1.0, 1.5)
@@ -51,7 +52,7 @@ def _canned(tok, es, correct_counts, n, prompt_cfg):
         right = f"Let me think.</think> The next token is \\boxed{{{truth}}}"
         wrong = ["</think> \\boxed{zzz}", "no closing tag \\boxed{" + truth + "}"]
         by_prompt[key] = [right] * c + [wrong[j % 2] for j in range(n - c)]
-    return CannedEngine(lambda key: by_prompt[key])
+    return FakeRolloutEngine(lambda key, params: by_prompt[key])
 
 
 def test_random_at_1_and_pass_at_k_by_hand(synthetic):
@@ -123,7 +124,7 @@ def test_two_modes_two_models_make_one_table(tiny, tmp_path):
         assert hf_model is not None  # the standard pass's model is handed over
         n = right_first[model.name]
 
-        def respond(key):
+        def respond(key, params):
             i = prompts.index(key)
             truth = es.continuation_bytes(i)[0].decode("utf-8", "replace")
             return [f"</think>\\boxed{{{truth}}}"] * n + ["</think>\\boxed{\u2603}"] * (4 - n)
@@ -132,7 +133,7 @@ def test_two_modes_two_models_make_one_table(tiny, tmp_path):
             tuple(build_prompt(es.context_text(i), tokenizer, PromptConfig()).ids)
             for i in range(len(es))
         ]
-        return CannedEngine(respond)
+        return FakeRolloutEngine(respond)
 
     cfg = EvalConfig(mode="both", n_samples=4, pass_k=2, difficulty_thresholds=(0.3, 0.8, 1.6),
                      device="cpu", reasoning_max_positions=None)  # fmt: skip

@@ -221,18 +221,10 @@ def test_checkpoints_and_exports_stay_in_model_dtype_under_fp8(tmp_path):
 # ----------------------------------------------------------------------------- trainer alignment
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    from megatron_rpt.distributed import single_process_group
-
-    with single_process_group():
-        yield
-
-
 @pytest.mark.parametrize("layout", ["packed", "padded", "shared_prefix"])
 def test_fp8_token_alignment_changes_no_logprob_or_loss(layout, tmp_path, process_group):
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     hf_dir = save_tiny_model("qwen2", tmp_path / "m")
     batch = random_rollout_batch(VOCAB, seed=4)

@@ -6,7 +6,7 @@ import pytest
 
 from megatron_rpt.reward import next_token
 from megatron_rpt.reward.next_token import extract_prediction
-from megatron_rpt.testing.box_scan import per_brace_extract as _per_brace
+from tests.helpers.box_scan import per_brace_extract as _per_brace
 
 
 @pytest.mark.parametrize("short_box", [0, 3, 4096])

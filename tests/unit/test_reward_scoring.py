@@ -26,9 +26,9 @@ from megatron_rpt.eval.reasoning import run_reasoning
 from megatron_rpt.reward.registry import RewardTarget
 from megatron_rpt.reward.scoring import ResponseReader, score_group
 from megatron_rpt.rollout.types import Completion, SamplingParams
+from megatron_rpt.testing.fake_engine import FakeRolloutEngine
 from megatron_rpt.trainer.rollout_source import RolloutSource
-from tests._stubs.eval_helpers import CannedEngine
-from tests._stubs.rollout_helpers import smollm2_tokenizer
+from tests.helpers.rollout_helpers import smollm2_tokenizer
 
 TEXT = "Let x be 3. Then x + 1 = 4, so the answer is 4 and we are done here."
 OPENER = "<think>\n</think>\nThe next token is \\boxed{"
@@ -85,7 +85,7 @@ def test_reasoning_eval_and_training_parse_the_prefilled_opener_the_same_way():
         key = tuple(phase._prompt(_sample(es, i))[0])
         assert key == tuple(context_prompt(es.context_ids(i), lambda i=i: es.context_text(i), tok, prompt).ids)
         responses[key] = texts
-    engine = CannedEngine(lambda key: responses[key])
+    engine = FakeRolloutEngine(lambda key, params: responses[key])
     params = SamplingParams(n=4, temperature=0.8, max_new_tokens=8, seed=3)
     out = run_reasoning(engine, es, tok, prompt_cfg=prompt, params=params, seed=3)
     assert out.rewards_PN.tolist() == [[1.0, 1.0, 0.0, 0.0]] * 3
@@ -133,12 +133,12 @@ def test_completion_mode_in_training_and_eval_uses_the_context_ids():
     assert {o for _, o in prompts} == {""}
     by_prompt = {tuple(p): t for (p, _), t in zip(prompts, truth_ids, strict=True)}
 
-    class TokenEngine(CannedEngine):
+    class TokenEngine(FakeRolloutEngine):
         def generate(self, prompts, params):  # noqa: ANN001, ANN202
             self.calls.append(([tuple(p) for p in prompts], params))
             return [[_completion([by_prompt[tuple(p)]]), _completion([0])] for p in prompts]
 
-    engine = TokenEngine(lambda key: [])
+    engine = TokenEngine(lambda key, params: [])
     params = SamplingParams(n=2, temperature=0.8, max_new_tokens=1, seed=1)
     out = run_reasoning(engine, es, tok, prompt_cfg=prompt, params=params, seed=1)
     assert out.rewards_PN.tolist() == [[1.0, 0.0]] * 3

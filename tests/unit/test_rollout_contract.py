@@ -1,7 +1,7 @@
 """The RolloutEngine contract, pinned for every engine.
 
 Engines: the HF engine (tiny random Llama + the real SmolLM2 tokenizer) and the SGLang client
-talking to a fake SGLang server on 127.0.0.1 (tests/_stubs/fake_sglang_server.py, backed by the
+talking to a fake SGLang server on 127.0.0.1 (tests/helpers/fake_sglang_server.py, backed by the
 same kind of HF model; runs wherever sglang is installed, including CPU CI). The real SGLang
 server runs these same test functions in tests/gpu/test_sglang_contract.py.
 
@@ -24,7 +24,7 @@ from megatron_rpt.rollout.types import (
     SamplingParams,
     tensor_fingerprint,
 )
-from tests._stubs.rollout_helpers import (
+from tests.helpers.rollout_helpers import (
     chain_weights,
     require_sglang_protocol,
     smollm2_tokenizer,
@@ -66,7 +66,7 @@ def harness(request):  # noqa: ANN001, ANN201
     require_sglang_protocol()
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     backend, ref = _hf(tok)
     cfg = RolloutConfig(engine="sglang")

@@ -114,7 +114,7 @@ def test_altered_llama_loader_lifts_the_fp8_refusal(installed, tmp_path):
 
 def test_every_engine_server_flag_parses(installed, tmp_path):
     """Each flag sglang_engine may pass exists in the installed ServerArgs parser."""
-    from tests._stubs.rollout_helpers import require_sglang_protocol, smollm2_tokenizer, tiny_llama
+    from tests.helpers.rollout_helpers import require_sglang_protocol, smollm2_tokenizer, tiny_llama
 
     require_sglang_protocol()
     from megatron_rpt.rollout import sglang_protocol as proto

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_rpt.rollout.types import SamplingParams
-from tests._stubs.rollout_helpers import require_sglang_protocol, smollm2_tokenizer, tiny_llama
+from tests.helpers.rollout_helpers import require_sglang_protocol, smollm2_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -226,7 +226,7 @@ def test_colocated_flow_order_buckets_and_ipc_reclaim(monkeypatch):
     answers like a Qwen server, and the sync still completes and loads every tensor."""
     from megatron_rpt.rollout import sglang_protocol as proto
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     tok = smollm2_tokenizer()
     model = tiny_llama(tok)
@@ -268,7 +268,7 @@ def test_per_rank_payloads_reach_each_tp_rank_with_a_fence_per_bucket(monkeypatc
     resume of the KV cache and CUDA graphs."""
     from megatron_rpt.rollout import sglang_protocol as proto
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     tok = smollm2_tokenizer()
     model = tiny_llama(tok)
@@ -318,7 +318,7 @@ def test_weight_checksums_refused_for_models_without_the_route():
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     tok = smollm2_tokenizer()
     model = tiny_llama(tok)
@@ -354,7 +354,7 @@ def test_device_uuid_reductions_are_scoped():
 
 def test_failed_push_blocks_generation_until_repaired():
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     tok = smollm2_tokenizer()
     model = tiny_llama(tok)
@@ -421,7 +421,7 @@ def test_fp8_stream_into_llama_refused_qwen_allowed():
     from megatron_rpt.errors import ConfigError
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.rollout.sglang_engine import _refuse_block_fp8
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     with pytest.raises(ConfigError, match="LlamaForCausalLM"):
         _refuse_block_fp8("LlamaForCausalLM", "x")

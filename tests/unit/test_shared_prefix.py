@@ -4,7 +4,6 @@ module equals a dense-mask reference (forward and gradients); the model's hidden
 the per-sequence ones; refusals. The full training-step exactness (every gradient, TP/PP) is
 tests/distributed/test_shared_prefix.py."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -20,9 +19,10 @@ from megatron_rpt.model.shared_prefix import (
     group_pieces,
 )
 from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
-from megatron_rpt.testing.training import random_group_batch
 from megatron_rpt.trainer.batch import make_micro_batch, pad_to_common_shape, plan_batch
 from megatron_rpt.trainer.prefix_layout import group_tokens, prefix_groups
+from tests.helpers.attention import reference_attention
+from tests.helpers.training import random_group_batch
 
 TOL = 1e-5
 
@@ -109,14 +109,6 @@ def test_every_response_token_sees_what_it_sees_in_its_own_sequence(seed):
     assert len(set(first.tolist())) == len(groups)
 
 
-def _reference_attention(q_TND, k_TGD, v_TGD, visible_TT):
-    reps = q_TND.shape[1] // k_TGD.shape[1]
-    k, v = (t.repeat_interleave(reps, dim=1) for t in (k_TGD, v_TGD))
-    scores = torch.einsum("snd,knd->nsk", q_TND, k) / math.sqrt(q_TND.shape[-1])
-    scores = scores.masked_fill(~visible_TT, float("-inf"))
-    return torch.einsum("nsk,knd->snd", scores.softmax(-1), v).reshape(q_TND.shape[0], -1)
-
-
 @pytest.mark.parametrize(
     "layout",
     [
@@ -145,7 +137,7 @@ def test_attention_module_matches_dense_mask_reference(layout):
     k, v = (torch.randn(row, 2, 4, generator=g, requires_grad=True) for _ in range(2))
     out = attn(q[:, None], k[:, None], v[:, None], None, packed_seq_params=params)
     assert out.shape == (row, 1, 16)
-    ref = _reference_attention(q, k, v, dense_reference_mask(pieces, row))
+    ref = reference_attention(q, k, v, dense_reference_mask(pieces, row))
     assert (out[:, 0] - ref).abs().max().item() <= 1e-6
     weights = torch.randn(row, 16, generator=g)
     grads = torch.autograd.grad((out[:, 0] * weights).sum(), (q, k, v))
@@ -153,7 +145,7 @@ def test_attention_module_matches_dense_mask_reference(layout):
     for a, b in zip(grads, ref_grads, strict=True):
         assert (a - b).abs().max().item() <= 1e-5
     # Not trivially the packed layout: the whole group as one causal segment differs.
-    whole = _reference_attention(q, k, v, torch.ones(row, row, dtype=torch.bool).tril())
+    whole = reference_attention(q, k, v, torch.ones(row, row, dtype=torch.bool).tril())
     assert (out[:, 0] - whole).abs().max().item() > 1e-2
     with pytest.raises(ValueError, match="without per-token RoPE"):
         params.rotary_per_token = False

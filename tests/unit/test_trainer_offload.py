@@ -27,9 +27,9 @@ def hf_dir(tmp_path_factory):
 
 def _train(hf_dir, mode, dtype, dist_opt, spill_dir):
     from megatron_rpt.distributed import single_process_group
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.config import OptimizerConfig
     from megatron_rpt.trainer.offload import TrainerOffload
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     with single_process_group():
         step = build_train_step(
@@ -80,8 +80,8 @@ def test_offload_frees_resident_memory(tmp_path):
     """A ~10M-parameter model: Adam state + gradients are ~120 MB; at least half of what was
     offloaded must leave the resident set, and it must come back on reload."""
     from megatron_rpt.distributed import single_process_group
-    from megatron_rpt.testing.training import build_train_step, random_rollout_batch
     from megatron_rpt.trainer.offload import TrainerOffload
+    from tests.helpers.training import build_train_step, random_rollout_batch
 
     big = save_tiny_model(
         "llama", tmp_path / "big", num_layers=4,
@@ -119,7 +119,7 @@ def test_hf_engine_release_spills_weights_and_resume_restores_them(tmp_path):
     brings back the exact bytes, generation is refused in between and identical after."""
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.rollout.types import SamplingParams
-    from tests._stubs.rollout_helpers import smollm2_tokenizer, tiny_llama
+    from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
 
     tok = smollm2_tokenizer()
     engine = HFEngine(tiny_llama(tok), tok, spill_dir=tmp_path)

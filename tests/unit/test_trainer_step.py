@@ -13,24 +13,16 @@ import torch
 
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
-from megatron_rpt.testing.training import (
+from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
+from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+from tests.helpers.training import (
     build_train_step,
     gather_full_parameters,
     random_rollout_batch,
 )
-from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
-from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 
 TEMPERATURE = 0.8
 LOGPROB_TOL = 1e-5  # fp32: Megatron vs HF forward differ by ~1e-6 in log-prob
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    from megatron_rpt.distributed import single_process_group
-
-    with single_process_group():
-        yield
 
 
 @pytest.fixture(scope="module")

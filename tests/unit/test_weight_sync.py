@@ -19,11 +19,11 @@ import torch
 from megatron_rpt.conversion.hf_io import HFWeights
 from megatron_rpt.errors import CheckpointError, ConfigError
 from megatron_rpt.model.arch import read_arch
-from megatron_rpt.testing.faults import corrupt_bucket
 from megatron_rpt.testing.tiny_models import KINDS, VOCAB, save_tiny_model
-from megatron_rpt.testing.updates import perturb_parameters
 from megatron_rpt.weight_sync import WeightSyncConfig, WeightSyncError, make_plan
 from megatron_rpt.weight_sync.plan import ParamMeta
+from tests.helpers.faults import FaultyLink
+from tests.helpers.updates import perturb_parameters
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
@@ -200,7 +200,7 @@ def _hf_engine(hf_dir):
     from transformers import AutoModelForCausalLM
 
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from tests._stubs.rollout_helpers import smollm2_tokenizer
+    from tests.helpers.rollout_helpers import smollm2_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return HFEngine(model, smollm2_tokenizer())
@@ -222,8 +222,10 @@ def test_sync_into_hf_engine_then_logits_match_and_corruption_fails_loudly(tiny,
     engine = _hf_engine(tiny["qwen2"])
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     assert perturb_parameters(built.chunks, built.arch, built.vocab.padded, 0, 1) > 0
+    link = FaultyLink()
     sync = WeightSync(
-        built, groups, engine, WeightSyncConfig(bucket_bytes=50_000, verify="full", **FP32_PROBE)
+        built, groups, engine, WeightSyncConfig(bucket_bytes=50_000, verify="full", **FP32_PROBE),
+        bucket_filter=link,
     )
     m = sync(version=1)
     assert engine.weight_version == 1 and m.pushed and m.buckets == len(sync.plan.buckets) > 1
@@ -236,13 +238,16 @@ def test_sync_into_hf_engine_then_logits_match_and_corruption_fails_loudly(tiny,
     assert diff <= 1e-4
 
     # One element one ulp off in bucket 2: invisible to the probe, caught by full fingerprints.
-    with pytest.raises(WeightSyncError, match=r"1 of \d+ tensors differ.*'model\.") as err:
-        sync(version=2, tamper=corrupt_bucket(2))
+    with link.corrupting(2):
+        with pytest.raises(WeightSyncError, match=r"1 of \d+ tensors differ.*'model\.") as err:
+            sync(version=2)
     assert "rank 0" in str(err.value)
     sync.cfg = WeightSyncConfig(bucket_bytes=50_000, verify="probe", **FP32_PROBE)
-    sync(version=3, tamper=corrupt_bucket(2))  # the probe alone does not see it
-    with pytest.raises(WeightSyncError, match="probe: engine and trainer log-probs differ"):
-        sync(version=4, tamper=corrupt_bucket(1, everything=True))
+    with link.corrupting(2):
+        sync(version=3)  # the probe alone does not see it
+    with link.corrupting(1, everything=True):
+        with pytest.raises(WeightSyncError, match="probe: engine and trainer log-probs differ"):
+            sync(version=4)
     sync(version=5)  # a clean sync repairs the engine
     assert (
         _engine_logits(engine, tokens) - forward_logits(built, tokens, groups)
@@ -281,13 +286,13 @@ def test_bf16_push_dtype_rounds_like_the_engine_would(tiny, groups):
 
 
 def test_sync_through_the_sglang_adapter(tiny, groups):
-    from tests._stubs.rollout_helpers import require_sglang_protocol
+    from tests.helpers.rollout_helpers import require_sglang_protocol
 
     require_sglang_protocol()
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine, hf_manifest
     from megatron_rpt.weight_sync import WeightSync
-    from tests._stubs.fake_sglang_server import FakeSGLangServer
+    from tests.helpers.fake_sglang_server import FakeSGLangServer
 
     built = _pretrained(tiny["qwen3"], groups)
     perturb_parameters(built.chunks, built.arch, built.vocab.padded, 0, 1, seed=7)
@@ -299,10 +304,12 @@ def test_sync_through_the_sglang_adapter(tiny, groups):
         client = SGLangEngine.connect(server.url, rollout, manifest=hf_manifest(tiny["qwen3"]))
         client.release_memory()  # colocated flow: the server zeroes its weights
         cfg = WeightSyncConfig(bucket_bytes=60_000, verify="full", **FP32_PROBE)
-        sync = WeightSync(built, groups, client, cfg)
+        link = FaultyLink()
+        sync = WeightSync(built, groups, client, cfg, bucket_filter=link)
         m = sync(version=4)
         assert server.paths().count("/update_weights_from_tensor") > 1 and m.buckets > 1
         assert server.version == "4" and m.probe_max_abs_diff < 1e-4
-        with pytest.raises(WeightSyncError, match="differ between the trainer's stream"):
-            sync(version=5, tamper=corrupt_bucket(0))
+        with link.corrupting(0):
+            with pytest.raises(WeightSyncError, match="differ between the trainer's stream"):
+                sync(version=5)
         client.shutdown()

@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from megatron_rpt.conversion.hf_io import HFWeights
 from megatron_rpt.errors import ConfigError, InputError
 from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
-from megatron_rpt.testing.updates import perturb_parameters
 from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
 from megatron_rpt.weight_sync.fp8 import (
     FP8_DTYPE,
@@ -31,6 +30,7 @@ from megatron_rpt.weight_sync.fp8 import (
     dequantize_blockwise,
 )
 from megatron_rpt.weight_sync.fp8_checkpoint import write_fp8_checkpoint
+from tests.helpers.updates import perturb_parameters
 
 SPEC = BlockFP8(block_size=32)
 
@@ -51,7 +51,7 @@ def _hf_engine(hf_dir):
     from transformers import AutoModelForCausalLM
 
     from megatron_rpt.rollout.hf_engine import HFEngine
-    from tests._stubs.rollout_helpers import smollm2_tokenizer
+    from tests.helpers.rollout_helpers import smollm2_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return HFEngine(model, smollm2_tokenizer())
@@ -107,7 +107,7 @@ def test_sync_into_hf_engine_holds_the_fp8_rounded_weights(qwen2, groups):
 
 
 def test_fp8_stream_survives_sglang_flattened_buckets():
-    from tests._stubs.rollout_helpers import require_sglang_protocol
+    from tests.helpers.rollout_helpers import require_sglang_protocol
 
     require_sglang_protocol()
     from megatron_rpt.rollout import sglang_protocol as proto

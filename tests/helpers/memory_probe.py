@@ -84,8 +84,8 @@ def measure_train_step(
     """
     import torch
 
-    from megatron_rpt.testing.training import build_train_step, random_group_batch
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
+    from tests.helpers.training import build_train_step, random_group_batch
 
     mmap_large_allocations()
     torch.set_num_threads(1)

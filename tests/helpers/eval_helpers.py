@@ -1,4 +1,4 @@
-"""Shared helpers of the evaluation tests: a tiny prepared split and a canned rollout engine."""
+"""Shared helpers of the evaluation tests: a tiny prepared split."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import functools
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-from megatron_rpt.rollout.types import Completion, PrefixCacheStats, SamplingParams
 
 
 def fit_tiny(model_dir: Path, texts: Sequence[str], *, steps: int = 60, seed: int = 0) -> Path:
@@ -81,58 +79,3 @@ def shared_tiny() -> tuple[Path, Path]:
     root = Path(tempfile.mkdtemp(prefix="rpt-eval-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return prepare_tiny(root)
-
-
-class CannedEngine:
-    """A ``RolloutEngine`` whose responses come from ``respond(prompt_ids) -> n texts``.
-
-    Records every ``generate`` call (prompts and params) for the tests to inspect.
-    """
-
-    def __init__(self, respond: Callable[[tuple[int, ...]], Sequence[str]]) -> None:
-        self.respond = respond
-        self.calls: list[tuple[list[tuple[int, ...]], SamplingParams]] = []
-        self.closed = False
-
-    def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[list[Completion]]:
-        keys = [tuple(int(t) for t in p) for p in prompts]
-        self.calls.append((keys, params))
-        out = []
-        for key in keys:
-            texts = list(self.respond(key))
-            assert len(texts) == params.n, (len(texts), params.n)
-            out.append([
-                Completion(token_ids=list(range(len(t) // 4 + 1)), text=t, logprobs=None,
-                           finish_reason="stop")
-                for t in texts
-            ])  # fmt: skip
-        return out
-
-    def update_weights(
-        self, named_tensors: Iterable, *, version: int, flush_cache: bool = True
-    ) -> None:
-        raise NotImplementedError
-
-    def release_memory(self) -> None: ...
-
-    def resume_memory(self) -> None: ...
-
-    def flush_cache(self) -> None: ...
-
-    def health(self) -> bool:
-        return not self.closed
-
-    def shutdown(self) -> None:
-        self.closed = True
-
-    def weight_checksums(self, names=None, *, max_rows=64) -> dict[str, str]:  # noqa: ANN001
-        return {}
-
-    def prefix_cache_stats(self) -> PrefixCacheStats | None:
-        return None
-
-    @property
-    def weight_version(self) -> int:
-        return 0

@@ -76,11 +76,11 @@ def teacher_forced_logprobs(model, prompt: list[int], response: list[int], tempe
 def require_sglang_protocol() -> None:
     """Skip only when sglang is not installed; any other import failure is a test error.
 
-    Installs the test-only torchvision stand-in first (tests/_stubs/torchvision_standin.py).
+    Installs the test-only torchvision stand-in first (tests/helpers/torchvision_standin.py).
     """
     if importlib.util.find_spec("sglang") is None:
         pytest.skip("sglang is not installed (CI installs it --no-deps; see the Makefile)")
-    from tests._stubs.torchvision_standin import install
+    from tests.helpers.torchvision_standin import install
 
     install()
     import sglang.srt.managers.io_struct  # noqa: F401 - fail loudly if the install is broken

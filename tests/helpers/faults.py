@@ -1,26 +1,28 @@
 """Fault injection for tests: corrupted weight buckets, failing engines.
 
-* ``corrupt_bucket``: a weight-sync tamper hook (below);
+* ``corrupt_bucket``: a weight-sync ``BucketFilter`` that corrupts one bucket;
+* ``FaultyLink``: the bucket filter to give ``WeightSync(..., bucket_filter=link)``: the
+  identity, except inside ``with link.corrupting(i): sync(version=v)``;
 * ``FaultyEngine`` / ``EngineFaults``: a rollout engine wrapper whose sampling calls die or
   hang on a plan shared across restarts (trainer/fleet.py tests).
 
-``sync_weights(..., tamper=corrupt_bucket(i))`` applies the hook to bucket ``i`` *after* the
-trainer-side fingerprints were recorded and before the engine sees it, as a transport bug
-would. The hook replaces tensors with modified copies: at TP = 1 streamed tensors can be
-views of the trainer's parameters, which must stay untouched.
+The filter sees bucket ``i`` *after* the trainer-side fingerprints were recorded and before
+the engine does, as a transport bug would. It replaces tensors with modified copies: at TP = 1
+streamed tensors can be views of the trainer's parameters, which must stay untouched.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 
-def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a Tamper hook
-    """A tamper hook for bucket ``index``.
+def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a BucketFilter
+    """A bucket filter that corrupts bucket ``index``.
 
     Default: move one element of the bucket's first tensor to the next representable value
     (one ulp: the smallest corruption there is) - invisible to a log-prob probe, caught by
@@ -36,7 +38,7 @@ def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a
     (1, 1.1920928955078125e-07, 1.0)
     """
 
-    def tamper(i: int, tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    def corrupt(i: int, tensors: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         if i != index:
             return tensors
         if everything:
@@ -47,7 +49,38 @@ def corrupt_bucket(index: int, *, everything: bool = False):  # noqa: ANN201 - a
         flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf"), dtype=bad.dtype))
         return [(name, bad), *rest]
 
-    return tamper
+    return corrupt
+
+
+class FaultyLink:
+    """A ``BucketFilter`` that passes every bucket through unless a corruption is armed.
+
+    >>> link, t = FaultyLink(), torch.ones(2)
+    >>> link(0, [("a", t)])[0][1] is t
+    True
+    >>> with link.corrupting(0, everything=True):
+    ...     link(0, [("a", t)])[0][1].tolist()
+    [-1.0, -1.0]
+    >>> link(0, [("a", t)])[0][1] is t
+    True
+    """
+
+    def __init__(self) -> None:
+        self._filter = None
+
+    @contextmanager
+    def corrupting(self, index: int, *, everything: bool = False) -> Iterator[None]:
+        """Corrupt bucket ``index`` (``corrupt_bucket``) of every sync inside the block."""
+        self._filter = corrupt_bucket(index, everything=everything)
+        try:
+            yield
+        finally:
+            self._filter = None
+
+    def __call__(
+        self, index: int, tensors: list[tuple[str, torch.Tensor]]
+    ) -> list[tuple[str, torch.Tensor]]:
+        return tensors if self._filter is None else self._filter(index, tensors)
 
 
 class EngineFaults:

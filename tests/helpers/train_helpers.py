@@ -33,7 +33,7 @@ def shared_dir() -> Path:
     """Task assets and prepared data, built once per test process."""
     root = Path(tempfile.mkdtemp(prefix="rpt-train-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    from megatron_rpt.testing.synthetic import build_synthetic_task
+    from examples.tiny.task import build_synthetic_task
 
     build_synthetic_task(root / "assets")
     return root
@@ -69,7 +69,7 @@ def stalling_cmd(run_dir: Path, phase: str, step: int, marker: Path, *sets: str)
 
 def stalling_argv_cmd(argv: list[str], phase: str, step: int, marker: Path) -> list[str]:
     """The training entry point on ``argv``, stalling like ``stalling_cmd``."""
-    code = "import sys; from tests._stubs.train_helpers import _main_stalling; _main_stalling()"
+    code = "import sys; from tests.helpers.train_helpers import _main_stalling; _main_stalling()"
     return [sys.executable, "-c", code, phase, str(step), str(marker), *argv]
 
 
