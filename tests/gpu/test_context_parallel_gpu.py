@@ -69,7 +69,7 @@ def test_row_index_matches_te_partitioned_indices(cp):
 
 def _cp_worker(rank, world_size, hf_dir, cp):
     from megatron_rpt.testing.tiny_models import VOCAB
-    from megatron_rpt.testing.training import (
+    from tests.helpers.training import (
         build_train_step,
         gather_full_gradients,
         random_rollout_batch,
