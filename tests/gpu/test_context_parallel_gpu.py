@@ -69,12 +69,12 @@ def test_row_index_matches_te_partitioned_indices(cp):
 
 def _cp_worker(rank, world_size, hf_dir, cp):
     from megatron_rpt.testing.tiny_models import VOCAB
+    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from tests.helpers.training import (
         build_train_step,
         gather_full_gradients,
         random_rollout_batch,
     )
-    from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 
     sgd = OptimizerConfig(
         optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
