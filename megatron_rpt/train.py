@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 -m megatron_rpt.train --recipe ...   (or examples/pretrain_rpt.sh)
 
 Order of work: resolve the config (defaults -> recipe -> YAML -> --set -> --init-from ->
-validate), check the model, parallel layout, batch, engine and corpus (``trainer.preflight``;
+validate), check the model, parallel layout, batch, engine and corpus (``preflight``;
 a mistake fails here with one line naming the setting, before anything heavy), on GPUs check
 that the trainer and the colocated engine fit in memory (``preflight.check_memory``), start
 torch.distributed (torchrun's environment, NCCL on GPUs, gloo on CPU; a single process
@@ -85,21 +85,13 @@ def resolve_config(args: argparse.Namespace, *, validate: bool = True) -> Any:
 
 def apply_init_from(cfg: Any, path: str) -> None:
     """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
-    from megatron_rpt.errors import CheckpointError, ConfigError
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
+    from megatron_rpt.checkpoint.discovery import init_source
 
     p = Path(path).expanduser()
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+    if init_source(path) == "hf":
         cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
-        return
-    try:
-        find_checkpoint(p)
-    except CheckpointError as exc:
-        raise ConfigError(
-            f"--init-from {path}: neither an HF model directory (config.json + *.safetensors) "
-            f"nor a Megatron checkpoint ({exc})"
-        ) from None
-    cfg.model.megatron_checkpoint = str(p)
+    else:
+        cfg.model.megatron_checkpoint = str(p)
 
 
 def process_group_timeout(cfg: Any) -> timedelta:
@@ -109,51 +101,34 @@ def process_group_timeout(cfg: Any) -> timedelta:
 
 
 @contextlib.contextmanager
-def distributed(cfg: Any) -> Iterator[Any]:
-    """torch.distributed from torchrun's environment (or one process) + Megatron's groups.
-
-    A process group that already exists (a test harness, a notebook) is used as it is and
-    left in place.
-    """
-    import torch
-    import torch.distributed as dist
-
-    from megatron_rpt import capabilities
+def model_parallel(cfg: Any) -> Iterator[Any]:
+    """The world process group (``distributed.world_process_group``) + Megatron's groups."""
     from megatron_rpt.distributed import (
         destroy_model_parallel,
         initialize_model_parallel,
         seed_model_parallel,
+        world_process_group,
     )
 
-    backend = "nccl" if capabilities.have_cuda() else "gloo"
-    timeout = process_group_timeout(cfg)
-    owned = not dist.is_initialized()
-    if owned and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timeout)
-    elif owned:  # one process without a launcher: an in-memory store, no port
-        if backend == "nccl":
-            torch.cuda.set_device(0)
-        dist.init_process_group(
-            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-        )
-    try:
-        p = cfg.parallel
-        cp = {"context_parallel_size": p.context_parallel_size} if p.context_parallel_size > 1 else {}
-        groups = initialize_model_parallel(
-            p.tensor_model_parallel_size,
-            p.pipeline_model_parallel_size,
-            p.virtual_pipeline_model_parallel_size,
-            **cp,
-        )
-        seed_model_parallel(cfg.run.seed, groups)
-        yield groups
-    finally:
-        with contextlib.suppress(Exception):
-            destroy_model_parallel()
-        if owned:
-            dist.destroy_process_group()
+    with world_process_group(process_group_timeout(cfg)):
+        try:
+            p = cfg.parallel
+            cp = (
+                {"context_parallel_size": p.context_parallel_size}
+                if p.context_parallel_size > 1
+                else {}
+            )
+            groups = initialize_model_parallel(
+                p.tensor_model_parallel_size,
+                p.pipeline_model_parallel_size,
+                p.virtual_pipeline_model_parallel_size,
+                **cp,
+            )
+            seed_model_parallel(cfg.run.seed, groups)
+            yield groups
+        finally:
+            with contextlib.suppress(Exception):
+                destroy_model_parallel()
 
 
 def main(
@@ -178,17 +153,18 @@ def main(
         logging.getLogger().setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    from megatron_rpt.trainer import preflight
+    from megatron_rpt import preflight
+    from megatron_rpt.checkpoint import discovery
 
     cfg = resolve_config(args)
     hf_dir = preflight.check_run(cfg, world)
     preflight.check_memory(cfg, hf_dir, world)  # GPU only: before any model is built
     with _run_dir_lock(cfg, rank):
-        resume = preflight.resolve_resume(args.resume, cfg)
+        resume = discovery.resolve_resume(args.resume, cfg)
         cfg.checkpoint.load = None if resume is None else str(resume)
-        done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
+        done = resume is not None and discovery.checkpoint_step(resume) >= cfg.train.steps
         final = resume if done else None
-        with distributed(cfg) as groups:
+        with model_parallel(cfg) as groups:
             if not done:
                 final = _train(cfg, groups, hf_dir, resume, engine_factory, on_phase)
         if rank == 0:
@@ -215,7 +191,7 @@ def _train(
 ) -> Path | None:
     import torch.distributed as dist
 
-    from megatron_rpt.trainer import preflight
+    from megatron_rpt import preflight
     from megatron_rpt.trainer.loop import run_training
 
     if dist.get_rank() == 0:
@@ -248,7 +224,7 @@ def _finish(cfg: Any, checkpoint: Path | None) -> None:
                 dist.get_world_size(), checkpoint, run_dir / "hf",
             )  # fmt: skip
         else:
-            from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
+            from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
             out = convert_megatron_to_hf(checkpoint, run_dir / "hf", overwrite=True)
             logger.info("exported %s as an HF model: %s", checkpoint.name, out)

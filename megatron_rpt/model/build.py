@@ -24,7 +24,7 @@ This is the ONE place that builds Megatron's ``TransformerConfig``
   vocabulary must go through ``model/logits.py`` before anything reads them.
 
 Model building needs Megatron's parallel state (``megatron_rpt.distributed``); weights are
-loaded by ``model/loading.py``.
+loaded by ``checkpoint/loading.py``.
 """
 
 from __future__ import annotations

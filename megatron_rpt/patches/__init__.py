@@ -31,8 +31,9 @@ by ``megatron_rpt.distributed.initialize_model_parallel``; 'optckpt' also on a G
 whenever Megatron's optimizer uses torch's Adam (no TE/Apex: the bugs are in that path); each can be switched off with
 ``MEGATRON_RPT_CPU_PATCHES`` (comma-separated names to apply, ``none`` for none; default all).
 Every patch module states what it changes, why that is safe and when to remove it, and has a
-``upstream_fails()`` probe that runs the unpatched upstream code path; tests/unit/test_patches.py
-fails as soon as a probe passes, i.e. when upstream no longer needs the patch.
+``upstream_fails()`` probe that runs the unpatched upstream code path (the 'optckpt' probe needs
+a model and an optimizer, so it is in the test itself); tests/unit/test_patches.py fails as
+soon as a probe passes, i.e. when upstream no longer needs the patch.
 """
 
 from __future__ import annotations

@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.conversion.converter import unwrap_model
 from megatron_rpt.loss.config import LossConfig
 from megatron_rpt.loss.logprobs import logprobs_from_hidden
 from megatron_rpt.loss.policy_loss import mismatch_metrics, policy_loss
+from megatron_rpt.model.parameters import unwrap_model
 from megatron_rpt.trainer.batch import MicroBatch
 
 

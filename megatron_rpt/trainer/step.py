@@ -29,13 +29,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt import patches
-from megatron_rpt.conversion.converter import unwrap_model
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.loss.config import LossConfig
 from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, finalize_metrics
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.model.fp8 import token_alignment
+from megatron_rpt.model.parameters import unwrap_model
 from megatron_rpt.trainer import optimizer as optim
 from megatron_rpt.trainer.batch import (
     BatchPlan,
@@ -109,8 +109,8 @@ class TrainStep:
         from a training checkpoint with ``trainer.checkpoint.load_training_checkpoint``.
         ``model`` replaces ``cfg.model`` and ``temperature`` ``cfg.rollout.temperature``.
         """
+        from megatron_rpt.checkpoint.loading import build_pretrained
         from megatron_rpt.config import resolve_tis
-        from megatron_rpt.model.loading import build_pretrained
 
         resolve_tis(cfg)  # loss.tis=None: decided by the precision settings (logged)
         built = build_pretrained(

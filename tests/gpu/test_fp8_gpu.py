@@ -65,7 +65,7 @@ def wide_llama(tmp_path_factory):
 
 
 def test_te_spec_forward_equals_local_spec_in_bf16(wide_llama, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
@@ -138,7 +138,7 @@ def test_fp8_rollout_weights_into_real_sglang(tmp_path, groups):
     tests/unit/test_sglang_protocol.py), the Qwen loaders keep them."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
     from megatron_rpt.testing.updates import perturb_parameters

@@ -19,7 +19,7 @@ the device) or when a GPU memory is stated (tests, planning on a laptop).
 
 ``data_status`` tells whether ``data.prepared_dir`` holds data prepared with the run's data
 settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise.
-``resolve_resume`` turns ``--resume auto|none|PATH`` into a checkpoint path or None.
+Which checkpoint a run starts or resumes from: ``checkpoint/discovery.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from megatron_rpt.errors import CheckpointError, ConfigError, DataError, InputError
+from megatron_rpt.checkpoint.discovery import policy_hf_dir
+from megatron_rpt.errors import ConfigError, DataError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -38,24 +39,6 @@ _READ_TIME_KEYS = frozenset(
     {"prepared_dir", "entropy_batch_tokens", "entropy_device", "context_tokens",
      "continuation_tokens"}
 )  # fmt: skip
-
-
-def policy_hf_dir(cfg: Any) -> Path:
-    """HF directory giving the policy's architecture and tokenizer (errors name the setting)."""
-    from megatron_rpt.assets import resolve_model_path
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    if cfg.model.megatron_checkpoint:
-        try:
-            ckpt = find_checkpoint(cfg.model.megatron_checkpoint)
-        except CheckpointError as exc:
-            raise ConfigError(f"model.megatron_checkpoint: {exc}") from None
-        if ckpt.hf_dir is not None:
-            return ckpt.hf_dir
-    try:
-        return resolve_model_path(cfg.model.hf_path)
-    except InputError as exc:
-        raise ConfigError(f"model.hf_path: {exc}") from None
 
 
 def check_run(cfg: Any, world_size: int) -> Path:
@@ -226,76 +209,11 @@ def ensure_prepared(cfg: Any, hf_dir: Path) -> None:
     logger.info("prepared data:\n%s", summary.format_table(tuple(cfg.data.difficulty_thresholds)))
 
 
-def resolve_resume(resume: str, cfg: Any) -> Path | None:
-    """The checkpoint to continue from for ``--resume auto|none|PATH`` (see the entry point)."""
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    own_dir = Path(cfg.run.run_dir) / "checkpoints"
-    if resume == "none":
-        existing = _visible_entries(own_dir)
-        if existing:
-            raise ConfigError(
-                f"--resume none, but run.run_dir={cfg.run.run_dir} already has checkpoints "
-                f"({existing[-1]}); use --resume auto to continue it, or another run.run_dir"
-            )
-        return None
-    if resume == "auto":
-        own = latest_checkpoint(own_dir)
-        if own is not None:
-            return own
-        if cfg.checkpoint.load is None:
-            return None
-        resume = cfg.checkpoint.load
-    try:
-        return find_checkpoint(resume).root
-    except CheckpointError as exc:
-        raise ConfigError(f"--resume / checkpoint.load: {exc}") from None
-
-
-def _visible_entries(directory: Path) -> list[str]:
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run's checkpoints directory; None when it has none.
-
-    A directory with entries but no loadable checkpoint is an error, never a fresh start
-    (which would overwrite and prune it).
-    """
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    if not _visible_entries(checkpoints_dir):
-        return None  # hidden leftovers of an interrupted first save do not count
-    try:
-        return find_checkpoint(checkpoints_dir).root
-    except CheckpointError as exc:
-        raise ConfigError(
-            f"{checkpoints_dir}: no complete checkpoint to resume from ({exc}); move it away "
-            "or choose another run.run_dir"
-        ) from None
-
-
-def checkpoint_step(path: Path) -> int:
-    """Optimizer steps a training checkpoint has completed."""
-    from megatron_rpt.trainer.checkpoint import STATE_FILE
-
-    try:
-        return int(json.loads((path / STATE_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not a training checkpoint ({exc})") from None
-
-
 __all__ = [
     "check_context_parallel",
     "check_corpus",
     "check_memory",
     "check_run",
-    "checkpoint_step",
     "data_status",
     "ensure_prepared",
-    "latest_checkpoint",
-    "policy_hf_dir",
-    "resolve_resume",
 ]
