@@ -15,6 +15,9 @@ import os
 import sys
 from collections.abc import Callable
 
+from megatron_rpt.config_utils import describe
+from megatron_rpt.errors import InputError
+
 
 def setup_logging(level: str | int | None = None) -> None:
     """Configure the ``megatron_rpt`` logger for a CLI (rank-prefixed under torchrun)."""
@@ -30,8 +33,6 @@ def setup_logging(level: str | int | None = None) -> None:
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run ``main(argv)`` and exit with its status; user errors print one line, exit 2."""
-    from megatron_rpt.errors import InputError
-
     setup_logging()
     try:
         status = main(argv)
@@ -68,8 +69,6 @@ def _metavar(type_name: str) -> str:
 
 def add_config_options(parser: argparse.ArgumentParser, cfg: object, title: str) -> None:
     """One ``--KEY`` option per leaf field of the dataclass ``cfg``, in its own help group."""
-    from megatron_rpt.config_utils import describe
-
     group = parser.add_argument_group(title)
     for key, tp, value, doc in describe(cfg):
         group.add_argument(

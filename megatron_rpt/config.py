@@ -37,7 +37,10 @@ from megatron_rpt.model.config import (
     check_parallel_config,
     check_precision_config,
 )
+from megatron_rpt.model.fp8 import training_precision
 from megatron_rpt.reward.config import RewardConfig
+from megatron_rpt.reward.registry import get_reward
+from megatron_rpt.reward.scoring import check_reward_for_mode
 from megatron_rpt.rollout.config import RolloutConfig
 from megatron_rpt.trainer.config import (
     CheckpointConfig,
@@ -48,6 +51,7 @@ from megatron_rpt.trainer.config import (
 from megatron_rpt.trainer.rlp_config import RLPConfig, validate_rlp_config
 from megatron_rpt.trainer.run_logger import LogConfig
 from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
+from megatron_rpt.weight_sync.fp8 import rollout_precision
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +226,6 @@ def _check_rlp(cfg: RPTConfig) -> None:
 def _check_prompt_mode(cfg: RPTConfig) -> None:
     if cfg.prompt.mode != "completion":
         return
-    from megatron_rpt.reward.scoring import check_reward_for_mode
 
     check_reward_for_mode(cfg.reward.name, cfg.prompt.mode)
     if cfg.rollout.stop_at_final_box:
@@ -253,8 +256,6 @@ def resolve_tis(cfg: RPTConfig) -> RPTConfig:
     """Set ``loss.tis`` when it is None: on when rollout and training precisions differ."""
     if cfg.loss.tis is not None:
         return cfg
-    from megatron_rpt.model.fp8 import training_precision
-    from megatron_rpt.weight_sync.fp8 import rollout_precision
 
     train = training_precision(cfg.model.dtype, cfg.precision)
     rollout = rollout_precision(cfg.rollout, cfg.precision)
@@ -271,7 +272,6 @@ def validate(cfg: RPTConfig) -> RPTConfig:
     """Run every registered rule; the first failure raises ConfigError."""
     for check in _RULES:
         check(cfg)
-    from megatron_rpt.reward.registry import get_reward  # cheap, pure-Python
 
     get_reward(cfg.reward.name)
     return cfg

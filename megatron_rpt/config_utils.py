@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.fileio import atomic_write_text
 
 T = TypeVar("T")
 
@@ -244,8 +245,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    from megatron_rpt.fileio import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rpt import capabilities
+from megatron_rpt import capabilities, patches
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,6 @@ def _init_one_process(backend: str, timeout: timedelta) -> None:
 def _apply_cpu_patches() -> None:
     # CPU-only patches are skipped on GPU machines inside apply_cpu_patches; the optimizer
     # checkpoint fixes apply wherever Megatron falls back to torch's Adam.
-    from megatron_rpt import patches
 
     patches.apply_cpu_patches()
 

@@ -29,8 +29,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from megatron_rpt import capabilities
+from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.checkpoint.discovery import policy_hf_dir
+from megatron_rpt.config_utils import to_dict
 from megatron_rpt.errors import ConfigError, DataError, InputError
+from megatron_rpt.model.arch import read_arch
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +47,6 @@ _READ_TIME_KEYS = frozenset(
 
 def check_run(cfg: Any, world_size: int) -> Path:
     """The checks listed in the module docstring; returns the policy's HF directory."""
-    from megatron_rpt import capabilities
-    from megatron_rpt.assets import resolve_model_path
-    from megatron_rpt.model.arch import read_arch
     from megatron_rpt.model.build import check_parallel_fit
 
     hf_dir = policy_hf_dir(cfg)
@@ -93,8 +94,6 @@ def check_context_parallel(cfg: Any) -> None:
     shared-prefix layout's pieces attend to a prefix held elsewhere in the row, which TE's
     context-parallel attention cannot express; the padded layout is not implemented either.
     """
-    from megatron_rpt import capabilities
-
     cp = cfg.parallel.context_parallel_size
     if cp == 1:
         return
@@ -126,8 +125,6 @@ def check_memory(
     """
     import os
 
-    from megatron_rpt import capabilities
-    from megatron_rpt.model.arch import read_arch
     from megatron_rpt.planning import ClusterSpec, PlanAssumptions, check_fit, format_plan
     from megatron_rpt.planning.cluster import GiB
     from megatron_rpt.planning.plan import plan_run
@@ -166,7 +163,6 @@ def check_corpus(cfg: Any) -> None:
 
 def data_status(cfg: Any, hf_dir: Path) -> str:
     """'ok', 'missing', or 'differs: <why>' for ``data.prepared_dir``."""
-    from megatron_rpt.config_utils import to_dict
     from megatron_rpt.data.store import read_meta
 
     prepared = Path(cfg.data.prepared_dir)

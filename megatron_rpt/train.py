@@ -35,6 +35,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from megatron_rpt import preflight
+from megatron_rpt.checkpoint import discovery
+from megatron_rpt.checkpoint.discovery import init_source
+from megatron_rpt.config_utils import apply_overrides, format_description, load_yaml
+from megatron_rpt.dir_lock import run_dir_lock
+
 if TYPE_CHECKING:
     from megatron_rpt.trainer.engine_guard import EngineFactory
     from megatron_rpt.trainer.loop import PhaseHook
@@ -70,7 +76,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_config(args: argparse.Namespace, *, validate: bool = True) -> Any:
     """Defaults -> recipe -> YAML -> overrides -> --init-from (-> validate)."""
     from megatron_rpt import config as config_mod
-    from megatron_rpt.config_utils import apply_overrides, load_yaml
 
     cfg = config_mod.load_recipe(args.recipe)() if args.recipe else config_mod.RPTConfig()
     if not isinstance(cfg, config_mod.RPTConfig):
@@ -85,8 +90,6 @@ def resolve_config(args: argparse.Namespace, *, validate: bool = True) -> Any:
 
 def apply_init_from(cfg: Any, path: str) -> None:
     """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
-    from megatron_rpt.checkpoint.discovery import init_source
-
     p = Path(path).expanduser()
     if init_source(path) == "hf":
         cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
@@ -144,8 +147,6 @@ def main(
     """
     args = parse_args(argv)
     if args.help_config:
-        from megatron_rpt.config_utils import format_description
-
         sys.stdout.write(format_description(resolve_config(args, validate=False)) + "\n")
         return 0
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -153,8 +154,6 @@ def main(
         logging.getLogger().setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    from megatron_rpt import preflight
-    from megatron_rpt.checkpoint import discovery
 
     cfg = resolve_config(args)
     hf_dir = preflight.check_run(cfg, world)
@@ -176,8 +175,6 @@ def main(
 
 def _run_dir_lock(cfg: Any, rank: int) -> contextlib.AbstractContextManager:
     """Rank 0 holds ``<run_dir>/.lock`` for the whole run: one writer per run directory."""
-    from megatron_rpt.dir_lock import run_dir_lock
-
     return run_dir_lock(cfg.run.run_dir) if rank == 0 else contextlib.nullcontext()
 
 
@@ -191,7 +188,6 @@ def _train(
 ) -> Path | None:
     import torch.distributed as dist
 
-    from megatron_rpt import preflight
     from megatron_rpt.trainer.loop import run_training
 
     if dist.get_rank() == 0:

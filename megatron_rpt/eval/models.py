@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_rpt.assets import resolve_model_path
+from megatron_rpt.checkpoint.discovery import METADATA_FILE, find_checkpoint
 from megatron_rpt.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -84,16 +86,11 @@ def parse_model_args(items: Sequence[str]) -> list[ModelRef]:
 
 
 def _is_hf_dir(path: Path) -> bool:
-    from megatron_rpt.checkpoint.discovery import METADATA_FILE
-
     return (path / "config.json").is_file() and not (path / METADATA_FILE).is_file()
 
 
 def tokenizer_dir(ref: ModelRef, hf_config: str | None = None) -> Path:
     """The directory holding ``ref``'s tokenizer (no weights are read)."""
-    from megatron_rpt.assets import resolve_model_path
-    from megatron_rpt.checkpoint.discovery import find_checkpoint
-
     if ref.path.startswith("embedded:"):
         return resolve_model_path(ref.path)
     path = Path(ref.path).expanduser()
@@ -137,8 +134,6 @@ def materialize(
     refs: Sequence[ModelRef], *, hf_config: str | None = None, workdir: str | Path | None = None
 ) -> Iterator[list[ResolvedModel]]:
     """HF directories for every ref; Megatron exports live until the ``with`` block ends."""
-    from megatron_rpt.assets import resolve_model_path
-
     with contextlib.ExitStack() as stack:
         out = []
         for ref in refs:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from megatron_rpt import capabilities
+from megatron_rpt import capabilities, patches
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.model import fp8
@@ -186,8 +186,6 @@ def build_transformer_config(
 
 def _check_cpu_settings(model_cfg: ModelConfig, parallel: ParallelConfig) -> None:
     """Settings that need a GPU, or a CPU patch that has been switched off."""
-    from megatron_rpt import patches
-
     if parallel.context_parallel_size > 1:
         raise ConfigError(
             f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
@@ -251,7 +249,6 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_rpt import patches
     from megatron_rpt.model.rpt_gpt import RPTGPTModel
 
     if output not in ("logits", "hidden"):

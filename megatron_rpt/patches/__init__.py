@@ -44,6 +44,7 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
+from megatron_rpt import capabilities
 from megatron_rpt.patches import (
     cuda_current_device,
     cuda_rng_state,
@@ -86,8 +87,6 @@ def apply_cpu_patches() -> list[str]:
     CPU-only patches are skipped when a GPU is usable; a patch module may decide for itself
     with a ``needed()`` function ('optckpt': whenever Megatron uses torch's Adam).
     """
-    from megatron_rpt import capabilities
-
     on_gpu = capabilities.have_cuda()
     applied = []
     for name in enabled_patches():
@@ -106,8 +105,6 @@ def cuda_device_mode() -> contextlib.AbstractContextManager:
 
     A no-op on GPU machines or when the 'mode' patch is switched off.
     """
-    from megatron_rpt import capabilities
-
     if capabilities.have_cuda() or "mode" not in enabled_patches():
         return contextlib.nullcontext()
     return cuda_to_cpu_mode.CudaToCpuMode()
@@ -118,8 +115,6 @@ def optimizer_mode() -> contextlib.AbstractContextManager:
 
     A no-op on GPU machines; each part is skipped when switched off.
     """
-    from megatron_rpt import capabilities
-
     stack = contextlib.ExitStack()
     if not capabilities.have_cuda():
         names = enabled_patches()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.errors import InputError
 from megatron_rpt.memory import StorageOffload
 from megatron_rpt.rollout.rank_shards import ShardPiece, assemble_shards
@@ -99,8 +100,6 @@ class HFEngine:
         weights (a folder without weight files; the first weight sync fills them).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        from megatron_rpt.assets import resolve_model_path
 
         if dtype not in _DTYPES:
             raise InputError(f"rollout.dtype: {dtype!r} is not one of {sorted(_DTYPES)}")

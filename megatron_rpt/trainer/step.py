@@ -36,6 +36,7 @@ from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, fi
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.model.fp8 import token_alignment
 from megatron_rpt.model.parameters import unwrap_model
+from megatron_rpt.model.rpt_gpt import RPTGPTModel
 from megatron_rpt.trainer import optimizer as optim
 from megatron_rpt.trainer.batch import (
     BatchPlan,
@@ -319,8 +320,6 @@ def _align_width(mb: MicroBatch, multiple: int) -> MicroBatch:
 
 
 def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) -> None:
-    from megatron_rpt.model.rpt_gpt import RPTGPTModel
-
     if groups.vpp_size and groups.pp_size == 2:
         # With two stages the previous and next pipeline rank are the same process, and the
         # interleaved schedule's bidirectional exchange pairs its two sends/receives in the
