@@ -198,7 +198,6 @@ def _init_one_process(backend: str, timeout: timedelta) -> None:
 def _apply_cpu_patches() -> None:
     # CPU-only patches are skipped on GPU machines inside apply_cpu_patches; the optimizer
     # checkpoint fixes apply wherever Megatron falls back to torch's Adam.
-
     patches.apply_cpu_patches()
 
 

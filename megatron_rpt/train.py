@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 from megatron_rpt import preflight
 from megatron_rpt.checkpoint import discovery
-from megatron_rpt.checkpoint.discovery import init_source
 from megatron_rpt.config_utils import apply_overrides, format_description, load_yaml
 from megatron_rpt.dir_lock import run_dir_lock
 
@@ -91,7 +90,7 @@ def resolve_config(args: argparse.Namespace, *, validate: bool = True) -> Any:
 def apply_init_from(cfg: Any, path: str) -> None:
     """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
     p = Path(path).expanduser()
-    if init_source(path) == "hf":
+    if discovery.init_source(path) == "hf":
         cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
     else:
         cfg.model.megatron_checkpoint = str(p)
