@@ -94,8 +94,8 @@ def main() -> None:
             [
                 py,
                 "-c",
-                "import megatron_rpt.conversion.hf_to_megatron, "
-                "megatron_rpt.conversion.megatron_to_hf, megatron.core.models.gpt, "
+                "import megatron_rpt.checkpoint.hf_to_megatron, "
+                "megatron_rpt.checkpoint.megatron_to_hf, megatron.core.models.gpt, "
                 "megatron.core.dist_checkpointing",
             ]
         )

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_rpt.config import RPTConfig  # noqa: E402
-from megatron_rpt.eval.flops import ModelFlops  # noqa: E402
 from megatron_rpt.model.arch import arch_from_dict  # noqa: E402
+from megatron_rpt.model.flops import ModelFlops  # noqa: E402
 from megatron_rpt.planning import ClusterSpec, PlanAssumptions, plan_run  # noqa: E402
 from megatron_rpt.planning.cluster import PRESETS  # noqa: E402
 

@@ -41,9 +41,9 @@ def _run(rank, world_size, hf_dir, repeats):  # noqa: ANN001, ANN202 - spawned b
     import torch
     import torch.distributed as dist
 
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
     from tests.helpers.updates import perturb_parameters

@@ -4,7 +4,7 @@ One process, TP = PP = DP = 1. For each precision a fresh model (same random wei
 once as an HF folder) is built with the TE spec on a GPU (the local spec on CPU) and wrapped in
 ``TrainStep``; after one warm-up step, ``--steps`` optimizer steps on the same rollout batch are
 timed (CUDA synchronised). Reported per row: tokens/s (prompt + response tokens trained),
-achieved model TFLOP/s from ``megatron_rpt.eval.flops`` (forward + backward over every token,
+achieved model TFLOP/s from ``megatron_rpt.model.flops`` (forward + backward over every token,
 output layer on response tokens only, causal attention), MFU against the device's dense peak
 for the row's precision (bf16 peak for bf16 rows, FP8 peak for FP8 rows; only TE's linear
 layers run in FP8, so FP8 MFU understates the GEMM utilisation), the speed-up over the first
@@ -99,11 +99,11 @@ def _measure(hf_dir: Path, dtype: str, recipe: str | None, args, batch) -> dict:
     import torch
 
     from megatron_rpt import capabilities
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
-    from megatron_rpt.eval.flops import training_flops
     from megatron_rpt.loss.config import LossConfig
     from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.model.flops import training_flops
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from megatron_rpt.trainer.step import TrainStep
 

@@ -167,9 +167,9 @@ class _CudaPeak:
 def _run(rank, world_size, tp, pp, bucket_mib, model="embedded:smollm2"):
     import torch
 
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.weight_sync import WeightSyncConfig, build_plan, sync_weights
     from tests.helpers.updates import perturb_parameters

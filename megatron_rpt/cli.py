@@ -21,6 +21,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from megatron_rpt.config_utils import describe
+from megatron_rpt.errors import InputError
+
 
 def setup_logging(level: str | int | None = None) -> None:
     """Configure the ``megatron_rpt`` logger for a CLI (rank-prefixed under torchrun)."""
@@ -36,8 +39,6 @@ def setup_logging(level: str | int | None = None) -> None:
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Run ``main(argv)`` and exit with its status; user errors print one line, exit 2."""
-    from megatron_rpt.errors import InputError
-
     setup_logging()
     try:
         status = main(argv)
@@ -105,8 +106,6 @@ def _metavar(type_name: str) -> str:
 def add_config_options(parser: argparse.ArgumentParser, cfg: object, title: str) -> None:
     """One ``--KEY`` option per leaf field of the dataclass ``cfg`` (``--entropy-top-k`` for
     ``entropy_top_k``), in its own help group."""
-    from megatron_rpt.config_utils import describe
-
     group = parser.add_argument_group(title)
     for key, tp, value, doc in describe(cfg):
         group.add_argument(

@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_rpt.checkpoint.discovery import init_source
 from megatron_rpt.config_utils import apply_overrides, dump_yaml, load_yaml
 from megatron_rpt.data.config import DataConfig, PromptConfig, validate_data_config
 from megatron_rpt.dtypes import canonical_dtype
-from megatron_rpt.errors import CheckpointError, ConfigError
+from megatron_rpt.errors import ConfigError
 from megatron_rpt.eval.config import EvalConfig, validate_eval_config
 from megatron_rpt.loss.config import LossConfig, validate_loss_config
 from megatron_rpt.model.config import (
@@ -42,7 +43,10 @@ from megatron_rpt.model.config import (
     check_parallel_config,
     check_precision_config,
 )
+from megatron_rpt.model.fp8 import training_precision
 from megatron_rpt.reward.config import RewardConfig
+from megatron_rpt.reward.registry import get_reward
+from megatron_rpt.reward.scoring import check_reward_for_mode
 from megatron_rpt.rollout.config import RolloutConfig, validate_rollout_config
 from megatron_rpt.trainer.config import (
     CheckpointConfig,
@@ -55,6 +59,7 @@ from megatron_rpt.trainer.config import (
 from megatron_rpt.trainer.rlp_config import RLPConfig, validate_rlp_config
 from megatron_rpt.trainer.run_logger import LogConfig
 from megatron_rpt.weight_sync.config import WeightSyncConfig, validate_weight_sync_config
+from megatron_rpt.weight_sync.fp8 import rollout_precision
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +235,6 @@ def _check_rlp(cfg: RPTConfig) -> None:
 def _check_prompt_mode(cfg: RPTConfig) -> None:
     if cfg.prompt.mode != "completion":
         return
-    from megatron_rpt.reward.scoring import check_reward_for_mode
 
     check_reward_for_mode(cfg.reward.name, cfg.prompt.mode)
     if cfg.rollout.stop_at_final_box:
@@ -261,7 +265,6 @@ def validate(cfg: RPTConfig) -> RPTConfig:
     changed (derived values are ``resolve``'s job)."""
     for check in _RULES:
         check(cfg)
-    from megatron_rpt.reward.registry import get_reward  # cheap, pure-Python
 
     get_reward(cfg.reward.name)
     return cfg
@@ -307,8 +310,6 @@ def resolve_tis(cfg: RPTConfig) -> bool:
         return cfg.loss.tis
     if cfg.train.objective == "ntp":
         return False
-    from megatron_rpt.model.fp8 import training_precision
-    from megatron_rpt.weight_sync.fp8 import rollout_precision
 
     train = training_precision(cfg.model.dtype, cfg.precision)
     rollout = rollout_precision(cfg.rollout, cfg.precision)
@@ -384,21 +385,13 @@ def build_config(
 
 
 def apply_init_from(cfg: RPTConfig, path: str) -> None:
-    """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint."""
-    from megatron_rpt.model.checkpoint_io import find_checkpoint  # torch: only with --init-from
-
+    """An HF directory sets model.hf_path; anything else must be a Megatron checkpoint
+    (``checkpoint.discovery.init_source`` decides, or names what is wrong)."""
     p = Path(path).expanduser()
-    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+    if init_source(path) == "hf":
         cfg.model.hf_path, cfg.model.megatron_checkpoint = str(p), None
-        return
-    try:
-        find_checkpoint(p)
-    except CheckpointError as exc:
-        raise ConfigError(
-            f"--init-from {path}: neither an HF model directory (config.json + *.safetensors) "
-            f"nor a Megatron checkpoint ({exc})"
-        ) from None
-    cfg.model.megatron_checkpoint = str(p)
+    else:
+        cfg.model.megatron_checkpoint = str(p)
 
 
 def save_config(cfg: RPTConfig, run_dir: str | Path) -> Path:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar, Union
 import yaml
 
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.fileio import atomic_write_text
 
 
 class ConfigTree(Protocol):
@@ -250,8 +251,6 @@ def to_dict(cfg: ConfigTree) -> dict[str, Any]:
 
 def dump_yaml(cfg: ConfigTree, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    from megatron_rpt.fileio import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

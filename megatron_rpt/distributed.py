@@ -1,7 +1,9 @@
 """The only module that touches ``megatron.core.parallel_state``.
 
-``initialize_model_parallel`` creates Megatron's TP/PP/DP groups (torch.distributed must
-already be initialised by the launcher or by ``single_process_group``) and returns a frozen
+``world_process_group`` starts torch.distributed (from torchrun's environment, or one process
+without a launcher); ``initialize_model_parallel`` creates Megatron's TP/PP/DP groups
+(torch.distributed must already be initialised, by ``world_process_group``,
+``single_process_group`` or a test harness) and returns a frozen
 ``ParallelGroups`` with the groups, this rank's coordinates and Megatron's
 ``ProcessGroupCollection``. Everything else in megatron_rpt receives groups as explicit
 arguments instead of reading Megatron's globals.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from megatron_rpt import capabilities
+from megatron_rpt import capabilities, patches
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -173,10 +176,7 @@ def single_process_group(timeout_s: float = 600.0) -> Iterator[bool]:
     if dist.is_initialized():
         yield False
         return
-    # An in-memory store: no port, no environment variables, nothing visible outside.
-    dist.init_process_group(
-        "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
-    )
+    _init_one_process("gloo", timedelta(seconds=timeout_s))
     try:
         yield True
     finally:
@@ -185,11 +185,42 @@ def single_process_group(timeout_s: float = 600.0) -> Iterator[bool]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def world_process_group(timeout: timedelta) -> Iterator[bool]:
+    """torch.distributed from torchrun's environment, or one process without a launcher.
+
+    NCCL on GPUs, gloo on CPU. A group that already exists (a test harness, a notebook) is
+    used as it is and left in place; yields True when this call created the group, which is
+    then destroyed on exit.
+    """
+    if dist.is_initialized():
+        yield False
+        return
+    backend = "nccl" if capabilities.have_cuda() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        _init_one_process(backend, timeout)
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def _init_one_process(backend: str, timeout: timedelta) -> None:
+    # An in-memory store: no port, no environment variables, nothing visible outside.
+    dist.init_process_group(
+        backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+    )
+
+
 def _apply_cpu_patches() -> None:
     # CPU-only patches are skipped on GPU machines inside apply_cpu_patches; the optimizer
     # checkpoint fixes apply wherever Megatron falls back to torch's Adam.
-    from megatron_rpt import patches
-
     patches.apply_cpu_patches()
 
 
@@ -199,4 +230,5 @@ __all__ = [
     "initialize_model_parallel",
     "seed_model_parallel",
     "single_process_group",
+    "world_process_group",
 ]

@@ -6,7 +6,7 @@
 
 Order of work: build the config (``config.build_config``: defaults -> recipe -> YAML -> --set
 -> --init-from -> validate) and settle its derived values (``config.resolve``, logged), check
-the model, parallel layout, batch, engine and corpus (``trainer.preflight``; a mistake fails
+the model, parallel layout, batch, engine and corpus (``preflight``; a mistake fails
 here with one line naming the setting, before anything heavy), on GPUs check
 that the trainer and the colocated engine fit in memory (``preflight.check_memory``), start
 torch.distributed (torchrun's environment, NCCL on GPUs, gloo on CPU; a single process
@@ -35,7 +35,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from megatron_rpt import preflight
+from megatron_rpt.checkpoint import discovery
 from megatron_rpt.cli import FlagParser
+from megatron_rpt.config_utils import format_description
+from megatron_rpt.dir_lock import run_dir_lock
 
 if TYPE_CHECKING:
     from megatron_rpt.config import RPTConfig
@@ -87,51 +91,34 @@ def process_group_timeout(r: RolloutConfig) -> timedelta:
 
 
 @contextlib.contextmanager
-def distributed(cfg: RPTConfig) -> Iterator[ParallelGroups]:
-    """torch.distributed from torchrun's environment (or one process) + Megatron's groups.
-
-    A process group that already exists (a test harness, a notebook) is used as it is and
-    left in place.
-    """
-    import torch
-    import torch.distributed as dist
-
-    from megatron_rpt import capabilities
+def model_parallel(cfg: RPTConfig) -> Iterator[ParallelGroups]:
+    """The world process group (``distributed.world_process_group``) + Megatron's groups."""
     from megatron_rpt.distributed import (
         destroy_model_parallel,
         initialize_model_parallel,
         seed_model_parallel,
+        world_process_group,
     )
 
-    backend = "nccl" if capabilities.have_cuda() else "gloo"
-    timeout = process_group_timeout(cfg.rollout)
-    owned = not dist.is_initialized()
-    if owned and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timeout)
-    elif owned:  # one process without a launcher: an in-memory store, no port
-        if backend == "nccl":
-            torch.cuda.set_device(0)
-        dist.init_process_group(
-            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
-        )
-    try:
-        p = cfg.parallel
-        cp = {"context_parallel_size": p.context_parallel_size} if p.context_parallel_size > 1 else {}
-        groups = initialize_model_parallel(
-            p.tensor_model_parallel_size,
-            p.pipeline_model_parallel_size,
-            p.virtual_pipeline_model_parallel_size,
-            **cp,
-        )
-        seed_model_parallel(cfg.run.seed, groups)
-        yield groups
-    finally:
-        with contextlib.suppress(Exception):
-            destroy_model_parallel()
-        if owned:
-            dist.destroy_process_group()
+    with world_process_group(process_group_timeout(cfg.rollout)):
+        try:
+            p = cfg.parallel
+            cp = (
+                {"context_parallel_size": p.context_parallel_size}
+                if p.context_parallel_size > 1
+                else {}
+            )
+            groups = initialize_model_parallel(
+                p.tensor_model_parallel_size,
+                p.pipeline_model_parallel_size,
+                p.virtual_pipeline_model_parallel_size,
+                **cp,
+            )
+            seed_model_parallel(cfg.run.seed, groups)
+            yield groups
+        finally:
+            with contextlib.suppress(Exception):
+                destroy_model_parallel()
 
 
 def main(
@@ -147,8 +134,6 @@ def main(
     """
     args = parse_args(argv)
     if args.help_config:
-        from megatron_rpt.config_utils import format_description
-
         sys.stdout.write(format_description(config_from_args(args, check=False)) + "\n")
         return 0
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -157,17 +142,16 @@ def main(
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     from megatron_rpt.config import resolve
-    from megatron_rpt.trainer import preflight
 
     cfg = resolve(config_from_args(args))  # derived values settled once, logged
     hf_dir = preflight.check_run(cfg, world)
     preflight.check_memory(cfg, hf_dir, world)  # GPU only: before any model is built
     with _run_dir_lock(cfg, rank):
-        resume = preflight.resolve_resume(args.resume, cfg.run.run_dir, cfg.checkpoint.load)
+        resume = discovery.resolve_resume(args.resume, cfg.run.run_dir, cfg.checkpoint.load)
         cfg.checkpoint.load = None if resume is None else str(resume)
-        done = resume is not None and preflight.checkpoint_step(resume) >= cfg.train.steps
+        done = resume is not None and discovery.checkpoint_step(resume) >= cfg.train.steps
         final = resume if done else None
-        with distributed(cfg) as groups:
+        with model_parallel(cfg) as groups:
             if not done:
                 final = _train(cfg, groups, hf_dir, resume, engine_factory, on_phase)
         if rank == 0:
@@ -179,8 +163,6 @@ def main(
 
 def _run_dir_lock(cfg: RPTConfig, rank: int) -> contextlib.AbstractContextManager:
     """Rank 0 holds ``<run_dir>/.lock`` for the whole run: one writer per run directory."""
-    from megatron_rpt.dir_lock import run_dir_lock
-
     return run_dir_lock(cfg.run.run_dir) if rank == 0 else contextlib.nullcontext()
 
 
@@ -194,7 +176,6 @@ def _train(
 ) -> Path | None:
     import torch.distributed as dist
 
-    from megatron_rpt.trainer import preflight
     from megatron_rpt.trainer.loop import run_training
 
     if dist.get_rank() == 0:
@@ -227,7 +208,7 @@ def _finish(cfg: RPTConfig, checkpoint: Path | None) -> None:
                 dist.get_world_size(), checkpoint, run_dir / "hf",
             )  # fmt: skip
         else:
-            from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
+            from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
             out = convert_megatron_to_hf(checkpoint, run_dir / "hf", overwrite=True)
             logger.info("exported %s as an HF model: %s", checkpoint.name, out)

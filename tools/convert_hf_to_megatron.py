@@ -4,7 +4,7 @@
     python tools/convert_hf_to_megatron.py --hf-dir DIR --out-dir DIR [--dtype bf16|fp32]
 
 The output (model/ torch_dist dist checkpoint, hf/ config + tokenizer, metadata.json) loads at
-any TP/PP/DP. Single process; see megatron_rpt/conversion/hf_to_megatron.py.
+any TP/PP/DP. Single process; see megatron_rpt/checkpoint/hf_to_megatron.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("conversion runs in a single process; do not launch it with torchrun")
-    from megatron_rpt.conversion.hf_to_megatron import convert_hf_to_megatron
+    from megatron_rpt.checkpoint.hf_to_megatron import convert_hf_to_megatron
 
     out = convert_hf_to_megatron(
         args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite

@@ -6,7 +6,7 @@
 Writes safetensors shards + config.json + tokenizer files that
 transformers.AutoModelForCausalLM.from_pretrained loads. Works for checkpoints saved at any
 TP/PP. A Megatron-LM directory has no HF config: pass --hf-config with the HF model it was
-trained from. Single process; see megatron_rpt/conversion/megatron_to_hf.py.
+trained from. Single process; see megatron_rpt/checkpoint/megatron_to_hf.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("conversion runs in a single process; do not launch it with torchrun")
-    from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
+    from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
     out = convert_megatron_to_hf(
         args.megatron_dir,

@@ -11,9 +11,9 @@
 * ``hf_plan(megatron_shapes)`` lists the HF tensors an export will produce, computed by running
   the transforms on meta tensors (no data), so a writer can lay out files before any data moves.
 
-``named_global_parameters(chunks)`` turns model chunks (any wrappers, any PP stage) into
-canonical names with global layer indices; ``iter_hf_weights(model_or_state_dict, ...)`` is
-the one-call streaming export of a full (TP=1, PP=1) model or a full state dict.
+``iter_hf_weights(model_or_state_dict, ...)`` is the one-call streaming export of a full
+(TP=1, PP=1) model or a full state dict (model chunks are named by
+``model.parameters.named_global_parameters``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from megatron_rpt.conversion.mappings import (
 from megatron_rpt.conversion.transforms import TRANSFORMS, ConversionContext
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.model.parameters import named_global_parameters
 
 Fetch = Callable[[str], torch.Tensor]
 
@@ -160,30 +161,3 @@ def _strip_wrappers(name: str) -> str:
     while name.startswith("module."):
         name = name[len("module.") :]
     return name
-
-
-def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers (anything exposing ``.module``)."""
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
-        module = module.module
-    return module
-
-
-def named_global_parameters(
-    chunks: Sequence[torch.nn.Module],
-) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(canonical name, parameter) of model chunks: no wrapper prefix, global layer indices."""
-    for chunk in chunks:
-        model = unwrap_model(chunk)
-        layers = getattr(getattr(model, "decoder", None), "layers", [])
-        offsets = [layer.layer_number - 1 for layer in layers]  # layer_number is global, 1-based
-        for name, param in model.named_parameters():
-            yield _globalize(name, offsets), param
-
-
-def _globalize(name: str, global_index: list[int]) -> str:
-    prefix = "decoder.layers."
-    if not name.startswith(prefix):
-        return name
-    local, rest = name[len(prefix) :].split(".", 1)
-    return f"{prefix}{global_index[int(local)]}.{rest}"

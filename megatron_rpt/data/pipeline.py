@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_rpt.assets import resolve_model_path
+from megatron_rpt.config_utils import to_dict
 from megatron_rpt.data.config import DataConfig, validate_data_config
 from megatron_rpt.data.entropy import EntropyScorer, ScoringStats, score_corpus
 from megatron_rpt.data.readers import (
@@ -102,8 +104,6 @@ def _resolve_tokenizer(policy_tokenizer: Any, cfg: DataConfig) -> tuple[Any, str
 
 
 def _proxy_path(cfg: DataConfig, tokenizer_name: str) -> Path:
-    from megatron_rpt.assets import resolve_model_path
-
     name = cfg.entropy_model or tokenizer_name
     try:
         return resolve_model_path(name)
@@ -405,8 +405,6 @@ def _write_output(
 def _meta(
     cfg: DataConfig, tokenizer_name: str, vocab: ByteVocabulary, proxy: Path, summary: Summary
 ) -> dict[str, Any]:
-    from megatron_rpt.config_utils import to_dict
-
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

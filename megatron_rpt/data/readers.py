@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_rpt.assets import champ_documents
 from megatron_rpt.data.config import DataConfig
 from megatron_rpt.data.types import CorpusDocument
 from megatron_rpt.errors import DataError
@@ -259,8 +260,6 @@ def _read_indexed(prefix: str, vocab_size: int | None) -> Iterator[CorpusDocumen
 
 
 def _read_champ() -> Iterator[CorpusDocument]:
-    from megatron_rpt.assets import champ_documents
-
     for doc in champ_documents():
         yield CorpusDocument(doc_id=doc.doc_id, source=doc.source, text=doc.text)
 

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.errors import DataError
 
 VocabularyKind = Literal["byte_level", "sentencepiece"]
@@ -280,8 +281,6 @@ def read_vocab_bytes(directory: str | Path) -> list[bytes]:
 def load_tokenizer(name_or_path: str) -> Any:
     """AutoTokenizer from a HF directory or ``embedded:smollm2`` (no remote code)."""
     from transformers import AutoTokenizer
-
-    from megatron_rpt.assets import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     try:

@@ -27,6 +27,10 @@ import numpy as np
 import torch
 
 from megatron_rpt.errors import DataError
+from megatron_rpt.eval.models import ModelRef, materialize
+from megatron_rpt.eval.next_token import load_causal_lm
+from megatron_rpt.eval.runner import build_eval_set, evaluate, resolve_device
+from megatron_rpt.trainer.run_logger import read_metrics
 
 if TYPE_CHECKING:
     from megatron_rpt.data.config import DataConfig, PromptConfig
@@ -53,8 +57,6 @@ class Entry:
 
 def run_record(run_dir: str | Path) -> tuple[str, int, dict[str, float]]:
     """(objective, steps, FLOPs) of a training run from its config.yaml and metrics.jsonl."""
-    from megatron_rpt.trainer.run_logger import read_metrics
-
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if not records:
@@ -77,8 +79,6 @@ def heldout_perplexity(
 ) -> tuple[float, int]:  # fmt: skip
     """(perplexity, predicted tokens) of an HF model on the validation-split documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megatron_rpt.eval.next_token import load_causal_lm
 
     prepared_dir = Path(prepared_dir)
     tokens = IndexedDataset(str(prepared_dir / "tokens"), mmap=True)
@@ -111,9 +111,6 @@ def compare_runs(
 ) -> list[Entry]:  # fmt: skip
     """Evaluate ``(name, run dir or model path)`` pairs on ``prepared_dir``'s validation data."""
     import dataclasses
-
-    from megatron_rpt.eval.models import ModelRef, materialize
-    from megatron_rpt.eval.runner import build_eval_set, evaluate, resolve_device
 
     entries, refs = [], []
     for name, path in models:

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from megatron_rpt.data.config import DataConfig
+from megatron_rpt.data.readers import ReadStats, iter_documents
+from megatron_rpt.data.samples import select_positions
 from megatron_rpt.data.tokens import ByteVocabulary, decode_utf8_trimmed
 from megatron_rpt.errors import DataError
 
@@ -188,9 +190,6 @@ def load_corpus(cfg: DataConfig, tokenizer: Any, scorer: Any, *, scorer_name: st
         tokenizer: the evaluated models' tokenizer.
         scorer: an ``EntropyScorer`` that shares the tokenizer.
     """
-    from megatron_rpt.data.readers import ReadStats, iter_documents
-    from megatron_rpt.data.samples import select_positions
-
     vocab = ByteVocabulary.from_tokenizer(tokenizer)
     stats, doc_ids, doc_tokens = ReadStats(), [], []
     for doc in iter_documents(cfg, stats, vocab_size=len(vocab)):

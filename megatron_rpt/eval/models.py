@@ -3,10 +3,10 @@
 A path may be
 
 * an HF model directory (``config.json`` + weights) or ``embedded:smollm2``: used as is;
-* a Megatron checkpoint (what ``model.checkpoint_io.find_checkpoint`` accepts: a converter or
+* a Megatron checkpoint (what ``checkpoint.discovery.find_checkpoint`` accepts: a converter or
   trainer checkpoint, a run's checkpoints directory -> its latest, a Megatron-LM ``torch_dist``
   directory with ``hf_config``): exported once to a temporary HF directory with the existing
-  converter (``conversion.megatron_to_hf``), deleted when the evaluation ends. One exact path,
+  converter (``checkpoint.megatron_to_hf``), deleted when the evaluation ends. One exact path,
   shared with offline conversion, instead of a second loader.
 
 Before anything heavy runs, each model's tokenizer is compared with the data's: equal
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megatron_rpt.assets import resolve_model_path
+from megatron_rpt.checkpoint.discovery import METADATA_FILE, find_checkpoint
 from megatron_rpt.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -84,16 +86,11 @@ def parse_model_args(items: Sequence[str]) -> list[ModelRef]:
 
 
 def _is_hf_dir(path: Path) -> bool:
-    from megatron_rpt.model.checkpoint_io import METADATA_FILE
-
     return (path / "config.json").is_file() and not (path / METADATA_FILE).is_file()
 
 
 def tokenizer_dir(ref: ModelRef, hf_config: str | None = None) -> Path:
     """The directory holding ``ref``'s tokenizer (no weights are read)."""
-    from megatron_rpt.assets import resolve_model_path
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
     if ref.path.startswith("embedded:"):
         return resolve_model_path(ref.path)
     path = Path(ref.path).expanduser()
@@ -137,8 +134,6 @@ def materialize(
     refs: Sequence[ModelRef], *, hf_config: str | None = None, workdir: str | Path | None = None
 ) -> Iterator[list[ResolvedModel]]:
     """HF directories for every ref; Megatron exports live until the ``with`` block ends."""
-    from megatron_rpt.assets import resolve_model_path
-
     with contextlib.ExitStack() as stack:
         out = []
         for ref in refs:
@@ -151,7 +146,7 @@ def materialize(
 
 
 def _export(ref: ModelRef, tmp: Path, hf_config: str | None) -> Path:
-    from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
+    from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
     logger.info("exporting Megatron checkpoint %s to HF for evaluation", ref.path)
     return convert_megatron_to_hf(ref.path, tmp / "hf", hf_config=hf_config)

@@ -35,6 +35,7 @@ import numpy as np
 
 from megatron_rpt.data.config import PromptConfig
 from megatron_rpt.data.prompt import context_prompt
+from megatron_rpt.data.tokens import token_byte_table
 from megatron_rpt.eval.metrics import pass_at_k
 from megatron_rpt.reward.next_token import extract_prediction
 from megatron_rpt.reward.registry import RewardTarget
@@ -113,8 +114,6 @@ def run_reasoning(
     check_reward_for_mode(judge, prompt_cfg.mode)
     token_bytes = None
     if prompt_cfg.mode == "completion":
-        from megatron_rpt.data.tokens import token_byte_table
-
         token_bytes = token_byte_table(tokenizer)
     n, P = params.n, len(eval_set)
     out = ReasoningOutcome(

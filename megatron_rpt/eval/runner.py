@@ -21,8 +21,10 @@ import numpy as np
 import torch
 
 from megatron_rpt.data.config import PromptConfig
+from megatron_rpt.data.entropy import EntropyScorer
+from megatron_rpt.data.tokens import ByteVocabulary, load_tokenizer, token_byte_table
 from megatron_rpt.eval.config import EvalConfig
-from megatron_rpt.eval.dataset import EvalSet
+from megatron_rpt.eval.dataset import EvalSet, load_corpus, load_prepared_split, rescore_entropy
 from megatron_rpt.eval.metrics import (
     BucketScore,
     bucket_masks,
@@ -30,7 +32,17 @@ from megatron_rpt.eval.metrics import (
     stratified_subsample,
     summarize,
 )
-from megatron_rpt.eval.models import ResolvedModel
+from megatron_rpt.eval.models import (
+    ModelRef,
+    ResolvedModel,
+    check_tokenizer,
+    load_tokenizer_of,
+    tokenizer_dir,
+)
+from megatron_rpt.eval.next_token import ForwardStats, load_causal_lm, standard_correct
+from megatron_rpt.rollout.config import RolloutConfig
+from megatron_rpt.rollout.hf_engine import HFEngine
+from megatron_rpt.rollout.sglang_engine import SGLangEngine
 from megatron_rpt.rollout.types import RolloutEngine, SamplingParams
 
 if TYPE_CHECKING:
@@ -116,20 +128,13 @@ def default_engine_factory(
 
     def build(model: ResolvedModel, hf_model: Any, tokenizer: Any) -> RolloutEngine:
         if resolve_engine(cfg.engine) == "hf":
-            from megatron_rpt.rollout.hf_engine import HFEngine
-
             if hf_model is None:
-                from megatron_rpt.eval.next_token import load_causal_lm
-
                 hf_model = load_causal_lm(
                     model.hf_dir, dtype=cfg.dtype, device=resolve_device(cfg.device)
                 )
             rows = getattr(rollout_cfg, "max_batch_rows", 64)
             return HFEngine(hf_model, tokenizer, max_batch_rows=rows)
         import dataclasses
-
-        from megatron_rpt.rollout.config import RolloutConfig
-        from megatron_rpt.rollout.sglang_engine import SGLangEngine
 
         rcfg = dataclasses.replace(rollout_cfg or RolloutConfig(), engine="sglang")
         return SGLangEngine.launch(rcfg, str(model.hf_dir), seed=cfg.seed)
@@ -147,8 +152,6 @@ def evaluate(
     engine_factory: EngineFactory | None = None,
 ) -> EvalRun:
     """Score every model in the modes ``cfg.mode`` asks for (module docstring)."""
-    from megatron_rpt.data.tokens import load_tokenizer
-
     t0 = time.perf_counter()
     std_set, reason_set = select_positions(eval_set, cfg)
     logger.info(
@@ -175,8 +178,6 @@ def evaluate(
         tokenizer = load_tokenizer(str(model.hf_dir))
         hf_model = None
         if cfg.mode in ("standard", "both") or engine == "hf":
-            from megatron_rpt.eval.next_token import load_causal_lm
-
             hf_model = load_causal_lm(model.hf_dir, dtype=cfg.dtype, device=device)
         if cfg.mode in ("standard", "both"):
             run.results.append(_standard(model, hf_model, std_set, reason_set, cfg))
@@ -205,8 +206,6 @@ def _standard(
     reason_set: EvalSet | None,
     cfg: EvalConfig,
 ) -> ModelResult:
-    from megatron_rpt.eval.next_token import ForwardStats, standard_correct
-
     stats = ForwardStats()
     correct_P = standard_correct(
         hf_model,
@@ -327,9 +326,6 @@ def build_eval_set(
     """
     import dataclasses
 
-    from megatron_rpt.eval.dataset import load_corpus, load_prepared_split, rescore_entropy
-    from megatron_rpt.eval.models import ModelRef, check_tokenizer, load_tokenizer_of, tokenizer_dir
-
     entropy_ref = (
         ModelRef("entropy_model", eval_cfg.entropy_model) if eval_cfg.entropy_model else None
     )
@@ -362,20 +358,14 @@ def build_eval_set(
 
 
 def _table(tokenizer: Any) -> list[bytes]:
-    from megatron_rpt.data.tokens import token_byte_table
-
     return token_byte_table(tokenizer)
 
 
 def _digest(tokenizer: Any) -> str:
-    from megatron_rpt.data.tokens import ByteVocabulary
-
     return ByteVocabulary.from_tokenizer(tokenizer).digest()
 
 
 def _scorer(path: Any, vocab_size: int, cfg: EvalConfig, data_cfg: DataConfig) -> Any:
-    from megatron_rpt.data.entropy import EntropyScorer
-
     window = cfg.window_tokens or data_cfg.entropy_window_tokens
     return EntropyScorer.from_pretrained(
         path,

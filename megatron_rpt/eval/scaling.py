@@ -42,6 +42,7 @@ import numpy as np
 
 from megatron_rpt.data.types import BUCKETS
 from megatron_rpt.errors import InputError
+from megatron_rpt.fileio import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -348,8 +349,6 @@ def write_scaling_report(
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """``scaling.json`` (fits + points + source), ``scaling.md`` and ``scaling.png``."""
-    from megatron_rpt.fileio import atomic_output_dir
-
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         doc = {

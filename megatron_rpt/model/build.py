@@ -24,7 +24,7 @@ This is the ONE place that builds Megatron's ``TransformerConfig``
   vocabulary must go through ``model/logits.py`` before anything reads them.
 
 Model building needs Megatron's parallel state (``megatron_rpt.distributed``); weights are
-loaded by ``model/loading.py``.
+loaded by ``checkpoint/loading.py``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from megatron_rpt import capabilities
+from megatron_rpt import capabilities, patches
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.dtypes import short_dtype, torch_dtype
 from megatron_rpt.errors import ConfigError
@@ -187,8 +187,6 @@ def build_transformer_config(
 
 def _check_cpu_settings(model_cfg: ModelConfig, parallel: ParallelConfig) -> None:
     """Settings that need a GPU, or a CPU patch that has been switched off."""
-    from megatron_rpt import patches
-
     if parallel.context_parallel_size > 1:
         raise ConfigError(
             f"parallel.context_parallel_size={parallel.context_parallel_size} needs Transformer "
@@ -252,7 +250,6 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_rpt import patches
     from megatron_rpt.model.rpt_gpt import RPTGPTModel
 
     if output not in ("logits", "hidden"):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_rpt import patches
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.build import BuiltModel, VocabSizes
 
@@ -76,8 +77,6 @@ def forward_logits(
     call and each chunk's train/eval mode is restored afterwards.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_rpt import patches
 
     batch, seq = tokens_BS.shape
     # The interleaved (virtual pipeline) schedule needs several microbatches; use size-1 ones.

@@ -32,8 +32,9 @@ by ``megatron_rpt.distributed.initialize_model_parallel``; 'optckpt' also on a G
 whenever Megatron's optimizer uses torch's Adam (no TE/Apex: the bugs are in that path); each can be switched off with
 ``MEGATRON_RPT_CPU_PATCHES`` (comma-separated names to apply, ``none`` for none; default all).
 Every patch module states what it changes, why that is safe and when to remove it, and has a
-``upstream_fails()`` probe that runs the unpatched upstream code path; tests/unit/test_patches.py
-fails as soon as a probe passes, i.e. when upstream no longer needs the patch.
+``upstream_fails()`` probe that runs the unpatched upstream code path (the 'optckpt' probe needs
+a model and an optimizer, so it is in the test itself); tests/unit/test_patches.py fails as
+soon as a probe passes, i.e. when upstream no longer needs the patch.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
+from megatron_rpt import capabilities
 from megatron_rpt.patches import (
     cuda_current_device,
     cuda_rng_state,
@@ -86,8 +88,6 @@ def apply_cpu_patches() -> list[str]:
     CPU-only patches are skipped when a GPU is usable; a patch module may decide for itself
     with a ``needed()`` function ('optckpt': whenever Megatron uses torch's Adam).
     """
-    from megatron_rpt import capabilities
-
     on_gpu = capabilities.have_cuda()
     applied = []
     for name in enabled_patches():
@@ -106,8 +106,6 @@ def cuda_device_mode() -> contextlib.AbstractContextManager:
 
     A no-op on GPU machines or when the 'mode' patch is switched off.
     """
-    from megatron_rpt import capabilities
-
     if capabilities.have_cuda() or "mode" not in enabled_patches():
         return contextlib.nullcontext()
     return cuda_to_cpu_mode.CudaToCpuMode()
@@ -118,8 +116,6 @@ def optimizer_mode() -> contextlib.AbstractContextManager:
 
     A no-op on GPU machines; each part is skipped when switched off.
     """
-    from megatron_rpt import capabilities
-
     stack = contextlib.ExitStack()
     if not capabilities.have_cuda():
         names = enabled_patches()

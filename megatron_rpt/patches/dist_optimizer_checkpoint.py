@@ -25,13 +25,13 @@ Why it is safe: each fix restores what the TE/Apex path does (a step count taken
 param groups, one counter per parameter) and touches nothing else; with the fixes resume is
 bit-exact (tests/distributed/test_trainer_resume.py).
 
-When to remove: when ``upstream_fails()`` returns False, i.e. all three bugs are gone (the
-test in tests/unit/test_patches.py also reports each bug separately).
+When to remove: when all three bugs are gone upstream. The probe that runs the three code
+paths needs a GPTModel, DDP and an optimizer, so it lives with the tests
+(tests/unit/test_patches.py, which reports each bug separately and fails once one is fixed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -109,100 +109,3 @@ def is_applied() -> bool:
     return "sharded_state_dict" in _ORIGINALS and (
         DistributedOptimizer.sharded_state_dict is not _ORIGINALS["sharded_state_dict"]
     )
-
-
-# ----------------------------------------------------------------------------- probes
-
-
-def upstream_bugs(*, patched: bool = False) -> dict[str, bool]:
-    """Run each of the three code paths on a tiny model; True = the bug shows.
-
-    Unpatched by default (does upstream still need the fix?); ``patched=True`` checks that the
-    patch fixes all three.
-
-    Creates a 1-rank gloo group when none exists and (re)initialises Megatron's model-parallel
-    state at TP=PP=1: call it only where no other model-parallel state is in use (tests).
-    """
-    from megatron_rpt.distributed import single_process_group
-
-    if not needed():
-        return {"fresh_load_asserts": False, "step_overwritten": False, "step_shared": False}
-    with single_process_group():
-        return _probe(patched)
-
-
-def upstream_fails() -> bool:
-    """True while all three bugs are present (see ``upstream_bugs``)."""
-    return all(upstream_bugs().values())
-
-
-def _probe(patched: bool) -> dict[str, bool]:
-    from megatron_rpt import patches
-    from megatron_rpt.distributed import initialize_model_parallel
-
-    groups = initialize_model_parallel(1, 1)  # applies the enabled patches
-    if patched:
-        if not is_applied():
-            apply()
-        return _run_checks(groups)
-    with patches.reverted("optckpt"):
-        return _run_checks(groups)
-
-
-def _run_checks(groups: Any) -> dict[str, bool]:
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megatron_rpt import patches
-
-    chunk = _tiny_ddp_model(groups)
-    config = OptimizerConfig(optimizer="adam", lr=0.1, use_distributed_optimizer=True)
-    with patches.optimizer_mode():
-        opt = get_megatron_optimizer(
-            config, [chunk], use_gloo_process_groups=False, pg_collection=groups.pg_collection
-        ).chained_optimizers[0]
-    bugs = {}
-    model_sd = chunk.module.sharded_state_dict()
-    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
-    try:
-        opt.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
-        bugs["fresh_load_asserts"] = False
-    except AssertionError:
-        bugs["fresh_load_asserts"] = True
-    opt._init_optimizer_states_with_dummy_values()
-    param = next(iter(opt.model_param_group_index_map))
-    source = {  # what a fully_reshardable checkpoint provides: everything but 'step'
-        k: v.detach().clone()
-        for k, v in opt._get_main_param_and_optimizer_states(param).items()
-        if k != "step"
-    }
-    try:
-        with torch.no_grad():
-            opt._set_main_param_and_optimizer_states(param, source)
-        bugs["step_overwritten"] = False
-    except KeyError:
-        bugs["step_overwritten"] = True
-    with torch.no_grad(), contextlib.suppress(Exception):
-        opt.load_state_dict(opt.state_dict())
-    steps = [s["step"] for s in opt.optimizer.state.values()]
-    bugs["step_shared"] = len(steps) > 1 and steps[0] is steps[1]
-    return bugs
-
-
-def _tiny_ddp_model(groups: Any) -> Any:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=1, hidden_size=8, num_attention_heads=2, use_cpu_initialization=True
-    )
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(),
-        vocab_size=16,
-        max_sequence_length=8,
-        pg_collection=groups.pg_collection,
-    )
-    ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=True)
-    return DistributedDataParallel(config, ddp_config, model, pg_collection=groups.pg_collection)

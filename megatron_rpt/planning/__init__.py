@@ -9,7 +9,7 @@
 * ``plan``: ``plan_run(cfg, arch, cluster)`` combining both from an ``RPTConfig``, the table
   ``tools/plan_run.py`` prints, and ``check_fit`` (the trainer's GPU preflight).
 
-Depends on the config dataclasses, ``model.arch`` and the FLOP counter (``eval.flops``) only.
+Depends on the config dataclasses, ``model.arch`` and the FLOP counter (``model.flops``) only.
 The formulas and their assumptions are in docs/SCALING.md.
 """
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from megatron_rpt.checkpoint.discovery import policy_hf_dir
 from megatron_rpt.config import RPTConfig
 from megatron_rpt.dtypes import canonical_dtype
 from megatron_rpt.errors import ConfigError
-from megatron_rpt.eval.flops import ModelFlops
-from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.model.arch import ArchSpec, read_arch
+from megatron_rpt.model.flops import ModelFlops
 from megatron_rpt.planning import timing
 from megatron_rpt.planning.cluster import ClusterSpec, GiB, PlanAssumptions
 from megatron_rpt.planning.memory import (
@@ -281,9 +282,6 @@ def check_fit(plan: RunPlan) -> None:
 def read_plan_arch(cfg: RPTConfig, path: str | None) -> ArchSpec:
     """The architecture from ``path`` (HF dir or config.json) or else ``model.hf_path``."""
     from pathlib import Path
-
-    from megatron_rpt.model.arch import read_arch
-    from megatron_rpt.trainer.preflight import policy_hf_dir
 
     if path is None:
         return read_arch(policy_hf_dir(cfg.model))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_rpt.eval.flops import ModelFlops
+from megatron_rpt.model.flops import ModelFlops
 from megatron_rpt.planning.cluster import ClusterSpec, PlanAssumptions
 
 

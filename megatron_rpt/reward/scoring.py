@@ -31,12 +31,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.reward.next_token import THINK_CLOSE, extract_prediction, prefix_match_reward
 from megatron_rpt.reward.registry import RewardTarget, get_reward
-from megatron_rpt.rollout.types import Completion
+
+if TYPE_CHECKING:
+    from megatron_rpt.rollout.types import Completion
 
 COMPLETION_REWARDS = ("prefix_match", "first_token")
 """Rewards defined on sampled token bytes (completion mode)."""
@@ -64,12 +66,13 @@ class ResponseReader:
     def for_prompt(
         cls, mode: str, opener: str, tokenizer: Any, token_bytes: Sequence[bytes] | None = None
     ) -> ResponseReader:
-        """The reader for ``mode`` (``token_bytes`` is built from ``tokenizer`` when needed)."""
+        """The reader for ``mode``; completion mode needs the policy's ``token_bytes``."""
         if mode == "completion":
             if token_bytes is None:
-                from megatron_rpt.data.tokens import token_byte_table
-
-                token_bytes = token_byte_table(tokenizer)
+                raise ValueError(
+                    "completion mode reads the policy's token bytes: pass token_bytes "
+                    "(data.tokens.token_byte_table(tokenizer))"
+                )
             return cls.completion(token_bytes)
         return cls(mode="reasoning", opener=opener, decode=_special_think_decoder(tokenizer))
 

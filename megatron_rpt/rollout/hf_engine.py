@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.dtypes import torch_dtype
 from megatron_rpt.errors import InputError
 from megatron_rpt.memory import StorageOffload
@@ -99,8 +100,6 @@ class HFEngine:
         weights (a folder without weight files; the first weight sync fills them).
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        from megatron_rpt.assets import resolve_model_path
 
         weights_dtype = torch_dtype(dtype, "rollout.dtype")  # ConfigError naming the field
         path = resolve_model_path(str(name_or_path))

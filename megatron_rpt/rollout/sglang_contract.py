@@ -30,6 +30,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from megatron_rpt.conversion.mappings import hf_names, mapping_table
+from megatron_rpt.model.arch import arch_from_dict
+
 TESTED_VERSIONS = ("0.5.17", "0.5.23")
 """SGLang releases this contract was checked against: 0.5.17 is the ``gpu-rollout`` pin
 (torch 2.11), 0.5.23 the CPU CI's ``--no-deps`` install (requirements/sglang-cpu-nodeps.txt)."""
@@ -314,9 +317,6 @@ def check_contract(src: SGLangSource, archs: Iterable[str] = ARCHITECTURES) -> l
 
 def example_hf_names(arch: str, layers: int = 2) -> list[str]:
     """The HF names megatron_rpt's planner emits for a small model of ``arch`` (untied head)."""
-    from megatron_rpt.conversion.mappings import hf_names, mapping_table
-    from megatron_rpt.model.arch import arch_from_dict
-
     spec = arch_from_dict({
         "architectures": [arch], "hidden_size": 8, "num_attention_heads": 2,
         "num_key_value_heads": 1, "num_hidden_layers": layers, "intermediate_size": 16,

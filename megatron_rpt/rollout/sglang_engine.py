@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 
+from megatron_rpt.assets import resolve_model_path
 from megatron_rpt.errors import ConfigError, InputError
 from megatron_rpt.rollout import sglang_contract
 from megatron_rpt.rollout import sglang_protocol as proto
@@ -127,7 +128,6 @@ class SGLangEngine:
                 "builds); use rollout.engine=hf on this machine"
             )
         proto.require_sglang()
-        from megatron_rpt.assets import resolve_model_path
 
         s = cfg.sglang
         model_dir = resolve_model_path(model_path)

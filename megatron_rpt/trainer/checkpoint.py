@@ -1,6 +1,6 @@
 """Training checkpoints: model, optimizer, LR schedule, RNG states, step and loop state.
 
-Layout (model/checkpoint_io.py's checkpoint plus the trainer's entries)::
+Layout (checkpoint/discovery.py's checkpoint plus the trainer's entries)::
 
     <run>/checkpoints/
       latest                   name of the newest complete checkpoint (written atomically, last)
@@ -51,9 +51,20 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt import patches
+from megatron_rpt.checkpoint.discovery import (
+    LATEST_FILE,
+    STATE_FILE,
+    find_checkpoint,
+    is_checkpoint,
+)
+from megatron_rpt.checkpoint.io import (
+    load_checkpoint,
+    metadata_for,
+    model_sharded_state_dict,
+    save_checkpoint,
+)
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import atomic_write_json, atomic_write_text
-from megatron_rpt.model import checkpoint_io as cio
 from megatron_rpt.model.manifest import verify_checkpoint
 from megatron_rpt.model.safe_load import (
     LOAD_ERRORS,
@@ -69,7 +80,6 @@ logger = logging.getLogger(__name__)
 
 OPTIMIZER_DIR = "optimizer"
 RNG_DIR = "rng"
-STATE_FILE = "trainer_state.json"
 STATE_FORMAT_VERSION = 1
 _NAME = re.compile(r"^step_(\d+)$")
 
@@ -127,7 +137,7 @@ def save_training_checkpoint(
     if rank == 0:
         _remove_stale_temporaries(checkpoints_dir)
     built, groups = train_step.built, train_step.groups
-    metadata = cio.metadata_for(built, groups, source=str(built.hf_dir or "trainer"))
+    metadata = metadata_for(built, groups, source=str(built.hf_dir or "trainer"))
 
     def write_trainer_entries(tmp: Path) -> None:
         if cfg.save_optimizer:
@@ -139,7 +149,7 @@ def save_training_checkpoint(
         for write in writers:
             write(tmp)
 
-    cio.save_checkpoint(
+    save_checkpoint(
         train_step.model_modules,
         path,
         metadata,
@@ -148,7 +158,7 @@ def save_training_checkpoint(
         extra_writer=write_trainer_entries,
     )
     if rank == 0:
-        atomic_write_text(checkpoints_dir / cio.LATEST_FILE, path.name + "\n")
+        atomic_write_text(checkpoints_dir / LATEST_FILE, path.name + "\n")
         prune_checkpoints(checkpoints_dir, cfg.keep_last, keep=path)
     dist.barrier()
     logger.info("saved training checkpoint %s (step %d)", path, train_step.step)
@@ -158,7 +168,7 @@ def save_training_checkpoint(
 def _save_optimizer(train_step: TrainStep, out: Path, sharding: str) -> None:
     from megatron.core import dist_checkpointing
 
-    model_sd = cio.model_sharded_state_dict(train_step.model_modules)
+    model_sd = model_sharded_state_dict(train_step.model_modules)
     out.mkdir(exist_ok=True)
     with patches.optimizer_mode():
         optim_sd = train_step.optimizer.sharded_state_dict(
@@ -199,7 +209,7 @@ def prune_checkpoints(
     found = sorted(
         (int(m.group(1)), p)
         for p in checkpoints_dir.iterdir()
-        if (m := _NAME.match(p.name)) and cio.is_checkpoint(p)
+        if (m := _NAME.match(p.name)) and is_checkpoint(p)
     )
     doomed = [p for _, p in found[:-keep_last] if p != keep]
     for p in doomed:
@@ -242,10 +252,10 @@ def load_training_checkpoint(
 
     ``path``: a checkpoint or a run's checkpoints dir (its ``latest``). Collective.
     """
-    ckpt = cio.find_checkpoint(path)
+    ckpt = find_checkpoint(path)
     verify_checkpoint(ckpt.root)
     state = _read_state(ckpt.root)
-    cio.load_checkpoint(train_step.model_modules, ckpt, verify=False)
+    load_checkpoint(train_step.model_modules, ckpt, verify=False)
     # Float16/Distributed optimizers keep fp32 main params: refresh them from the new weights
     # (overwritten again below when the optimizer state is loaded).
     train_step.optimizer.reload_model_params()
@@ -294,7 +304,7 @@ def _load_optimizer(train_step: TrainStep, root: Path, state: dict[str, Any]) ->
         )
     _check_optimizer_layout(train_step, root, state)
     check_dcp_metadata(root / OPTIMIZER_DIR)
-    model_sd = cio.model_sharded_state_dict(train_step.model_modules)
+    model_sd = model_sharded_state_dict(train_step.model_modules)
     with patches.optimizer_mode():
         sharded = train_step.optimizer.sharded_state_dict(
             model_sd,

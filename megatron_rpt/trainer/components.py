@@ -24,14 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from megatron_rpt.assets import resolve_model_path
+from megatron_rpt.data.store import SampleStore
 from megatron_rpt.errors import ConfigError
+from megatron_rpt.rollout.hf_engine import HFEngine
 from megatron_rpt.rollout.placement import EnginePlacement, EngineSlot, default_gpus_per_engine
+from megatron_rpt.rollout.sglang_engine import SGLangEngine
 from megatron_rpt.trainer.engine_guard import EngineFactory, EngineGuard
 from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.trainer.ntp import NTPSource, NTPWindows
+from megatron_rpt.trainer.rlp import RLPSource
 from megatron_rpt.trainer.rollout_source import RolloutSource
 from megatron_rpt.trainer.sampler import ContextSampler
 from megatron_rpt.trainer.step import TrainStep
+from megatron_rpt.weight_sync import WeightSync, sync_weights
 from megatron_rpt.weight_sync.fp8 import DequantizingEngine, rollout_quantization
 
 if TYPE_CHECKING:
@@ -63,8 +69,6 @@ def default_engine_factory(
     cfg: RPTConfig, placement: EnginePlacement | None = None, engine: int = 0
 ) -> EngineFactory:
     """Builds engine ``engine`` of ``placement`` as ``cfg.rollout`` describes (on its lead rank)."""
-    from megatron_rpt.assets import resolve_model_path
-
     path = resolve_model_path(cfg.rollout.model or cfg.model.hf_path)
     has_weights = any(path.glob("*.safetensors"))
 
@@ -77,7 +81,6 @@ def default_engine_factory(
             # The HF engine holds no FP8 weights: it serves the FP8-rounded weights dequantized.
             dtype = next(engine.model.parameters()).dtype
             return DequantizingEngine(engine, quantization, dtype)
-        from megatron_rpt.rollout.sglang_engine import SGLangEngine
 
         rollout = _sglang_server_of(cfg.rollout, placement, engine)
         if not has_weights:  # SGLang allocates random weights; the first sync fills them
@@ -118,8 +121,6 @@ def _sglang_server_of(
 
 
 def _hf_engine(path: Path, rollout: RolloutConfig, has_weights: bool) -> HFEngine:
-    from megatron_rpt.rollout.hf_engine import HFEngine
-
     return HFEngine.from_pretrained(
         path, dtype=rollout.dtype, device=rollout.device,
         max_batch_rows=rollout.max_batch_rows, load_weights=has_weights,
@@ -137,8 +138,6 @@ def build_source(
         return NTPSource(windows, sampler, cfg.train.contexts_per_step), None
     from transformers import AutoTokenizer
 
-    from megatron_rpt.data.store import SampleStore
-
     store = SampleStore.open(
         prepared,
         "train",
@@ -154,8 +153,6 @@ def build_source(
         seed=cfg.run.seed,
     )  # fmt: skip
     if cfg.train.objective == "rlp":  # the same data, engines and sync; RLP's reward
-        from megatron_rpt.trainer.rlp import RLPSource
-
         if cfg.rollout.offload_trainer == "all":
             raise ConfigError(
                 "rollout.offload_trainer='all' cannot be used with train.objective=rlp: RLP "
@@ -169,8 +166,6 @@ def build_fleet(
     cfg: RPTConfig, train_step: TrainStep, engine_factory: EngineFactory | None = None
 ) -> EngineFleet:
     """The run's engines (one per ``rollout.gpus_per_engine`` ranks) and their weight sync."""
-    from megatron_rpt.weight_sync import WeightSync, sync_weights
-
     r, rank = cfg.rollout, dist.get_rank()
     placement = fleet_placement(r, cfg.parallel.tensor_model_parallel_size, dist.get_world_size())
     crowded = _crowded_model_parallel_group(placement, train_step.groups)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_rpt.conversion.converter import named_global_parameters
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.loss.rlp import ema_update_
+from megatron_rpt.model.parameters import named_global_parameters
 
 EMA_DIR = "ema_teacher"
 

@@ -43,10 +43,11 @@ from typing import Any
 
 import torch
 
-from megatron_rpt.conversion.converter import unwrap_model
 from megatron_rpt.loss.config import LossConfig
 from megatron_rpt.loss.logprobs import logprobs_from_hidden
 from megatron_rpt.loss.policy_loss import mismatch_metrics, policy_loss
+from megatron_rpt.model.parameters import unwrap_model
+from megatron_rpt.model.shared_prefix import SharedPrefixParams
 from megatron_rpt.trainer.batch import MicroBatch
 
 
@@ -68,8 +69,6 @@ def packed_seq_params(mb: MicroBatch) -> Any:
     """Megatron ``PackedSeqParams`` of a packed micro-batch already on its device: thd
     segments, or ``SharedPrefixParams`` for the shared-prefix layout."""
     from megatron.core.packed_seq_params import PackedSeqParams
-
-    from megatron_rpt.model.shared_prefix import SharedPrefixParams
 
     if mb.shared_prefix:
         return SharedPrefixParams.from_pieces(mb.pieces, device=mb.tokens.device)

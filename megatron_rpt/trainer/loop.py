@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 
 from megatron_rpt.config_utils import to_dict
-from megatron_rpt.eval.flops import FlopsCounter
+from megatron_rpt.model.flops import FlopsCounter
 from megatron_rpt.trainer.components import build_source, build_train_step
 from megatron_rpt.trainer.engine_guard import EngineFactory
 from megatron_rpt.trainer.fleet import EngineFleet

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron_rpt.data.prompt import context_prompt
+from megatron_rpt.data.tokens import token_byte_table
 from megatron_rpt.data.types import RPTSample
 from megatron_rpt.loss.advantages import (
     DynamicBatchFiller,
@@ -183,8 +184,6 @@ class RolloutSource:
         )
         mode = self.prompt.mode
         if mode == "completion" and self._token_bytes is None:
-            from megatron_rpt.data.tokens import token_byte_table
-
             self._token_bytes = token_byte_table(self.tokenizer)
         reader = ResponseReader.for_prompt(mode, opener, self.tokenizer, self._token_bytes)
         rewards, formatted = score_group(

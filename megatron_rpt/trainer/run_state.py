@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rpt.errors import CheckpointError
-from megatron_rpt.eval.flops import FlopsCounter
+from megatron_rpt.model.flops import FlopsCounter
 from megatron_rpt.trainer.checkpoint import (
     is_save_step,
     load_training_checkpoint,

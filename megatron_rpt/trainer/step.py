@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpt import capabilities, patches
-from megatron_rpt.conversion.converter import unwrap_model
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.errors import ConfigError
 from megatron_rpt.loss.config import LossConfig
@@ -39,6 +38,8 @@ from megatron_rpt.loss.metrics import accumulate_metrics, all_reduce_metrics, fi
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_rpt.model.fp8 import token_alignment
+from megatron_rpt.model.parameters import unwrap_model
+from megatron_rpt.model.rpt_gpt import RPTGPTModel
 from megatron_rpt.trainer import optimizer as optim
 from megatron_rpt.trainer.batch import (
     BatchPlan,
@@ -126,7 +127,7 @@ class TrainStep:
         ``loss`` comes from a resolved config (``megatron_rpt.config.resolve`` decides
         ``loss.tis``); ``temperature`` is the sampling temperature (1 for NTP).
         """
-        from megatron_rpt.model.loading import build_pretrained
+        from megatron_rpt.checkpoint.loading import build_pretrained
 
         if loss.tis is None:
             raise ConfigError(
@@ -367,8 +368,6 @@ def _align_width(mb: MicroBatch, multiple: int) -> MicroBatch:
 
 
 def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) -> None:
-    from megatron_rpt.model.rpt_gpt import RPTGPTModel
-
     # validate() refuses this config; a TrainStep built without it is refused here too.
     check_interleaved_schedule(groups.pp_size, groups.vpp_size)
     modules = [unwrap_model(chunk) for chunk in built.chunks]

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
+from megatron_rpt.conversion.converter import WeightConverter
 from megatron_rpt.conversion.tp_sharding import partitioning, tp_unshard
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.model.parameters import named_global_parameters
 from megatron_rpt.weight_sync.fp8 import BlockFP8
 from megatron_rpt.weight_sync.plan import Bucket, ParamMeta, ParamTask, SyncPlan
 

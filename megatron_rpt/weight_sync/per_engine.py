@@ -44,6 +44,7 @@ import torch.distributed as dist
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.build import BuiltModel
 from megatron_rpt.rollout.rank_shards import ShardPiece
+from megatron_rpt.rollout.sglang_protocol import rank_bucket_payload
 from megatron_rpt.rollout.types import RolloutEngine
 from megatron_rpt.weight_sync.engine_plan import rank_pieces
 from megatron_rpt.weight_sync.gather import HFBucket, iter_hf_buckets
@@ -115,8 +116,6 @@ class SGLangIPCEncoder:
 
     def encode(self, pieces: list[ShardPiece]) -> tuple[Any, Any]:
         """Serialized per-dtype buckets; the flattened buckets are the keep-alive."""
-        from megatron_rpt.rollout.sglang_protocol import rank_bucket_payload
-
         buckets, serialized = rank_bucket_payload(
             [(p.name, p.tensor) for p in pieces], self.bucket_bytes
         )

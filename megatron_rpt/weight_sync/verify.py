@@ -36,6 +36,7 @@ import torch
 
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.model.build import BuiltModel
+from megatron_rpt.model.logits import forward_logits
 from megatron_rpt.rollout.types import RolloutEngine, SamplingParams, tensor_fingerprint
 
 
@@ -98,8 +99,6 @@ def trainer_logprobs(
     Collective over the model-parallel group (every rank passes the same tokens); the result
     is on the last pipeline stage, None elsewhere.
     """
-    from megatron_rpt.model.logits import forward_logits
-
     device = next(built.chunks[0].parameters()).device
     tokens = torch.tensor([list(prompt) + list(response)], dtype=torch.long, device=device)
     if groups.vpp_size:  # the interleaved schedule needs a multiple of PP microbatches

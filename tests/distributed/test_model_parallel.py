@@ -28,7 +28,7 @@ def _setup(tp, pp, vpp=None):
 
 
 def _logits(model_cfg, parallel, groups, tokens):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     built = build_pretrained(model_cfg, parallel, groups)
@@ -37,8 +37,8 @@ def _logits(model_cfg, parallel, groups, tokens):
 
 
 def _tp2_run(rank, world_size, dirs, tokens, ckpt_root):
+    from megatron_rpt.checkpoint.io import metadata_for, save_checkpoint
     from megatron_rpt.conversion.tp_sharding import partitioning
-    from megatron_rpt.model.checkpoint_io import metadata_for, save_checkpoint
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
 
     groups = _setup(2, 1)
@@ -143,8 +143,8 @@ def test_pp2_logits_and_tp2_checkpoint_resharding(models, tp2):
 def test_tp2_checkpoint_exports_bit_exactly(models, tp2):
     from safetensors.torch import load_file
 
-    from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
-    from megatron_rpt.model.checkpoint_io import read_metadata
+    from megatron_rpt.checkpoint.discovery import read_metadata
+    from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
 
     dirs, ckpt_root = models[0], models[4]
     for kind in SAVED:

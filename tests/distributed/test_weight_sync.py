@@ -35,8 +35,8 @@ def _setup(tp, pp, vpp=None):
 
 
 def _built(hf_dir, groups, dtype="fp32"):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
 
     parallel = ParallelConfig(
         tensor_model_parallel_size=groups.tp_size,

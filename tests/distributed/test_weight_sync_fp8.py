@@ -46,9 +46,9 @@ class _Recording:
 
 
 def _built(hf_dir, tp):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from tests.helpers.updates import perturb_parameters
 
     groups = initialize_model_parallel(tp, 1)

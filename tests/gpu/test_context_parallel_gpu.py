@@ -43,7 +43,7 @@ def test_cp_reaches_the_te_transformer_config():
 
 
 def test_preflight_accepts_packed_and_refuses_shared_prefix():
-    from megatron_rpt.trainer.preflight import check_context_parallel
+    from megatron_rpt.preflight import check_context_parallel
 
     cfg = RPTConfig()
     cfg.parallel.context_parallel_size = 2

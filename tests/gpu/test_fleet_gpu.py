@@ -24,13 +24,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.sglang_runtime, pytest.mark.timeout(9
 
 
 def test_colocated_fleet_release_resume_matches_trainer(tmp_path):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import (
         initialize_model_parallel,
         seed_model_parallel,
         single_process_group,
     )
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.placement import EnginePlacement
     from megatron_rpt.rollout.scheduling import RolloutRequest

@@ -46,7 +46,7 @@ def wide_llama(tmp_path_factory):
 
 
 def test_te_spec_forward_equals_local_spec_in_bf16(wide_llama, fresh_groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     groups = fresh_groups  # fresh: build_train_step (other tests) re-initialises the layout
@@ -120,7 +120,7 @@ def test_fp8_rollout_weights_into_real_sglang(tmp_path, fresh_groups):
     tests/unit/test_sglang_protocol.py), the Qwen loaders keep them."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _logits(spec, hf_dir, tokens, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     built = build_pretrained(
@@ -54,7 +54,7 @@ def test_te_spec_matches_hf_and_exports_bit_exactly(kind, tmp_path, groups):
 
 @pytest.mark.parametrize("granularity", ["selective", "full"])
 def test_activation_recomputation_gives_the_same_gradients(granularity, tmp_path, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
 
     hf_dir = save_tiny_model("qwen3", tmp_path)
     tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1)).cuda()

@@ -24,13 +24,13 @@ LOGPROB_TOL = 2e-3  # fp32 on both sides; SGLang's kernels differ from Megatron'
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import (
         initialize_model_parallel,
         seed_model_parallel,
         single_process_group,
     )
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.rollout.sglang_engine import SGLangEngine
     from tests.helpers.updates import perturb_parameters

@@ -42,8 +42,8 @@ def test_nccl_sync_into_cuda_hf_engine_matches_the_trainer(kind, tmp_path, nccl_
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
     from megatron_rpt.rollout.hf_engine import HFEngine
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig

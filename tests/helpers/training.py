@@ -104,8 +104,8 @@ def gather_full_gradients(modules: list[torch.nn.Module], groups: Any) -> dict[s
 
 
 def _gather_full(modules: list[torch.nn.Module], groups: Any, pick: Any) -> dict[str, torch.Tensor]:
-    from megatron_rpt.conversion.converter import named_global_parameters
     from megatron_rpt.conversion.tp_sharding import partitioning, tp_unshard
+    from megatron_rpt.model.parameters import named_global_parameters
 
     out = {}
     for name, param in named_global_parameters(modules):
@@ -144,10 +144,10 @@ def build_train_step(
     ``recompute``: ``model.recompute_granularity`` (none, selective, full); ``cp``: context
     parallelism (GPU, TE spec).
     """
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
     from megatron_rpt.loss.config import LossConfig
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from megatron_rpt.trainer.step import TrainStep
 

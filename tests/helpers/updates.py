@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
+from megatron_rpt.conversion.converter import WeightConverter
 from megatron_rpt.conversion.tp_sharding import partitioning, tp_shard
 from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.model.parameters import named_global_parameters
 
 
 @torch.no_grad()

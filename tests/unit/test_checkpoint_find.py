@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from megatron_rpt.errors import CheckpointError
-from megatron_rpt.model.checkpoint_io import (
+from megatron_rpt.checkpoint.discovery import (
     FORMAT,
     CheckpointMetadata,
     find_checkpoint,
     read_metadata,
 )
+from megatron_rpt.errors import CheckpointError
 
 
 def _fake_ckpt(path, **meta):

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_rpt.conversion.hf_to_megatron import convert_hf_to_megatron
-from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
+from megatron_rpt.checkpoint.discovery import find_checkpoint
+from megatron_rpt.checkpoint.hf_to_megatron import convert_hf_to_megatron
+from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
 from megatron_rpt.errors import CheckpointError
-from megatron_rpt.model.checkpoint_io import find_checkpoint
 from megatron_rpt.model.manifest import MANIFEST_FILE, verify_manifest, write_manifest
 from megatron_rpt.model.safe_load import check_dcp_metadata, clean_message, load_tensor_file
 from megatron_rpt.testing.tiny_models import save_tiny_model
@@ -103,15 +103,15 @@ def test_malicious_byte_entry_is_refused(ckpt, tmp_path):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from megatron_rpt.checkpoint.io import model_sharded_state_dict
+    from megatron_rpt.checkpoint.loading import resolve_source
     from megatron_rpt.distributed import (
         initialize_model_parallel,
         seed_model_parallel,
         single_process_group,
     )
     from megatron_rpt.model.build import build_model
-    from megatron_rpt.model.checkpoint_io import model_sharded_state_dict
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import resolve_source
 
     marker = tmp_path / "pwned"
     with single_process_group():

@@ -210,7 +210,7 @@ def test_cp_is_refused_on_cpu_naming_the_setting():
     from megatron_rpt.model.build import build_transformer_config
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.testing.tiny_models import tiny_config_dict
-    from megatron_rpt.trainer.preflight import check_context_parallel
+    from megatron_rpt.preflight import check_context_parallel
 
     if capabilities.have_te():
         pytest.skip("machine has Transformer Engine: CP is allowed")

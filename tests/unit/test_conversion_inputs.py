@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
+from megatron_rpt.checkpoint.hf_to_megatron import convert_hf_to_megatron
 from megatron_rpt.conversion.hf_io import HFWeights, copy_side_files
-from megatron_rpt.conversion.hf_to_megatron import convert_hf_to_megatron
 from megatron_rpt.errors import CheckpointError, InputError
 from megatron_rpt.testing.tiny_models import save_tiny_model
 

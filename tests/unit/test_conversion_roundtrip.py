@@ -15,14 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
+from megatron_rpt.checkpoint.discovery import read_metadata
+from megatron_rpt.checkpoint.hf_to_megatron import convert_hf_to_megatron
+from megatron_rpt.checkpoint.megatron_to_hf import convert_megatron_to_hf
+from megatron_rpt.conversion.converter import WeightConverter
 from megatron_rpt.conversion.hf_io import HFWeights
-from megatron_rpt.conversion.hf_to_megatron import convert_hf_to_megatron
-from megatron_rpt.conversion.megatron_to_hf import convert_megatron_to_hf
 from megatron_rpt.errors import CheckpointError, InputError
 from megatron_rpt.model.arch import read_arch
-from megatron_rpt.model.checkpoint_io import read_metadata
 from megatron_rpt.model.manifest import write_manifest
+from megatron_rpt.model.parameters import named_global_parameters
 from megatron_rpt.testing.tiny_models import KINDS, VOCAB, hf_logits, save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,9 +59,9 @@ def test_name_table_covers_every_hf_tensor(kind, tmp_path, fresh_groups):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_iter_hf_weights_streams_from_model_or_state_dict(dtype, tmp_path, fresh_groups):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.conversion.converter import iter_hf_weights
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
 
     src = save_tiny_model(
         "qwen2", tmp_path / "hf", dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -217,6 +218,7 @@ def test_existing_target_needs_overwrite(tmp_path, process_group):
 
 
 def test_failed_conversion_leaves_nothing_complete_looking(tmp_path, monkeypatch, process_group):
+    from megatron_rpt.checkpoint import io as checkpoint_io
     from megatron_rpt.conversion import hf_io
 
     src = save_tiny_model("qwen2", tmp_path / "hf")
@@ -225,7 +227,7 @@ def test_failed_conversion_leaves_nothing_complete_looking(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(hf_io, "copy_side_files", boom)  # after the model/ save
+    monkeypatch.setattr(checkpoint_io, "copy_side_files", boom)  # after the model/ save
     with pytest.raises(
         CheckpointError, match=r"mg2: cannot save the checkpoint \(disk full \(simulated"
     ):

@@ -97,7 +97,7 @@ def test_long_documents_are_read_in_overlapping_windows(tiny, tmp_path):
 
 
 def test_megatron_checkpoint_is_evaluated_like_its_hf_source(tiny, tmp_path):
-    from megatron_rpt.conversion.hf_to_megatron import convert_hf_to_megatron
+    from megatron_rpt.checkpoint.hf_to_megatron import convert_hf_to_megatron
 
     model_dir, _, eval_set, model = tiny
     ckpt = convert_hf_to_megatron(model_dir, tmp_path / "mg")

@@ -15,7 +15,7 @@ TOL = 1e-4
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_hf_fp32(kind, tmp_path, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     hf_dir = save_tiny_model(kind, tmp_path)
@@ -32,7 +32,7 @@ def test_logits_match_hf_fp32(kind, tmp_path, groups):
 def test_bf16_model_runs_through_float16module(tmp_path, groups):
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     hf_dir = save_tiny_model("qwen2", tmp_path)
@@ -48,7 +48,7 @@ def test_bf16_model_runs_through_float16module(tmp_path, groups):
 
 
 def test_llama3_rope_scaling_matches_hf(tmp_path, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     rope = {
@@ -85,8 +85,8 @@ def test_mask_padded_vocab_per_tp_rank():
 
 def _smollm2_logits_diff(rank, world_size):
     from megatron_rpt.assets import smollm2_dir
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel, seed_model_parallel
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
     groups = initialize_model_parallel(1, 1)

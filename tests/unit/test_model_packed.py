@@ -67,7 +67,7 @@ def test_sdpa_packed_attention_stays_inside_segments():
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_packed_logits_equal_per_sequence_logits(kind, tmp_path, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
 
     hf_dir = save_tiny_model(kind, tmp_path)
     model = (
@@ -89,7 +89,7 @@ def test_packed_logits_equal_per_sequence_logits(kind, tmp_path, groups):
 
 
 def test_rpt_gpt_model_returns_final_hidden_states(tmp_path, groups):
-    from megatron_rpt.model.loading import build_pretrained
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.rpt_gpt import RPTGPTModel
 
     hf_dir = save_tiny_model("qwen2", tmp_path)

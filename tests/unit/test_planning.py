@@ -12,8 +12,8 @@ import pytest
 
 from megatron_rpt.config import RPTConfig
 from megatron_rpt.errors import ConfigError
-from megatron_rpt.eval.flops import FlopsCounter, ModelFlops
 from megatron_rpt.model.arch import arch_from_dict, read_arch
+from megatron_rpt.model.flops import FlopsCounter, ModelFlops
 from megatron_rpt.planning import ClusterSpec, PlanAssumptions, check_fit, format_plan, plan_run
 from megatron_rpt.planning.memory import ParamCounts, TrainerShape, trainer_memory
 from megatron_rpt.planning.plan import micro_batching, workload
@@ -165,7 +165,7 @@ def test_cluster_and_assumption_errors_name_the_field():
 
 
 def test_preflight_refuses_before_any_model_is_built(qwen14b_dir, monkeypatch):
-    from megatron_rpt.trainer import preflight
+    from megatron_rpt import preflight
 
     cfg = _recipe_14b()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
@@ -181,8 +181,7 @@ def test_preflight_refuses_before_any_model_is_built(qwen14b_dir, monkeypatch):
 
 def test_the_training_entry_point_runs_the_memory_preflight(monkeypatch, tmp_path):
     """``megatron_rpt.train.main`` fails in the preflight, before torch.distributed starts."""
-    from megatron_rpt import train
-    from megatron_rpt.trainer import preflight
+    from megatron_rpt import preflight, train
 
     calls = []
 
@@ -192,7 +191,7 @@ def test_the_training_entry_point_runs_the_memory_preflight(monkeypatch, tmp_pat
 
     monkeypatch.setattr(preflight, "check_run", lambda cfg, world: tmp_path)
     monkeypatch.setattr(preflight, "check_memory", refuse)
-    monkeypatch.setattr(train, "distributed", lambda cfg: pytest.fail("distributed started"))
+    monkeypatch.setattr(train, "model_parallel", lambda cfg: pytest.fail("distributed started"))
     with pytest.raises(ConfigError, match="does not fit"):
         train.main(["--set", f"run.run_dir={tmp_path / 'run'}"])
     assert calls == [1]
@@ -228,7 +227,7 @@ def test_flop_counter_matches_megatrons_published_8b_throughput():
 
 def test_cpu_preflight_refuses_context_parallelism():
     from megatron_rpt import capabilities
-    from megatron_rpt.trainer.preflight import check_context_parallel
+    from megatron_rpt.preflight import check_context_parallel
 
     if capabilities.have_te():
         pytest.skip("machine has Transformer Engine")

@@ -168,8 +168,8 @@ def test_params_and_pieces_are_validated():
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
 def test_model_hidden_states_equal_per_sequence_hidden_states(kind, tmp_path, groups):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.trainer.forward import packed_seq_params
 
     hf_dir = save_tiny_model(kind, tmp_path)
@@ -199,8 +199,8 @@ def test_stock_gpt_model_is_refused(tmp_path, groups):
     """A GPTModel without RPTGPTModel's per-token RoPE would rotate responses by row index.
     Its rotary table (max_seqlen_kv rows) is shorter than the row whenever a group has two
     responses, so Megatron's RoPE fails first; the attention's own check is the backstop."""
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.trainer.forward import packed_seq_params
 
     hf_dir = save_tiny_model("llama", tmp_path)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_rpt.checkpoint import discovery as cio
 from megatron_rpt.config import RPTConfig, build_config, validate
 from megatron_rpt.config_utils import apply_overrides, field_docs
 from megatron_rpt.errors import ConfigError
-from megatron_rpt.model import checkpoint_io as cio
 from megatron_rpt.trainer.checkpoint import checkpoint_name, is_save_step, prune_checkpoints
 from megatron_rpt.trainer.config import CheckpointConfig, OptimizerConfig, TrainConfig
 

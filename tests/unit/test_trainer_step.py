@@ -190,10 +190,10 @@ def test_padding_micro_batches_contribute_nothing(models, process_group):
 
 
 def test_configuration_errors(models, process_group):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.distributed import initialize_model_parallel
     from megatron_rpt.loss.config import LossConfig
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
     from megatron_rpt.trainer.step import TrainStep
 
     groups = initialize_model_parallel(1, 1)

@@ -170,8 +170,8 @@ def test_config_rules_name_the_field():
 
 
 def _pretrained(hf_dir, groups, dtype="fp32"):
+    from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import build_pretrained
 
     return build_pretrained(ModelConfig(hf_path=str(hf_dir), dtype=dtype), ParallelConfig(), groups)
 

@@ -18,20 +18,17 @@ from pathlib import Path
 import torch
 
 from megatron_rpt.assets import resolve_model_path
-from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
+from megatron_rpt.checkpoint.discovery import ResolvedCheckpoint, find_checkpoint
+from megatron_rpt.checkpoint.io import checkpoint_tensor_info, load_checkpoint
+from megatron_rpt.conversion.converter import WeightConverter
 from megatron_rpt.conversion.hf_io import HFWeights
 from megatron_rpt.conversion.tp_sharding import partitioning, tp_shard
 from megatron_rpt.distributed import ParallelGroups
 from megatron_rpt.errors import CheckpointError, ConfigError
 from megatron_rpt.model.arch import ArchSpec, read_arch
 from megatron_rpt.model.build import BuiltModel, build_model
-from megatron_rpt.model.checkpoint_io import (
-    ResolvedCheckpoint,
-    checkpoint_tensor_info,
-    find_checkpoint,
-    load_checkpoint,
-)
 from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_rpt.model.parameters import named_global_parameters
 
 logger = logging.getLogger(__name__)
 

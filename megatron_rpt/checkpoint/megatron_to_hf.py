@@ -1,6 +1,6 @@
 """Megatron checkpoint -> HF directory (safetensors shards + config.json + tokenizer).
 
-Accepts what ``model.checkpoint_io.find_checkpoint`` accepts: a converter or trainer
+Accepts what ``checkpoint.discovery.find_checkpoint`` accepts: a converter or trainer
 checkpoint saved at any TP/PP, a run's checkpoints directory (its latest), or a Megatron-LM
 ``torch_dist`` directory (which carries no HF config: pass ``hf_config``).
 
@@ -20,8 +20,16 @@ from pathlib import Path
 
 import torch
 
-from megatron_rpt.conversion.converter import WeightConverter, named_global_parameters
+from megatron_rpt.checkpoint.discovery import find_checkpoint
+from megatron_rpt.checkpoint.io import checkpoint_tensor_info, load_checkpoint
+from megatron_rpt.checkpoint.loading import EMBEDDING_KEY, resolve_source
+from megatron_rpt.conversion.converter import WeightConverter
 from megatron_rpt.conversion.hf_io import SafetensorsShardWriter, copy_side_files
+from megatron_rpt.distributed import (
+    initialize_model_parallel,
+    seed_model_parallel,
+    single_process_group,
+)
 from megatron_rpt.dtypes import canonical_dtype, dtype_name, short_dtype
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import (
@@ -31,6 +39,10 @@ from megatron_rpt.fileio import (
     check_output_dir,
 )
 from megatron_rpt.model.arch import ArchSpec
+from megatron_rpt.model.build import build_model
+from megatron_rpt.model.config import ModelConfig, ParallelConfig
+from megatron_rpt.model.manifest import verify_checkpoint
+from megatron_rpt.model.parameters import named_global_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +56,6 @@ def convert_megatron_to_hf(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Export a Megatron checkpoint as an HF model directory at ``out_dir``."""
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-    from megatron_rpt.model.build import build_model
-    from megatron_rpt.model.checkpoint_io import (
-        checkpoint_tensor_info,
-        find_checkpoint,
-        load_checkpoint,
-    )
-    from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import EMBEDDING_KEY, resolve_source
-    from megatron_rpt.model.manifest import verify_checkpoint
-
     start = time.monotonic()
     ckpt = find_checkpoint(checkpoint)
     out_dir = check_output_dir(out_dir, overwrite=overwrite)

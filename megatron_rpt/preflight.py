@@ -18,9 +18,8 @@ is built, naming the setting to change. It runs when a GPU is present (its memor
 the device) or when a GPU memory is stated (tests, planning on a laptop).
 
 ``data_status`` tells whether ``data.prepared_dir`` holds data prepared with the run's data
-settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise: the one heavy step here, the whole
-data preparation, entropy scoring with the proxy model included.
-``resolve_resume`` turns ``--resume auto|none|PATH`` into a checkpoint path or None.
+settings and the policy's tokenizer; ``ensure_prepared`` (rank 0) prepares it otherwise.
+Which checkpoint a run starts or resumes from: ``checkpoint/discovery.py``.
 """
 
 from __future__ import annotations
@@ -30,12 +29,16 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_rpt.errors import CheckpointError, ConfigError, DataError, InputError
+from megatron_rpt import capabilities
+from megatron_rpt.assets import resolve_model_path
+from megatron_rpt.checkpoint.discovery import policy_hf_dir
+from megatron_rpt.config_utils import to_dict
+from megatron_rpt.errors import ConfigError, DataError, InputError
+from megatron_rpt.model.arch import read_arch
 
 if TYPE_CHECKING:
     from megatron_rpt.config import RPTConfig
     from megatron_rpt.data.config import DataConfig
-    from megatron_rpt.model.config import ModelConfig
     from megatron_rpt.planning.plan import RunPlan
 
 logger = logging.getLogger(__name__)
@@ -47,29 +50,8 @@ _READ_TIME_KEYS = frozenset(
 )  # fmt: skip
 
 
-def policy_hf_dir(model: ModelConfig) -> Path:
-    """HF directory giving the policy's architecture and tokenizer (errors name the setting)."""
-    from megatron_rpt.assets import resolve_model_path
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    if model.megatron_checkpoint:
-        try:
-            ckpt = find_checkpoint(model.megatron_checkpoint)
-        except CheckpointError as exc:
-            raise ConfigError(f"model.megatron_checkpoint: {exc}") from None
-        if ckpt.hf_dir is not None:
-            return ckpt.hf_dir
-    try:
-        return resolve_model_path(model.hf_path)
-    except InputError as exc:
-        raise ConfigError(f"model.hf_path: {exc}") from None
-
-
 def check_run(cfg: RPTConfig, world_size: int) -> Path:
     """The checks listed in the module docstring; returns the policy's HF directory."""
-    from megatron_rpt import capabilities
-    from megatron_rpt.assets import resolve_model_path
-    from megatron_rpt.model.arch import read_arch
     from megatron_rpt.model.build import check_parallel_fit
 
     hf_dir = policy_hf_dir(cfg.model)
@@ -117,8 +99,6 @@ def check_context_parallel(cfg: RPTConfig) -> None:
     K/V exchange). The shared-prefix layout's pieces attend to a prefix held elsewhere in the
     row, which TE's context-parallel attention cannot express; the padded layout is not split.
     """
-    from megatron_rpt import capabilities
-
     cp = cfg.parallel.context_parallel_size
     if cp == 1:
         return
@@ -157,8 +137,6 @@ def check_memory(
     """
     import os
 
-    from megatron_rpt import capabilities
-    from megatron_rpt.model.arch import read_arch
     from megatron_rpt.planning import ClusterSpec, PlanAssumptions, check_fit, format_plan
     from megatron_rpt.planning.cluster import GiB
     from megatron_rpt.planning.plan import plan_run
@@ -197,7 +175,6 @@ def check_corpus(data: DataConfig) -> None:
 
 def data_status(data: DataConfig, hf_dir: Path) -> str:
     """'ok', 'missing', or 'differs: <why>' for ``data.prepared_dir``."""
-    from megatron_rpt.config_utils import to_dict
     from megatron_rpt.data.store import read_meta
 
     prepared = Path(data.prepared_dir)
@@ -240,77 +217,11 @@ def ensure_prepared(data: DataConfig, hf_dir: Path) -> None:
     logger.info("prepared data:\n%s", summary.format_table(tuple(data.difficulty_thresholds)))
 
 
-def resolve_resume(resume: str, run_dir: str, load: str | None) -> Path | None:
-    """The checkpoint to continue from for ``--resume auto|none|PATH`` (see the entry point):
-    the run's own latest in ``<run.run_dir>/checkpoints``, else ``checkpoint.load``."""
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    own_dir = Path(run_dir) / "checkpoints"
-    if resume == "none":
-        existing = _visible_entries(own_dir)
-        if existing:
-            raise ConfigError(
-                f"--resume none, but run.run_dir={run_dir} already has checkpoints "
-                f"({existing[-1]}); use --resume auto to continue it, or another run.run_dir"
-            )
-        return None
-    if resume == "auto":
-        own = latest_checkpoint(own_dir)
-        if own is not None:
-            return own
-        if load is None:
-            return None
-        resume = load
-    try:
-        return find_checkpoint(resume).root
-    except CheckpointError as exc:
-        raise ConfigError(f"--resume / checkpoint.load: {exc}") from None
-
-
-def _visible_entries(directory: Path) -> list[str]:
-    if not directory.is_dir():
-        return []
-    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run's checkpoints directory; None when it has none.
-
-    A directory with entries but no loadable checkpoint is an error, never a fresh start
-    (which would overwrite and prune it).
-    """
-    from megatron_rpt.model.checkpoint_io import find_checkpoint
-
-    if not _visible_entries(checkpoints_dir):
-        return None  # hidden leftovers of an interrupted first save do not count
-    try:
-        return find_checkpoint(checkpoints_dir).root
-    except CheckpointError as exc:
-        raise ConfigError(
-            f"{checkpoints_dir}: no complete checkpoint to resume from ({exc}); move it away "
-            "or choose another run.run_dir"
-        ) from None
-
-
-def checkpoint_step(path: Path) -> int:
-    """Optimizer steps a training checkpoint has completed."""
-    from megatron_rpt.trainer.checkpoint import STATE_FILE
-
-    try:
-        return int(json.loads((path / STATE_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not a training checkpoint ({exc})") from None
-
-
 __all__ = [
     "check_context_parallel",
     "check_corpus",
     "check_memory",
     "check_run",
-    "checkpoint_step",
     "data_status",
     "ensure_prepared",
-    "latest_checkpoint",
-    "policy_hf_dir",
-    "resolve_resume",
 ]

@@ -1,4 +1,4 @@
-"""HF model directory -> megatron_rpt Megatron checkpoint (see model/checkpoint_io.py).
+"""HF model directory -> megatron_rpt Megatron checkpoint (see checkpoint/discovery.py).
 
 The model is built once at TP=1/PP=1 in this process (a 1-rank gloo group is created if
 torch.distributed is not initialised), filled one parameter at a time from lazily-read
@@ -19,11 +19,20 @@ from pathlib import Path
 import torch
 
 from megatron_rpt.assets import resolve_model_path
+from megatron_rpt.checkpoint.io import metadata_for, save_checkpoint
+from megatron_rpt.checkpoint.loading import load_hf_weights
 from megatron_rpt.conversion.hf_io import HFWeights
+from megatron_rpt.distributed import (
+    initialize_model_parallel,
+    seed_model_parallel,
+    single_process_group,
+)
 from megatron_rpt.dtypes import dtype_name, short_dtype
 from megatron_rpt.errors import CheckpointError
 from megatron_rpt.fileio import check_not_inside, check_output_dir
 from megatron_rpt.model.arch import read_arch
+from megatron_rpt.model.build import build_model
+from megatron_rpt.model.config import ModelConfig, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +59,6 @@ def convert_hf_to_megatron(
 
     ``dtype`` is 'auto' (the checkpoint's own, fp32 or bf16), 'fp32' or 'bf16'.
     """
-    from megatron_rpt.distributed import (
-        initialize_model_parallel,
-        seed_model_parallel,
-        single_process_group,
-    )
-    from megatron_rpt.model.build import build_model
-    from megatron_rpt.model.checkpoint_io import metadata_for, save_checkpoint
-    from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.model.loading import load_hf_weights
-
     start = time.monotonic()
     hf_dir = resolve_model_path(str(hf_path))
     arch = read_arch(hf_dir)

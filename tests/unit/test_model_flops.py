@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rpt.eval.flops import FlopsCounter, ModelFlops, rollout_flops, training_flops
 from megatron_rpt.model.arch import arch_from_dict, read_arch
+from megatron_rpt.model.flops import FlopsCounter, ModelFlops, rollout_flops, training_flops
 from megatron_rpt.testing.tiny_models import save_tiny_model
 
 
