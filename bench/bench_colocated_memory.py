@@ -46,12 +46,12 @@ def _variant(rank, world_size, handoff, spill, new_tokens):  # noqa: ANN001, ANN
     from megatron_rpt.rollout.types import SamplingParams
     from megatron_rpt.trainer.offload import TrainerOffload
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
     _track_large_allocations()
     torch.set_num_threads(2)
     path = str(smollm2_dir())
-    step = build_train_step(path)
+    step = build_policy_trainer(path)
     engine = HFEngine.from_pretrained(path, dtype="float32", device="cpu", spill_dir=spill if handoff else None)
     sync = WeightSync(step.built, step.groups, engine, WeightSyncConfig(verify="none"))
     offload = TrainerOffload.for_step(step, "optimizer" if handoff else "none", spill_dir=spill)

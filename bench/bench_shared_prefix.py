@@ -1,7 +1,7 @@
 """Shared-prefix vs separate layout: tokens processed and training-step time, one run.
 
 One RPT group per step (a context of P tokens and G responses of R tokens each) is trained
-with ``TrainStep.train_step`` (Megatron schedules, DDP, SGD) in both layouts:
+with ``PolicyTrainer.train_step`` (Megatron schedules, DDP, SGD) in both layouts:
 ``micro_batch_layout=packed`` (G separate sequences ``[ctx; r_i]``, what slime / verl /
 NeMo-RL do) and ``shared_prefix`` (``[ctx; r_1; ...; r_G]``, the context once). The model
 has SmolLM2-135M's shape (hidden 576, 9 query / 3 KV heads of 64, MLP 1536, vocabulary
@@ -149,7 +149,7 @@ def _agreement(steps: dict, probe) -> dict[str, float]:
 
 def bench_shape(hf_dir: str, args: argparse.Namespace, prompt: int, response: int) -> list[dict]:
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step
+    from tests.helpers.training import build_policy_trainer
 
     # lr 0: the update is computed (and timed) but the weights stay the same, so that both
     # layouts (and the "fixed" steps, run on the packed model) see identical weights.
@@ -158,7 +158,7 @@ def bench_shape(hf_dir: str, args: argparse.Namespace, prompt: int, response: in
     )
     layouts = ("packed", "shared_prefix")
     steps = {
-        layout: build_train_step(
+        layout: build_policy_trainer(
             hf_dir,
             dtype=args.dtype,
             spec=args.spec,

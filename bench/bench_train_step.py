@@ -1,8 +1,8 @@
-"""Train-step throughput (tokens/s) and MFU of ``TrainStep``: bf16 vs each FP8 recipe.
+"""Train-step throughput (tokens/s) and MFU of ``PolicyTrainer``: bf16 vs each FP8 recipe.
 
 One process, TP = PP = DP = 1. For each precision a fresh model (same random weights, written
 once as an HF folder) is built with the TE spec on a GPU (the local spec on CPU) and wrapped in
-``TrainStep``; after one warm-up step, ``--steps`` optimizer steps on the same rollout batch are
+``PolicyTrainer``; after one warm-up step, ``--steps`` optimizer steps on the same rollout batch are
 timed (CUDA synchronised). Reported per row: tokens/s (prompt + response tokens trained),
 achieved model TFLOP/s from ``megatron_rpt.model.flops`` (forward + backward over every token,
 output layer on response tokens only, causal attention), MFU against the device's dense peak
@@ -105,7 +105,7 @@ def _measure(hf_dir: Path, dtype: str, recipe: str | None, args, batch) -> dict:
     from megatron_rpt.model.config import ModelConfig, ParallelConfig, PrecisionConfig
     from megatron_rpt.model.flops import training_flops
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from megatron_rpt.trainer.step import TrainStep
+    from megatron_rpt.trainer.step import PolicyTrainer
 
     cuda = capabilities.have_cuda()
     groups = initialize_model_parallel(1, 1)
@@ -116,7 +116,7 @@ def _measure(hf_dir: Path, dtype: str, recipe: str | None, args, batch) -> dict:
         ModelConfig(hf_path=str(hf_dir), dtype=dtype, spec=spec), ParallelConfig(), groups,
         output="hidden", precision=precision,
     )  # fmt: skip
-    step = TrainStep(
+    step = PolicyTrainer(
         built, groups, optimizer=OptimizerConfig(lr=1e-5),
         train=TrainConfig(max_tokens_per_microbatch=args.microbatch_tokens),
         loss=LossConfig(tis=False), temperature=1.0,

@@ -4,7 +4,7 @@
   destroyed with Megatron's state after the module;
 * ``groups`` (module): TP=PP=1 ``ParallelGroups`` in that world, seeded, shared by the module;
 * ``fresh_groups``: the same, re-initialised for one test (for modules whose tests rebuild the
-  layout in between, e.g. through ``tests.helpers.training.build_train_step``).
+  layout in between, e.g. through ``tests.helpers.training.build_policy_trainer``).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rpt.config import build_config, resolve
     from megatron_rpt.eval.models import materialize, parse_model_args
     from megatron_rpt.eval.report import markdown_table, write_report
-    from megatron_rpt.eval.runner import build_eval_set, default_engine_factory, evaluate
+    from megatron_rpt.eval.runner import build_eval_set, eval_engine_factory, evaluate
     from megatron_rpt.fileio import check_output_dir
 
     args = build_parser().parse_args(argv)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         run = evaluate(
             models, eval_set, cfg=cfg.eval, prompt=cfg.prompt,
             require_think_close=cfg.reward.require_think_close,
-            engine_factory=default_engine_factory(cfg.eval, cfg.rollout),
+            engine_factory=eval_engine_factory(cfg.eval, cfg.rollout),
         )  # fmt: skip
         paths = write_report(
             run, out, models=models, overwrite=args.overwrite,

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[ResolvedModel, Any, Any], RolloutEngine]
+EvalEngineFactory = Callable[[ResolvedModel, Any, Any], RolloutEngine]
 """(model, loaded HF model or None, tokenizer) -> a rollout engine for reasoning mode."""
 
 
@@ -121,9 +121,9 @@ def select_positions(eval_set: EvalSet, cfg: EvalConfig) -> tuple[EvalSet, EvalS
     return std, std.subset(idx)
 
 
-def default_engine_factory(
+def eval_engine_factory(
     cfg: EvalConfig, rollout_cfg: RolloutConfig | None = None
-) -> EngineFactory:
+) -> EvalEngineFactory:
     """HF engine over the already loaded model, or an SGLang server for ``eval.engine=sglang``."""
 
     def build(model: ResolvedModel, hf_model: Any, tokenizer: Any) -> RolloutEngine:
@@ -149,7 +149,7 @@ def evaluate(
     cfg: EvalConfig,
     prompt: PromptConfig,
     require_think_close: bool = True,
-    engine_factory: EngineFactory | None = None,
+    engine_factory: EvalEngineFactory | None = None,
 ) -> EvalRun:
     """Score every model in the modes ``cfg.mode`` asks for (module docstring)."""
     t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def evaluate(
                 "eval.reasoning_max_positions / n_samples / max_new_tokens for a quick check.",
                 budget / 1e6,
             )
-    factory = engine_factory or default_engine_factory(cfg)
+    factory = engine_factory or eval_engine_factory(cfg)
     device = resolve_device(cfg.device)
     engine = resolve_engine(cfg.engine) if reason_set is not None else "none"
     run = EvalRun([], std_set, reason_set, cfg, prompt, device=device, engine=engine)
@@ -249,7 +249,7 @@ def _reasoning(
     cfg: EvalConfig,
     prompt: PromptConfig,
     require_think_close: bool,
-    factory: EngineFactory,
+    factory: EvalEngineFactory,
 ) -> list[ModelResult]:
     import dataclasses
 
@@ -380,11 +380,11 @@ def _scorer(path: Any, vocab_size: int, cfg: EvalConfig, data_cfg: DataConfig) -
 
 
 __all__ = [
-    "EngineFactory",
+    "EvalEngineFactory",
     "build_eval_set",
     "EvalRun",
     "ModelResult",
-    "default_engine_factory",
+    "eval_engine_factory",
     "evaluate",
     "resolve_device",
     "resolve_engine",

@@ -105,8 +105,8 @@ class DynamicBatchFiller(Generic[T]):
 
         filler = DynamicBatchFiller(256, max_rounds=cfg.dynamic_sampling_max_rounds)
         while filler.need_more():
-            groups, rewards_BG = sample(num_contexts=filler.groups_needed)
-            filler.add_round(groups, rewards_BG)
+            grpo_groups, rewards_BG = sample(num_contexts=filler.groups_needed)
+            filler.add_round(grpo_groups, rewards_BG)
         batch = filler.finish()   # the first 256 informative groups, in arrival order
 
     ``finish`` returns exactly ``target_groups`` groups when the batch filled up (surplus from
@@ -162,16 +162,16 @@ class DynamicBatchFiller(Generic[T]):
         """True while the batch is not full and another round is allowed."""
         return not self.full and self.rounds < self.max_rounds
 
-    def add_round(self, groups: Sequence[T], rewards_BG: torch.Tensor) -> int:
+    def add_round(self, grpo_groups: Sequence[T], rewards_BG: torch.Tensor) -> int:
         """Record one sampling round; keep the groups with unequal rewards; return how many."""
         assert self.rounds < self.max_rounds, "add_round called after the last allowed round"
-        if len(groups) != rewards_BG.shape[0]:
-            raise ValueError(f"{len(groups)} groups but rewards_BG has {rewards_BG.shape[0]} rows")
+        if len(grpo_groups) != rewards_BG.shape[0]:
+            raise ValueError(f"{len(grpo_groups)} groups but rewards_BG has {rewards_BG.shape[0]} rows")
         keep_B = dynamic_sampling_keep_mask(rewards_BG).tolist()
-        kept = [g for g, k in zip(groups, keep_B, strict=True) if k]
+        kept = [g for g, k in zip(grpo_groups, keep_B, strict=True) if k]
         self.rounds += 1
-        self.groups_seen += len(groups)
-        self.groups_dropped += len(groups) - len(kept)
+        self.groups_seen += len(grpo_groups)
+        self.groups_dropped += len(grpo_groups) - len(kept)
         self._kept.extend(kept)
         return len(kept)
 

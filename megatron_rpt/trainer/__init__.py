@@ -4,7 +4,7 @@ The loop:
 
 * ``loop``: the training loop (one optimizer step per rollout batch) and its deviations from
   the paper;
-* ``components``: builds what the loop drives (the policy, the batch source, the engines);
+* ``builders``: builds what the loop drives (the policy, the batch source, the engines);
 * ``rollout_source``: one step's rollouts -> reward -> GRPO advantages -> a batch;
   ``ntp`` and ``rlp``: the NTP control and the RLP objective as batch sources;
   ``step_batch``: what a batch source hands the loop;
@@ -25,7 +25,7 @@ The policy update:
   (pure torch);
 * ``forward``: Megatron's ``forward_step`` / ``loss_func`` seam and the loss-scaling contract;
 * ``optimizer``: Megatron DDP, ``DistributedOptimizer``, LR scheduler, schedule hooks;
-* ``step``: ``TrainStep.train_step(batch) -> StepMetrics`` and ``compute_logprobs(batch)``;
+* ``step``: ``PolicyTrainer.train_step(batch) -> StepMetrics`` and ``compute_logprobs(batch)``;
 * ``metrics``: ``StepMetrics``.
 
 Nothing is imported here: ``megatron_rpt.config`` reads ``trainer.config`` without loading

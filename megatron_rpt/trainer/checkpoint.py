@@ -74,7 +74,7 @@ from megatron_rpt.model.safe_load import (
     safe_byte_entries,
 )
 from megatron_rpt.trainer.config import CheckpointConfig
-from megatron_rpt.trainer.step import TrainStep
+from megatron_rpt.trainer.step import PolicyTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def is_save_step(step: int, cfg: CheckpointConfig, total_steps: int) -> bool:
 
 
 def save_training_checkpoint(
-    train_step: TrainStep,
+    trainer: PolicyTrainer,
     checkpoints_dir: str | Path,
     cfg: CheckpointConfig,
     *,
@@ -131,26 +131,26 @@ def save_training_checkpoint(
     checkpoints_dir = Path(checkpoints_dir)
     extra = dict(extra or {})
     json.dumps(extra)  # fail before any I/O if the loop's state is not serialisable
-    train_step.finish_param_sync()
-    path = checkpoints_dir / checkpoint_name(train_step.step)
+    trainer.finish_param_sync()
+    path = checkpoints_dir / checkpoint_name(trainer.step)
     rank = dist.get_rank()
     if rank == 0:
         _remove_stale_temporaries(checkpoints_dir)
-    built, groups = train_step.built, train_step.groups
+    built, groups = trainer.built, trainer.groups
     metadata = metadata_for(built, groups, source=str(built.hf_dir or "trainer"))
 
     def write_trainer_entries(tmp: Path) -> None:
         if cfg.save_optimizer:
-            _save_optimizer(train_step, tmp / OPTIMIZER_DIR, cfg.optimizer_sharding)
+            _save_optimizer(trainer, tmp / OPTIMIZER_DIR, cfg.optimizer_sharding)
         (tmp / RNG_DIR).mkdir(exist_ok=True)
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank_{rank:05d}.pt")
         if rank == 0:
-            atomic_write_json(tmp / STATE_FILE, _trainer_state(train_step, cfg, extra))
+            atomic_write_json(tmp / STATE_FILE, _trainer_state(trainer, cfg, extra))
         for write in writers:
             write(tmp)
 
     save_checkpoint(
-        train_step.model_modules,
+        trainer.model_modules,
         path,
         metadata,
         hf_source=built.hf_dir,
@@ -161,33 +161,33 @@ def save_training_checkpoint(
         atomic_write_text(checkpoints_dir / LATEST_FILE, path.name + "\n")
         prune_checkpoints(checkpoints_dir, cfg.keep_last, keep=path)
     dist.barrier()
-    logger.info("saved training checkpoint %s (step %d)", path, train_step.step)
+    logger.info("saved training checkpoint %s (step %d)", path, trainer.step)
     return path
 
 
-def _save_optimizer(train_step: TrainStep, out: Path, sharding: str) -> None:
+def _save_optimizer(trainer: PolicyTrainer, out: Path, sharding: str) -> None:
     from megatron.core import dist_checkpointing
 
-    model_sd = model_sharded_state_dict(train_step.model_modules)
+    model_sd = model_sharded_state_dict(trainer.model_modules)
     out.mkdir(exist_ok=True)
     with patches.optimizer_mode():
-        optim_sd = train_step.optimizer.sharded_state_dict(
+        optim_sd = trainer.optimizer.sharded_state_dict(
             model_sd, is_loading=False, metadata={"distrib_optim_sharding_type": sharding}
         )
         dist_checkpointing.save(optim_sd, str(out))
 
 
-def _trainer_state(train_step: TrainStep, cfg: CheckpointConfig, extra: dict) -> dict[str, Any]:
-    g = train_step.groups
+def _trainer_state(trainer: PolicyTrainer, cfg: CheckpointConfig, extra: dict) -> dict[str, Any]:
+    g = trainer.groups
     return {
         "format_version": STATE_FORMAT_VERSION,
-        "step": train_step.step,
-        "scheduler": train_step.scheduler.state_dict(),
+        "step": trainer.step,
+        "scheduler": trainer.scheduler.state_dict(),
         "optimizer": {
             "saved": cfg.save_optimizer,
             "sharding": cfg.optimizer_sharding,
-            "distributed": train_step.opt_cfg.use_distributed_optimizer,
-            "name": train_step.opt_cfg.optimizer,
+            "distributed": trainer.opt_cfg.use_distributed_optimizer,
+            "name": trainer.opt_cfg.optimizer,
         },
         "layout": {
             "world_size": dist.get_world_size(),
@@ -246,7 +246,7 @@ def _pid_alive(pid_text: str) -> bool:
 
 
 def load_training_checkpoint(
-    train_step: TrainStep, path: str | Path, *, load_optimizer: bool = True
+    trainer: PolicyTrainer, path: str | Path, *, load_optimizer: bool = True
 ) -> TrainerState:
     """Restore weights, optimizer, scheduler, RNG and step from a training checkpoint.
 
@@ -255,17 +255,17 @@ def load_training_checkpoint(
     ckpt = find_checkpoint(path)
     verify_checkpoint(ckpt.root)
     state = _read_state(ckpt.root)
-    load_checkpoint(train_step.model_modules, ckpt, verify=False)
+    load_checkpoint(trainer.model_modules, ckpt, verify=False)
     # Float16/Distributed optimizers keep fp32 main params: refresh them from the new weights
     # (overwritten again below when the optimizer state is loaded).
-    train_step.optimizer.reload_model_params()
+    trainer.optimizer.reload_model_params()
     if load_optimizer:
-        _load_optimizer(train_step, ckpt.root, state)
-    _load_scheduler(train_step, state["scheduler"], ckpt.root)
-    train_step.step = int(state["step"])
+        _load_optimizer(trainer, ckpt.root, state)
+    _load_scheduler(trainer, state["scheduler"], ckpt.root)
+    trainer.step = int(state["step"])
     _load_rng(ckpt.root, state)
-    logger.info("resumed from %s at step %d", ckpt.root, train_step.step)
-    return TrainerState(step=train_step.step, extra=dict(state.get("extra", {})), root=ckpt.root)
+    logger.info("resumed from %s at step %d", ckpt.root, trainer.step)
+    return TrainerState(step=trainer.step, extra=dict(state.get("extra", {})), root=ckpt.root)
 
 
 def _read_state(root: Path) -> dict[str, Any]:
@@ -286,7 +286,7 @@ def _read_state(root: Path) -> dict[str, Any]:
     return state
 
 
-def _load_optimizer(train_step: TrainStep, root: Path, state: dict[str, Any]) -> None:
+def _load_optimizer(trainer: PolicyTrainer, root: Path, state: dict[str, Any]) -> None:
     from megatron.core import dist_checkpointing
 
     saved = state["optimizer"]
@@ -295,18 +295,18 @@ def _load_optimizer(train_step: TrainStep, root: Path, state: dict[str, Any]) ->
             f"{root}: saved without optimizer state (checkpoint.save_optimizer=false); "
             "load it with load_optimizer=False"
         )
-    if saved["distributed"] != train_step.opt_cfg.use_distributed_optimizer or (
-        saved["name"] != train_step.opt_cfg.optimizer
+    if saved["distributed"] != trainer.opt_cfg.use_distributed_optimizer or (
+        saved["name"] != trainer.opt_cfg.optimizer
     ):
         raise CheckpointError(
             f"{root}: optimizer state is {saved['name']} (distributed={saved['distributed']}); "
             f"optimizer.optimizer / optimizer.use_distributed_optimizer must match"
         )
-    _check_optimizer_layout(train_step, root, state)
+    _check_optimizer_layout(trainer, root, state)
     check_dcp_metadata(root / OPTIMIZER_DIR)
-    model_sd = model_sharded_state_dict(train_step.model_modules)
+    model_sd = model_sharded_state_dict(trainer.model_modules)
     with patches.optimizer_mode():
-        sharded = train_step.optimizer.sharded_state_dict(
+        sharded = trainer.optimizer.sharded_state_dict(
             model_sd,
             is_loading=True,
             metadata={"distrib_optim_sharding_type": saved["sharding"]},
@@ -320,13 +320,13 @@ def _load_optimizer(train_step: TrainStep, root: Path, state: dict[str, Any]) ->
             ) from None
         # fp32 main params can be views of parameters that require grad.
         with torch.no_grad():
-            train_step.optimizer.load_state_dict(loaded)
+            trainer.optimizer.load_state_dict(loaded)
 
 
-def _check_optimizer_layout(train_step: TrainStep, root: Path, state: dict[str, Any]) -> None:
-    layout, g = state["layout"], train_step.groups
+def _check_optimizer_layout(trainer: PolicyTrainer, root: Path, state: dict[str, Any]) -> None:
+    layout, g = state["layout"], trainer.groups
     same_mp = (layout["tp"], layout["pp"], layout["vpp"]) == (g.tp_size, g.pp_size, g.vpp_size)
-    needs_same_mp = not train_step.opt_cfg.use_distributed_optimizer or (
+    needs_same_mp = not trainer.opt_cfg.use_distributed_optimizer or (
         state["optimizer"]["sharding"] == "dp_reshardable"
     )
     if needs_same_mp and not same_mp:
@@ -339,8 +339,8 @@ def _check_optimizer_layout(train_step: TrainStep, root: Path, state: dict[str, 
         )
 
 
-def _load_scheduler(train_step: TrainStep, saved: dict[str, Any], root: Path) -> None:
-    current = train_step.scheduler.state_dict()
+def _load_scheduler(trainer: PolicyTrainer, saved: dict[str, Any], root: Path) -> None:
+    current = trainer.scheduler.state_dict()
     keys = ["max_lr", "min_lr", "lr_warmup_steps", "lr_decay_style", "start_wd", "end_wd"]
     if current["lr_decay_style"] != "constant":
         keys.append("lr_decay_steps")  # the decay length (train.steps) shapes the schedule
@@ -350,7 +350,7 @@ def _load_scheduler(train_step: TrainStep, saved: dict[str, Any], root: Path) ->
             f"{root}: the LR schedule differs from the checkpoint's in {changed} "
             f"(saved {[saved[k] for k in changed]}, configured {[current[k] for k in changed]})"
         )
-    train_step.scheduler.load_state_dict(saved)
+    trainer.scheduler.load_state_dict(saved)
 
 
 # ----------------------------------------------------------------------------- RNG

@@ -50,7 +50,7 @@ import torch.distributed as dist
 
 from megatron_rpt.config_utils import to_dict
 from megatron_rpt.model.flops import FlopsCounter
-from megatron_rpt.trainer.components import build_source, build_train_step
+from megatron_rpt.trainer.builders import build_policy_trainer, build_source
 from megatron_rpt.trainer.engine_guard import EngineFactory
 from megatron_rpt.trainer.fleet import EngineFleet
 from megatron_rpt.trainer.metrics import StepMetrics
@@ -156,7 +156,7 @@ def _build(
     engine_factory: EngineFactory | None,
 ) -> tuple[RunState, BatchSource, EngineFleet | None]:
     """The policy and the stateful parts (resumed), the batch source and its engines."""
-    policy = build_train_step(cfg, groups, resume)
+    policy = build_policy_trainer(cfg, groups, resume)
     source, fleet = build_source(cfg, policy, engine_factory)
     flops = FlopsCounter.for_arch(
         policy.built.arch, recompute=cfg.model.recompute_granularity == "full"

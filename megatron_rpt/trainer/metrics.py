@@ -1,4 +1,4 @@
-"""Per-step training metrics: what ``TrainStep.train_step`` returns on every rank.
+"""Per-step training metrics: what ``PolicyTrainer.train_step`` returns on every rank.
 
 ``StepMetrics.as_dict()`` flattens everything for a logger (wandb, JSON lines):
 

@@ -89,10 +89,10 @@ class TrainerOffload:
 
     @classmethod
     def for_step(
-        cls, train_step: Any, mode: OffloadMode, *, spill_dir: str | Path | None = None
+        cls, trainer: Any, mode: OffloadMode, *, spill_dir: str | Path | None = None
     ) -> TrainerOffload:
-        """For a ``TrainStep`` (its DDP chunks and optimizer)."""
-        return cls(train_step.chunks, train_step.optimizer, mode, spill_dir=spill_dir)
+        """For a ``PolicyTrainer`` (its DDP chunks and optimizer)."""
+        return cls(trainer.chunks, trainer.optimizer, mode, spill_dir=spill_dir)
 
     @property
     def offloaded(self) -> bool:

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from megatron_rpt.data.store import SampleStore
     from megatron_rpt.rollout.config import RolloutConfig
     from megatron_rpt.trainer.rlp_config import RLPConfig
-    from megatron_rpt.trainer.step import TrainStep
+    from megatron_rpt.trainer.step import PolicyTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class RLPSource:
         tokenizer: Any,
         sampler: ContextSampler,
         generate: GenerateFn,
-        train_step: TrainStep,
+        trainer: PolicyTrainer,
         *,
         rlp: RLPConfig,
         rollout: RolloutConfig,
@@ -116,22 +116,22 @@ class RLPSource:
         ``rlp``, ``rollout`` (sampling), ``prompt`` configs, ``train.contexts_per_step`` and
         ``run.seed``."""
         self.store, self.tokenizer = store, tokenizer
-        self.sampler, self.generate, self.train_step = sampler, generate, train_step
+        self.sampler, self.generate, self.trainer = sampler, generate, trainer
         self.rlp, self.rollout, self.prompt = rlp, rollout, prompt
         self.contexts_per_step, self.seed = contexts_per_step, seed
-        g = train_step.groups
+        g = trainer.groups
         # The teacher file of a (TP, PP) coordinate has one writer: DP rank 0 of CP rank 0
         # (context-parallel ranks hold the same weights, like data-parallel ones).
         self.teacher = EMATeacher(
-            train_step.model_modules, rlp.ema_decay,
+            trainer.model_modules, rlp.ema_decay,
             tp_rank=g.tp_rank, pp_rank=g.pp_rank, dp_rank=g.dp_rank * g.cp_size + g.cp_rank,
         )  # fmt: skip
 
     @classmethod
-    def wrap(cls, source: RolloutSource, train_step: TrainStep, rlp: RLPConfig) -> RLPSource:
+    def wrap(cls, source: RolloutSource, trainer: PolicyTrainer, rlp: RLPConfig) -> RLPSource:
         """Reuse an RPT ``RolloutSource``'s store, tokenizer, sampler, engines and settings."""
         return cls(
-            source.store, source.tokenizer, source.sampler, source.generate, train_step, rlp=rlp,
+            source.store, source.tokenizer, source.sampler, source.generate, trainer, rlp=rlp,
             rollout=source.rollout, prompt=source.prompt,
             contexts_per_step=source.contexts_per_step, seed=source.seed,
         )  # fmt: skip
@@ -140,7 +140,7 @@ class RLPSource:
 
     def after_step(self) -> None:
         """After the optimizer step, before the weight sync: the EMA teacher update."""
-        self.train_step.finish_param_sync()
+        self.trainer.finish_param_sync()
         self.teacher.update()
 
     def save_state(self, checkpoint_dir: Path) -> None:
@@ -154,15 +154,15 @@ class RLPSource:
     def next_batch(self, step: int) -> RLPStepBatch:
         """The step's global batch (every rank; collective through ``generate``)."""
         if not self.teacher.initialized:  # RLP: phi <- theta on the first batch
-            self.train_step.finish_param_sync()
+            self.trainer.finish_param_sync()
             self.teacher.initialize()
-        groups, record = self._generate()
+        grpo_groups, record = self._generate()
         t0 = time.perf_counter()
-        scored_BG, teacher_B, lengths = score_thoughts(self.train_step, self.teacher, groups)
+        scored_BG, teacher_B, lengths = score_thoughts(self.trainer, self.teacher, grpo_groups)
         record["time/score_s"] = time.perf_counter() - t0
-        rewards_BG, batch = thought_batch(groups, scored_BG, teacher_B)
-        record.update(_statistics(groups, scored_BG, teacher_B, rewards_BG))
-        flops = ([len(g.prompt_ids) for g in groups], [g.response_lengths for g in groups])
+        rewards_BG, batch = thought_batch(grpo_groups, scored_BG, teacher_B)
+        record.update(_statistics(grpo_groups, scored_BG, teacher_B, rewards_BG))
+        flops = ([len(g.prompt_ids) for g in grpo_groups], [g.response_lengths for g in grpo_groups])
         return RLPStepBatch(batch, record, flops, lengths)
 
     # ------------------------------------------------------------------ driver
@@ -183,7 +183,7 @@ class RLPSource:
         t0 = time.perf_counter()
         completions = self.generate(requests, params)
         t1 = time.perf_counter()
-        groups = [
+        grpo_groups = [
             self._group(s, p, c) for s, p, c in zip(samples, prompts, completions, strict=True)
         ]
         record = {
@@ -193,7 +193,7 @@ class RLPSource:
             "data/consumed": float(self.sampler.consumed),
             "data/sample_ids": ids,
         }
-        return groups, record
+        return grpo_groups, record
 
     def _group(self, sample: Any, prompt: Any, completions: list[Any]) -> ThoughtGroup:
         pc, close = self.prompt, self.rlp.thought_close
@@ -231,7 +231,7 @@ class RLPSource:
 
 
 def score_thoughts(
-    train_step: Any, teacher: EMATeacher, groups: list[ThoughtGroup]
+    trainer: Any, teacher: EMATeacher, grpo_groups: list[ThoughtGroup]
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The two scoring passes (collective; every rank gets the same values).
 
@@ -240,15 +240,15 @@ def score_thoughts(
     """
     with_thought = [
         _scoring_sequence(g.context_ids + block, g.target_id, b)
-        for b, g in enumerate(groups)
+        for b, g in enumerate(grpo_groups)
         for block in g.scored
     ]
-    no_thought = [_scoring_sequence(g.context_ids, g.target_id, b) for b, g in enumerate(groups)]
-    scored = train_step.compute_logprobs(RolloutBatch(with_thought), temperature=1.0)
-    train_step.finish_param_sync()
+    no_thought = [_scoring_sequence(g.context_ids, g.target_id, b) for b, g in enumerate(grpo_groups)]
+    scored = trainer.compute_logprobs(RolloutBatch(with_thought), temperature=1.0)
+    trainer.finish_param_sync()
     with teacher.swapped_in():
-        baseline = train_step.compute_logprobs(RolloutBatch(no_thought), temperature=1.0)
-    scored_BG = torch.stack([lp[0] for lp in scored]).reshape(len(groups), -1)
+        baseline = trainer.compute_logprobs(RolloutBatch(no_thought), temperature=1.0)
+    scored_BG = torch.stack([lp[0] for lp in scored]).reshape(len(grpo_groups), -1)
     teacher_B = torch.stack([lp[0] for lp in baseline])
     lengths = [s.num_tokens for s in with_thought + no_thought]
     return scored_BG, teacher_B, lengths
@@ -263,7 +263,7 @@ def _scoring_sequence(prefix: list[int], target: int, group: int) -> TrainSequen
 
 
 def _make_batch(
-    groups: list[ThoughtGroup], rewards_BG: torch.Tensor, advantages_BG: torch.Tensor
+    grpo_groups: list[ThoughtGroup], rewards_BG: torch.Tensor, advantages_BG: torch.Tensor
 ) -> RolloutBatch | None:
     """(thought prompt, thought) pairs with their advantages; empty thoughts are skipped."""
     sequences = [
@@ -271,7 +271,7 @@ def _make_batch(
             prompt_ids=g.prompt_ids, response_ids=thought, rollout_logprobs=lp,
             advantage=float(advantages_BG[b, i]), group_id=b, reward=float(rewards_BG[b, i]),
         )  # fmt: skip
-        for b, g in enumerate(groups)
+        for b, g in enumerate(grpo_groups)
         for i, (thought, lp) in enumerate(zip(g.thoughts, g.logprobs, strict=True))
         if thought
     ]
@@ -279,20 +279,20 @@ def _make_batch(
 
 
 def thought_batch(
-    groups: list[ThoughtGroup], scored_BG: torch.Tensor, teacher_B: torch.Tensor
+    grpo_groups: list[ThoughtGroup], scored_BG: torch.Tensor, teacher_B: torch.Tensor
 ) -> tuple[torch.Tensor, RolloutBatch | None]:
     """Rewards ``[B, G]`` (information gain) and the policy batch with RLP's advantages."""
     rewards_BG = information_gain(scored_BG, teacher_B[:, None].expand_as(scored_BG))
-    return rewards_BG, _make_batch(groups, rewards_BG, rlp_advantages(rewards_BG))
+    return rewards_BG, _make_batch(grpo_groups, rewards_BG, rlp_advantages(rewards_BG))
 
 
 def _statistics(
-    groups: list[ThoughtGroup],
+    grpo_groups: list[ThoughtGroup],
     scored_BG: torch.Tensor,
     teacher_B: torch.Tensor,
     rewards_BG: torch.Tensor,
 ) -> dict[str, float]:
-    lengths = [len(t) for g in groups for t in g.thoughts]
+    lengths = [len(t) for g in grpo_groups for t in g.thoughts]
     n = max(len(lengths), 1)
     return {
         "rollout/reward_mean": float(rewards_BG.mean()),
@@ -302,10 +302,10 @@ def _statistics(
         "rlp/positive_gain_frac": float((rewards_BG > 0).float().mean()),
         "rlp/logprob_with_thought": float(scored_BG.mean()),
         "rlp/logprob_teacher": float(teacher_B.mean()),
-        "rlp/thought_closed_frac": sum(c for g in groups for c in g.closed) / n,
+        "rlp/thought_closed_frac": sum(c for g in grpo_groups for c in g.closed) / n,
         "rollout/response_length_mean": sum(lengths) / n,
         "rollout/response_length_max": float(max(lengths, default=0)),
-        "rollout/groups_sampled": float(len(groups)),
+        "rollout/groups_sampled": float(len(grpo_groups)),
     }
 
 

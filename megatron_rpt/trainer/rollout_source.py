@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Group:
+class GRPOGroup:
     """One context and its G scored responses."""
 
     sample: RPTSample
@@ -118,20 +118,20 @@ class RolloutSource:
                 max_rounds=loss.dynamic_sampling_max_rounds,
                 on_max_rounds=loss.dynamic_sampling_on_max_rounds,
             )
-        generated: list[Group] = []
+        generated: list[GRPOGroup] = []
         drawn: list[int] = []
         times = {"generate": 0.0, "reward": 0.0}
         need = target
         while True:
             ids = self.sampler.take(need)
             seed = derive_seed(self.seed, "rollout", self.sampler.consumed - need)
-            groups = self._round(ids, seed, times)
-            generated += groups
+            grpo_groups = self._round(ids, seed, times)
+            generated += grpo_groups
             drawn += ids
             if filler is None:
-                kept = groups
+                kept = grpo_groups
                 break
-            filler.add_round(groups, _rewards_BG(groups))
+            filler.add_round(grpo_groups, _rewards_BG(grpo_groups))
             if not filler.need_more():
                 kept = filler.finish()
                 break
@@ -146,7 +146,7 @@ class RolloutSource:
         )
         return StepBatch(batch, record, lengths)
 
-    def _round(self, ids: list[int], seed: int, times: dict[str, float]) -> list[Group]:
+    def _round(self, ids: list[int], seed: int, times: dict[str, float]) -> list[GRPOGroup]:
         """Prompts of ``ids``, their G responses each, scored."""
         samples = [self.store[i] for i in ids]
         prompts = [self._prompt(s) for s in samples]
@@ -158,13 +158,13 @@ class RolloutSource:
         ]
         completions = self.generate(requests, params)
         t1 = time.perf_counter()
-        groups = [
+        grpo_groups = [
             self._score(s, p, opener, c)
             for s, (p, opener), c in zip(samples, prompts, completions, strict=True)
         ]
         times["generate"] += t1 - t0
         times["reward"] += time.perf_counter() - t1
-        return groups
+        return grpo_groups
 
     def _prompt(self, sample: RPTSample) -> tuple[list[int], str]:
         """Prompt ids and the assistant-turn prefix they end with (the reasoning opener)."""
@@ -176,7 +176,7 @@ class RolloutSource:
 
     def _score(
         self, sample: RPTSample, prompt_ids: list[int], opener: str, completions: list[Completion]
-    ) -> Group:
+    ) -> GRPOGroup:
         target = RewardTarget(
             continuation_token_bytes=sample.continuation_token_bytes,
             continuation_ids=tuple(int(t) for t in sample.continuation_ids),
@@ -190,15 +190,15 @@ class RolloutSource:
             completions, target, reader, reward_name=self.reward.name,
             require_think_close=self.reward.require_think_close,
         )  # fmt: skip
-        return Group(sample, list(prompt_ids), completions, rewards, formatted)
+        return GRPOGroup(sample, list(prompt_ids), completions, rewards, formatted)
 
-    def _make_batch(self, groups: Sequence[Group]) -> RolloutBatch:
+    def _make_batch(self, grpo_groups: Sequence[GRPOGroup]) -> RolloutBatch:
         loss = self.loss
         adv_BG = grpo_advantages(
-            _rewards_BG(groups), std_normalize=loss.advantage_std_normalize, eps=loss.advantage_eps
+            _rewards_BG(grpo_groups), std_normalize=loss.advantage_std_normalize, eps=loss.advantage_eps
         )
         sequences = []
-        for g_idx, (group, adv_G) in enumerate(zip(groups, adv_BG.tolist(), strict=True)):
+        for g_idx, (group, adv_G) in enumerate(zip(grpo_groups, adv_BG.tolist(), strict=True)):
             for comp, adv, reward in zip(group.completions, adv_G, group.rewards, strict=True):
                 if not comp.token_ids:
                     continue  # nothing to train on (an engine that returned no token)
@@ -216,13 +216,13 @@ class RolloutSource:
         return RolloutBatch(sequences)
 
 
-def _rewards_BG(groups: Sequence[Group]) -> torch.Tensor:
-    return torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+def _rewards_BG(grpo_groups: Sequence[GRPOGroup]) -> torch.Tensor:
+    return torch.tensor([g.rewards for g in grpo_groups], dtype=torch.float32)
 
 
 def _statistics(
-    generated: list[Group],
-    kept: list[Group],
+    generated: list[GRPOGroup],
+    kept: list[GRPOGroup],
     filler: DynamicBatchFiller | None,
     drawn: list[int],
     times: dict[str, float],
@@ -254,4 +254,4 @@ def _statistics(
     }
 
 
-__all__ = ["GenerateFn", "Group", "RolloutSource"]
+__all__ = ["GenerateFn", "GRPOGroup", "RolloutSource"]

@@ -22,7 +22,7 @@ from megatron_rpt.trainer.checkpoint import (
 from megatron_rpt.trainer.config import CheckpointConfig
 from megatron_rpt.trainer.run_logger import jsonable
 from megatron_rpt.trainer.sampler import ContextSampler
-from megatron_rpt.trainer.step import TrainStep
+from megatron_rpt.trainer.step import PolicyTrainer
 
 
 class RunState:
@@ -30,7 +30,7 @@ class RunState:
 
     def __init__(
         self,
-        policy: TrainStep,
+        policy: PolicyTrainer,
         sampler: ContextSampler,
         flops: FlopsCounter,
         *,

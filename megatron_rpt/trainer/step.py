@@ -1,6 +1,6 @@
 """One on-policy policy-gradient update of a Megatron ``GPTModel`` under any TP/PP/DP layout.
 
-``TrainStep`` owns this rank's DDP-wrapped ``RPTGPTModel`` chunks, the Megatron optimizer and
+``PolicyTrainer`` owns this rank's DDP-wrapped ``RPTGPTModel`` chunks, the Megatron optimizer and
 LR scheduler. ``train_step(batch)``:
 
 1. plans the global ``RolloutBatch`` (same plan on every rank, trainer/batch.py): DP partition,
@@ -64,7 +64,7 @@ from megatron_rpt.trainer.metrics import StepMetrics, batch_statistics
 logger = logging.getLogger(__name__)
 
 
-class TrainStep:
+class PolicyTrainer:
     """This rank's model chunks (Megatron DDP), optimizer, scheduler and step counter."""
 
     def __init__(
@@ -119,7 +119,7 @@ class TrainStep:
         train: TrainConfig,
         loss: LossConfig,
         temperature: float,
-    ) -> TrainStep:
+    ) -> PolicyTrainer:
         """Build the model from ``model`` / ``parallel`` / ``precision`` and wrap it.
 
         Initial weights come from ``model.hf_path`` or ``model.megatron_checkpoint``; resume
@@ -132,7 +132,7 @@ class TrainStep:
         if loss.tis is None:
             raise ConfigError(
                 "loss.tis=None (auto) is decided by megatron_rpt.config.resolve(cfg) from the "
-                "precision settings; resolve the config before building the TrainStep"
+                "precision settings; resolve the config before building the PolicyTrainer"
             )
         built = build_pretrained(model, parallel, groups, output="hidden", precision=precision)
         return cls(
@@ -368,12 +368,12 @@ def _align_width(mb: MicroBatch, multiple: int) -> MicroBatch:
 
 
 def _check_model(built: BuiltModel, groups: ParallelGroups, temperature: float) -> None:
-    # validate() refuses this config; a TrainStep built without it is refused here too.
+    # validate() refuses this config; a PolicyTrainer built without it is refused here too.
     check_interleaved_schedule(groups.pp_size, groups.vpp_size)
     modules = [unwrap_model(chunk) for chunk in built.chunks]
     if not all(isinstance(m, RPTGPTModel) and m.output_hidden_states for m in modules):
         raise ValueError(
-            "TrainStep needs RPTGPTModel chunks with hidden-state output: build the model with "
+            "PolicyTrainer needs RPTGPTModel chunks with hidden-state output: build the model with "
             "build_pretrained(..., output='hidden')"
         )
     if not temperature > 0:
@@ -443,4 +443,4 @@ def _check_shared_prefix(built: BuiltModel) -> None:
         )
 
 
-__all__ = ["TrainStep"]
+__all__ = ["PolicyTrainer"]

@@ -125,7 +125,7 @@ def _cp_worker(rank, world_size):
 
 
 def _reference():
-    """CP = 1: the unsplit micro-batches, and the log-probs laid out as TrainStep does."""
+    """CP = 1: the unsplit micro-batches, and the log-probs laid out as PolicyTrainer does."""
     batch = _batch()
     mbs = [make_micro_batch(batch, idx, "packed") for idx in MICRO_BATCHES]
     results = []

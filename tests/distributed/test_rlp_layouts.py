@@ -41,9 +41,9 @@ def _rlp_step(rank, world_size, hf_dir, tp, pp):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from megatron_rpt.trainer.ema import EMATeacher
     from megatron_rpt.trainer.rlp import score_thoughts, thought_batch
-    from tests.helpers.training import build_train_step, random_group_batch
+    from tests.helpers.training import build_policy_trainer, random_group_batch
 
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir, tp=tp, pp=pp, temperature=0.7,
         optimizer=OptimizerConfig(lr=1e-2, use_distributed_optimizer=False),
         train=TrainConfig(max_tokens_per_microbatch=32),

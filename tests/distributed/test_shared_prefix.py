@@ -40,9 +40,9 @@ def _adam_steps(hf_dir, layout, steps=3):
     import math
 
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step, random_group_batch
+    from tests.helpers.training import build_policy_trainer, random_group_batch
 
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir,
         optimizer=OptimizerConfig(lr=1e-3, use_distributed_optimizer=False),
         train=TrainConfig(max_tokens_per_microbatch=BUDGET, micro_batch_layout=layout),

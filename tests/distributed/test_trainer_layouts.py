@@ -29,7 +29,7 @@ BUDGET = 24  # tokens per micro-batch: 2-3 micro-batches per DP rank for the tes
 def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed", overlap=False):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from tests.helpers.training import (
-        build_train_step,
+        build_policy_trainer,
         gather_full_parameters,
         random_rollout_batch,
     )
@@ -49,7 +49,7 @@ def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed", overlap=F
             clip_grad=0.0,
             use_distributed_optimizer=False,
         )
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir,
         tp=tp,
         pp=pp,
@@ -75,9 +75,9 @@ def _run(hf_dir, *, tp=1, pp=1, vpp=None, adam=False, layout="packed", overlap=F
 
 def _sign_test_dp2(hf_dir):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir,
         optimizer=OptimizerConfig(lr=1e-4, use_distributed_optimizer=True),
         train=TrainConfig(max_tokens_per_microbatch=BUDGET),

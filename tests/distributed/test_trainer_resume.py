@@ -41,10 +41,10 @@ CONFIGS = {
 
 def _train_step(hf_dir, name, *, tp=1):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step
+    from tests.helpers.training import build_policy_trainer
 
     dtype, distributed, _, _ = CONFIGS[name]
-    return build_train_step(
+    return build_policy_trainer(
         hf_dir,
         tp=tp,
         dtype=dtype,

@@ -47,11 +47,11 @@ def test_sigkill_mid_step_then_same_command_resumes_exactly(tmp_path):
 
 def _train_with_faults(rank, world_size, argv, plan, always):
     from megatron_rpt.train import config_from_args, main, parse_args
-    from megatron_rpt.trainer.components import default_engine_factory
+    from megatron_rpt.trainer.builders import rollout_engine_factory
     from tests.helpers.faults import EngineFaults, FaultyEngine
 
     faults = EngineFaults(plan, always=always, hang_s=600)
-    inner = default_engine_factory(config_from_args(parse_args(argv)))
+    inner = rollout_engine_factory(config_from_args(parse_args(argv)))
     main(argv, engine_factory=lambda: FaultyEngine(inner(), faults))
     return faults.injected, faults.engines_built
 

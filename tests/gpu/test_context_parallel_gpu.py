@@ -71,7 +71,7 @@ def _cp_worker(rank, world_size, hf_dir, cp):
     from megatron_rpt.testing.tiny_models import VOCAB
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from tests.helpers.training import (
-        build_train_step,
+        build_policy_trainer,
         gather_full_gradients,
         random_rollout_batch,
     )
@@ -79,7 +79,7 @@ def _cp_worker(rank, world_size, hf_dir, cp):
     sgd = OptimizerConfig(
         optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
     )
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir,
         spec="te",
         dtype="bf16",

@@ -1,7 +1,7 @@
 """GPU tier of FP8 (skipped without a GPU, Transformer Engine or SGLang; see conftest.py).
 
 * TE layer spec forward == local spec forward, same bf16 weights, within bf16 tolerance;
-* FP8 training steps through ``TrainStep`` for each recipe TE supports on this GPU (delayed
+* FP8 training steps through ``PolicyTrainer`` for each recipe TE supports on this GPU (delayed
   and tensorwise from Ada/Hopper on, blockwise on Hopper with CUDA >= 12.9, mxfp8 on
   Blackwell): the PPO loss and the response NLL stay within a stated tolerance of bf16 over a
   few optimizer steps from the same weights on the same batch;
@@ -49,7 +49,7 @@ def test_te_spec_forward_equals_local_spec_in_bf16(wide_llama, fresh_groups):
     from megatron_rpt.checkpoint.loading import build_pretrained
     from megatron_rpt.model.logits import forward_logits
 
-    groups = fresh_groups  # fresh: build_train_step (other tests) re-initialises the layout
+    groups = fresh_groups  # fresh: build_policy_trainer (other tests) re-initialises the layout
     tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
     logits = {}
     for spec in ("local", "te"):
@@ -71,11 +71,11 @@ def _batch():
 
 
 def _run(hf_dir, precision, steps, old_logprobs):
-    """Mean PPO loss and response NLL per step of a fresh TrainStep (bf16 params, TE spec)."""
+    """Mean PPO loss and response NLL per step of a fresh PolicyTrainer (bf16 params, TE spec)."""
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step
+    from tests.helpers.training import build_policy_trainer
 
-    ts = build_train_step(
+    ts = build_policy_trainer(
         str(hf_dir), dtype="bf16", spec="te", precision=precision,
         optimizer=OptimizerConfig(lr=1e-3), train=TrainConfig(max_tokens_per_microbatch=256),
     )  # fmt: skip
@@ -95,12 +95,12 @@ def _run(hf_dir, precision, steps, old_logprobs):
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise", "mxfp8"])
 def test_fp8_training_steps_track_bf16(recipe, wide_llama, process_group):
     from megatron_rpt.model.fp8 import recipe_support
-    from tests.helpers.training import build_train_step
+    from tests.helpers.training import build_policy_trainer
 
     ok, reason = recipe_support(recipe)
     if not ok:
         pytest.skip(f"{recipe} not supported on this GPU: {reason}")
-    base = build_train_step(str(wide_llama), dtype="bf16", spec="te")
+    base = build_policy_trainer(str(wide_llama), dtype="bf16", spec="te")
     old = base.compute_logprobs(_batch())  # the same old/rollout log-probs for both runs
     del base
     ref_losses, ref_nlls, _ = _run(wide_llama, None, 3, old)
@@ -128,7 +128,7 @@ def test_fp8_rollout_weights_into_real_sglang(tmp_path, fresh_groups):
     from megatron_rpt.weight_sync.fp8_checkpoint import write_fp8_checkpoint
     from tests.helpers.updates import perturb_parameters
 
-    groups = fresh_groups  # fresh: build_train_step (other tests) re-initialises the layout
+    groups = fresh_groups  # fresh: build_policy_trainer (other tests) re-initialises the layout
     tok = smollm2_tokenizer()
     bf16_dir, fp8_dir = tmp_path / "bf16", tmp_path / "fp8"
     torch.manual_seed(0)

@@ -37,11 +37,11 @@ def _train(hf_dir, handoff):  # noqa: ANN001, ANN202
     from megatron_rpt.distributed import single_process_group
     from megatron_rpt.trainer.config import OptimizerConfig
     from megatron_rpt.trainer.offload import TrainerOffload
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
     torch.cuda.set_device(0)
     with single_process_group():
-        step = build_train_step(
+        step = build_policy_trainer(
             hf_dir, dtype="bf16", optimizer=OptimizerConfig(use_distributed_optimizer=True)
         )
         offload = TrainerOffload.for_step(step, "optimizer" if handoff else "none")
@@ -92,7 +92,7 @@ def test_colocated_trainer_and_sglang_hand_memory_back_and_forth(tmp_path):
     from megatron_rpt.trainer.offload import TrainerOffload
     from megatron_rpt.weight_sync import WeightSync, WeightSyncConfig
     from tests.helpers.rollout_helpers import smollm2_tokenizer, tiny_llama
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
     tok = smollm2_tokenizer()
     served, trained = tmp_path / "served", tmp_path / "trained"
@@ -104,7 +104,7 @@ def test_colocated_trainer_and_sglang_hand_memory_back_and_forth(tmp_path):
     cfg.sglang.port, cfg.sglang.dtype, cfg.sglang.mem_fraction_static = 0, "float32", 0.3
     used: dict[str, float] = {}
     with single_process_group():
-        step = build_train_step(str(trained))
+        step = build_policy_trainer(str(trained))
         engine = SGLangEngine.launch(cfg, str(served))
         try:
             offload = TrainerOffload.for_step(step, "optimizer")

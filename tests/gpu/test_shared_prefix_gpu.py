@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 def _step(hf_dir, layout, spec, dtype):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
     from tests.helpers.training import (
-        build_train_step,
+        build_policy_trainer,
         gather_full_gradients,
         random_group_batch,
     )
@@ -26,7 +26,7 @@ def _step(hf_dir, layout, spec, dtype):
     sgd = OptimizerConfig(
         optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
     )
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir,
         spec=spec,
         dtype=dtype,

@@ -9,7 +9,7 @@ thread while the step runs (torch releases the GIL inside its kernels); its maxi
 peak of live memory.
 
 ``measure_train_step`` records the resident set before the model is built, builds the
-``TrainStep``, runs one step (the optimizer allocates its state in its first ``step()``,
+``PolicyTrainer``, runs one step (the optimizer allocates its state in its first ``step()``,
 after that step's backward: a first step's peak is not a training run's), runs a second step
 while sampling and returns ``peak - baseline``: parameters, gradient buffers, optimizer state,
 activations and the loss's buffers of a steady-state step. It also returns what the planner needs to
@@ -78,14 +78,14 @@ def measure_train_step(
 ) -> dict[str, int]:
     """Peak memory of one ``train_step`` on this rank (see the module docstring).
 
-    ``layout``: ``build_train_step`` keywords (tp, pp, sequence_parallel, recompute, dtype) plus
+    ``layout``: ``build_policy_trainer`` keywords (tp, pp, sequence_parallel, recompute, dtype) plus
     ``distributed_optimizer``, ``budget`` (tokens per micro-batch) and ``micro_batch_layout``;
     ``batch``: ``random_group_batch`` keywords.
     """
     import torch
 
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step, random_group_batch
+    from tests.helpers.training import build_policy_trainer, random_group_batch
 
     mmap_large_allocations()
     torch.set_num_threads(1)
@@ -98,7 +98,7 @@ def measure_train_step(
     step_batch = random_group_batch(**batch)
     gc.collect()
     baseline = proc_status_bytes("RssAnon")
-    ts = build_train_step(hf_dir, optimizer=opt, train=train, **layout)
+    ts = build_policy_trainer(hf_dir, optimizer=opt, train=train, **layout)
     _, micro_batches = ts._micro_batches(step_batch)
     ts.train_step(step_batch)
     gc.collect()

@@ -6,7 +6,7 @@
 * ``gather_full_parameters`` / ``gather_full_gradients``: this pipeline stage's parameters
   (or their reduced gradients) under canonical (global-layer) names, TP shards gathered into
   full tensors; merge the dicts of all stages for the model.
-* ``build_train_step``: model from an HF dir + ``TrainStep`` at the current layout.
+* ``build_policy_trainer``: model from an HF dir + ``PolicyTrainer`` at the current layout.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _gather_full(modules: list[torch.nn.Module], groups: Any, pick: Any) -> dict
     return out
 
 
-def build_train_step(
+def build_policy_trainer(
     hf_dir: str,
     *,
     tp: int = 1,
@@ -138,7 +138,7 @@ def build_train_step(
     recompute: str = "none",
     cp: int = 1,
 ) -> Any:
-    """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``TrainStep``.
+    """Initialise the layout, build the model from ``hf_dir`` and wrap it in a ``PolicyTrainer``.
 
     ``spec`` / ``precision``: layer spec and ``PrecisionConfig`` (FP8 tests on GPU);
     ``recompute``: ``model.recompute_granularity`` (none, selective, full); ``cp``: context
@@ -149,7 +149,7 @@ def build_train_step(
     from megatron_rpt.loss.config import LossConfig
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from megatron_rpt.trainer.step import TrainStep
+    from megatron_rpt.trainer.step import PolicyTrainer
 
     groups = initialize_model_parallel(
         tp, pp, vpp, **({"context_parallel_size": cp} if cp > 1 else {})
@@ -170,7 +170,7 @@ def build_train_step(
         megatron_checkpoint=megatron_checkpoint,  # type: ignore[arg-type]
     )
     built = build_pretrained(model_cfg, parallel, groups, output="hidden", precision=precision)
-    return TrainStep(
+    return PolicyTrainer(
         built,
         groups,
         optimizer=optimizer or OptimizerConfig(),
@@ -186,7 +186,7 @@ def sgd_step_gradients(
     """One plain-SGD step (no clipping, no weight decay) on ``batch``: the log-probs before it,
     its loss, grad norm, batch statistics, ``token_alignment`` and the full reduced gradients.
 
-    ``build``: further ``build_train_step`` keywords (tp, pp, vpp, dtype, sequence_parallel,
+    ``build``: further ``build_policy_trainer`` keywords (tp, pp, vpp, dtype, sequence_parallel,
     recompute, ...); ``budget``: ``train.max_tokens_per_microbatch``.
     """
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
@@ -194,7 +194,7 @@ def sgd_step_gradients(
     sgd = OptimizerConfig(
         optimizer="sgd", lr=1e-3, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=False
     )
-    ts = build_train_step(
+    ts = build_policy_trainer(
         hf_dir,
         optimizer=sgd,
         train=TrainConfig(max_tokens_per_microbatch=budget, micro_batch_layout=layout),
@@ -214,7 +214,7 @@ def sgd_step_gradients(
 
 
 __all__ = [
-    "build_train_step",
+    "build_policy_trainer",
     "gather_full_gradients",
     "gather_full_parameters",
     "random_group_batch",

@@ -120,7 +120,7 @@ ORCHESTRATION = [
     "megatron_rpt.trainer.rollout_source",
     "megatron_rpt.trainer.ntp",
     "megatron_rpt.trainer.run_state",
-    "megatron_rpt.trainer.components",
+    "megatron_rpt.trainer.builders",
     "megatron_rpt.trainer.loop",
 ]
 

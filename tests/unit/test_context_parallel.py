@@ -209,8 +209,8 @@ def test_cp_is_refused_on_cpu_naming_the_setting():
     from megatron_rpt.model.arch import arch_from_dict
     from megatron_rpt.model.build import build_transformer_config
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.testing.tiny_models import tiny_config_dict
     from megatron_rpt.preflight import check_context_parallel
+    from megatron_rpt.testing.tiny_models import tiny_config_dict
 
     if capabilities.have_te():
         pytest.skip("machine has Transformer Engine: CP is allowed")

@@ -224,13 +224,13 @@ def test_checkpoints_and_exports_stay_in_model_dtype_under_fp8(tmp_path):
 @pytest.mark.parametrize("layout", ["packed", "padded", "shared_prefix"])
 def test_fp8_token_alignment_changes_no_logprob_or_loss(layout, tmp_path, process_group):
     from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
     hf_dir = save_tiny_model("qwen2", tmp_path / "m")
     batch = random_rollout_batch(VOCAB, seed=4)
     results, widths = [], {}
     for align in (1, 16):
-        ts = build_train_step(
+        ts = build_policy_trainer(
             str(hf_dir),
             train=TrainConfig(max_tokens_per_microbatch=24, micro_batch_layout=layout),
             optimizer=OptimizerConfig(optimizer="sgd", lr=0.1, use_distributed_optimizer=False),

@@ -74,7 +74,7 @@ def test_block_seeds_differ_per_block_and_keep_none():
 
 def test_each_sglang_engine_gets_its_gpus_port_and_weight_group():
     from megatron_rpt.rollout.config import RolloutConfig
-    from megatron_rpt.trainer.components import _sglang_server_of
+    from megatron_rpt.trainer.builders import _sglang_server_of
 
     rollout = RolloutConfig(engine="sglang")
     p = EnginePlacement(16, 4, gpus_per_node=8)

@@ -29,10 +29,10 @@ def _train(hf_dir, mode, dtype, dist_opt, spill_dir):
     from megatron_rpt.distributed import single_process_group
     from megatron_rpt.trainer.config import OptimizerConfig
     from megatron_rpt.trainer.offload import TrainerOffload
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
     with single_process_group():
-        step = build_train_step(
+        step = build_policy_trainer(
             hf_dir, dtype=dtype, optimizer=OptimizerConfig(use_distributed_optimizer=dist_opt)
         )
         offload = TrainerOffload.for_step(step, mode or "none", spill_dir=spill_dir)
@@ -81,7 +81,7 @@ def test_offload_frees_resident_memory(tmp_path):
     offloaded must leave the resident set, and it must come back on reload."""
     from megatron_rpt.distributed import single_process_group
     from megatron_rpt.trainer.offload import TrainerOffload
-    from tests.helpers.training import build_train_step, random_rollout_batch
+    from tests.helpers.training import build_policy_trainer, random_rollout_batch
 
     big = save_tiny_model(
         "llama", tmp_path / "big", num_layers=4,
@@ -91,7 +91,7 @@ def test_offload_frees_resident_memory(tmp_path):
     spill = tmp_path / "spill"
     spill.mkdir()
     with single_process_group():
-        step = build_train_step(str(big))
+        step = build_policy_trainer(str(big))
         step.train_step(random_rollout_batch(VOCAB))
         offload = TrainerOffload.for_step(step, "optimizer", spill_dir=spill)
         gc.collect()

@@ -16,7 +16,7 @@ from megatron_rpt.testing.tiny_models import VOCAB, save_tiny_model
 from megatron_rpt.trainer.batch import RolloutBatch, TrainSequence
 from megatron_rpt.trainer.config import OptimizerConfig, TrainConfig
 from tests.helpers.training import (
-    build_train_step,
+    build_policy_trainer,
     gather_full_parameters,
     random_rollout_batch,
 )
@@ -52,7 +52,7 @@ def hf_reference_logprobs(hf_dir, batch, temperature):
 def test_logprobs_match_naive_hf_reference(kind, layout, models, process_group):
     batch = random_rollout_batch(VOCAB, seed=1)
     ref = hf_reference_logprobs(models[kind], batch, TEMPERATURE)
-    ts = build_train_step(
+    ts = build_policy_trainer(
         models[kind],
         train=TrainConfig(max_tokens_per_microbatch=20, micro_batch_layout=layout),
         temperature=TEMPERATURE,
@@ -87,7 +87,7 @@ def _sign_check(ts, batch):
 def test_one_update_raises_positive_and_lowers_negative_logprobs(
     distributed, models, process_group
 ):
-    ts = build_train_step(
+    ts = build_policy_trainer(
         models["qwen2"],
         optimizer=OptimizerConfig(lr=1e-4, use_distributed_optimizer=distributed),
         train=TrainConfig(max_tokens_per_microbatch=24),
@@ -122,7 +122,7 @@ def test_micro_batch_split_and_layout_do_not_change_loss_or_update(models, proce
         ("padded", 24, "padded"),
         ("mixed", 24, "packed"),
     ]:
-        ts = build_train_step(
+        ts = build_policy_trainer(
             models["llama_tied"],
             optimizer=SGD,
             train=TrainConfig(max_tokens_per_microbatch=budget, micro_batch_layout=layout),
@@ -143,7 +143,7 @@ def test_micro_batch_split_and_layout_do_not_change_loss_or_update(models, proce
 def test_loss_equals_token_mean_of_minus_advantage_on_policy(models, process_group):
     # On-policy (ratio 1) the PPO loss value is -sum(A * mask) / N: checks the denominators.
     batch = random_rollout_batch(VOCAB, seed=4, advantages=(1.0, 2.0, -1.0, 0.5, -3.0, 1.5))
-    ts = build_train_step(
+    ts = build_policy_trainer(
         models["qwen2"], optimizer=SGD, train=TrainConfig(max_tokens_per_microbatch=16)
     )
     metrics = ts.train_step(batch)
@@ -165,11 +165,11 @@ def test_padding_micro_batches_contribute_nothing(models, process_group):
     batch = RolloutBatch(
         [TrainSequence(torch.arange(1, 6), torch.arange(6, 10), torch.zeros(4), 1.0)]
     )
-    ts = build_train_step(
+    ts = build_policy_trainer(
         models["qwen2"], optimizer=SGD, train=TrainConfig(max_tokens_per_microbatch=100)
     )
     ref_metrics, ref_update = _update(ts, batch)
-    ts = build_train_step(
+    ts = build_policy_trainer(
         models["qwen2"], optimizer=SGD, train=TrainConfig(max_tokens_per_microbatch=100)
     )
     original = ts._micro_batches
@@ -194,7 +194,7 @@ def test_configuration_errors(models, process_group):
     from megatron_rpt.distributed import initialize_model_parallel
     from megatron_rpt.loss.config import LossConfig
     from megatron_rpt.model.config import ModelConfig, ParallelConfig
-    from megatron_rpt.trainer.step import TrainStep
+    from megatron_rpt.trainer.step import PolicyTrainer
 
     groups = initialize_model_parallel(1, 1)
     logits_model = build_pretrained(
@@ -202,9 +202,9 @@ def test_configuration_errors(models, process_group):
     )
     kwargs = dict(optimizer=OptimizerConfig(), train=TrainConfig(), loss=LossConfig())
     with pytest.raises(ValueError, match="output='hidden'"):
-        TrainStep(logits_model, groups, temperature=1.0, **kwargs)
+        PolicyTrainer(logits_model, groups, temperature=1.0, **kwargs)
     with pytest.raises(ConfigError, match="rollout.temperature=0"):
-        build_train_step(models["qwen2"], temperature=0.0)
+        build_policy_trainer(models["qwen2"], temperature=0.0)
     # Sequence parallelism is a parallel.* setting and needs TP >= 2.
     from megatron_rpt.model.config import check_model_config, check_parallel_config
 
@@ -219,8 +219,8 @@ def test_from_run_config(models, process_group):
     from megatron_rpt.config import RPTConfig, resolve, validate
     from megatron_rpt.config_utils import apply_overrides
     from megatron_rpt.distributed import initialize_model_parallel
-    from megatron_rpt.trainer.components import build_train_step as from_run_config
-    from megatron_rpt.trainer.step import TrainStep
+    from megatron_rpt.trainer.builders import build_policy_trainer as from_run_config
+    from megatron_rpt.trainer.step import PolicyTrainer
 
     overrides = [
         f"model.hf_path={models['qwen2']}",
@@ -232,7 +232,7 @@ def test_from_run_config(models, process_group):
     cfg = validate(apply_overrides(RPTConfig(), overrides))
     groups = initialize_model_parallel(1, 1)
     with pytest.raises(ConfigError, match="loss.tis=None .* resolve the config"):
-        TrainStep.from_config(
+        PolicyTrainer.from_config(
             groups, model=cfg.model, parallel=cfg.parallel, precision=cfg.precision,
             optimizer=cfg.optimizer, train=cfg.train, loss=cfg.loss, temperature=0.8,
         )  # fmt: skip
@@ -249,7 +249,7 @@ def test_update_is_minus_the_gradient_of_the_documented_loss(models, process_gro
     from megatron_rpt.conversion.converter import WeightConverter
 
     batch = random_rollout_batch(VOCAB, seed=5)
-    ts = build_train_step(
+    ts = build_policy_trainer(
         models["qwen2"],
         optimizer=SGD,
         train=TrainConfig(max_tokens_per_microbatch=24),

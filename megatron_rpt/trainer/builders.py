@@ -1,14 +1,14 @@
 """Building the parts the training loop drives: the policy, the batch source, the engines.
 
-* ``build_train_step``: the Megatron model (from the initial weights, or straight from the
-  checkpoint being resumed) wrapped in a ``TrainStep``; the NTP objective trains at
+* ``build_policy_trainer``: the Megatron model (from the initial weights, or straight from the
+  checkpoint being resumed) wrapped in a ``PolicyTrainer``; the NTP objective trains at
   temperature 1 (plain cross-entropy), RPT at the sampling temperature.
 * ``build_source``: for RPT a ``RolloutSource`` (train ``SampleStore``, tokenizer,
   ``ContextSampler``) whose generate function is the ``EngineFleet``: one engine per
   ``rollout.gpus_per_engine`` ranks (``fleet_placement``), each in an ``EngineGuard`` on its
   lead rank and fed by that rank's ``WeightSync``; for NTP an ``NTPSource`` over windows of
   the same prepared data, and no engines.
-* ``default_engine_factory``: the engine ``rollout.engine`` names, loaded from
+* ``rollout_engine_factory``: the engine ``rollout.engine`` names, loaded from
   ``rollout.model`` or ``model.hf_path``. A directory without weights (an HF config given for
   a Megatron checkpoint) gives an engine with placeholder weights: the first weight sync
   overwrites every tensor before any rollout.
@@ -36,7 +36,7 @@ from megatron_rpt.trainer.ntp import NTPSource, NTPWindows
 from megatron_rpt.trainer.rlp import RLPSource
 from megatron_rpt.trainer.rollout_source import RolloutSource
 from megatron_rpt.trainer.sampler import ContextSampler
-from megatron_rpt.trainer.step import TrainStep
+from megatron_rpt.trainer.step import PolicyTrainer
 from megatron_rpt.weight_sync import WeightSync, sync_weights
 from megatron_rpt.weight_sync.fp8 import DequantizingEngine, rollout_quantization
 
@@ -50,22 +50,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def build_train_step(
+def build_policy_trainer(
     cfg: RPTConfig, groups: ParallelGroups, resume: str | Path | None
-) -> TrainStep:
+) -> PolicyTrainer:
     """Model + DDP + optimizer for a resolved ``cfg``; weights of ``resume`` if given."""
     model_cfg = cfg.model
     if resume is not None:  # read the checkpoint's weights once instead of the initial ones
         model_cfg = dataclasses.replace(cfg.model, megatron_checkpoint=str(resume))
     ntp = cfg.train.objective == "ntp"
-    return TrainStep.from_config(
+    return PolicyTrainer.from_config(
         groups, model=model_cfg, parallel=cfg.parallel, precision=cfg.precision,
         optimizer=cfg.optimizer, train=cfg.train, loss=cfg.loss,
         temperature=1.0 if ntp else cfg.rollout.temperature,
     )  # fmt: skip
 
 
-def default_engine_factory(
+def rollout_engine_factory(
     cfg: RPTConfig, placement: EnginePlacement | None = None, engine: int = 0
 ) -> EngineFactory:
     """Builds engine ``engine`` of ``placement`` as ``cfg.rollout`` describes (on its lead rank)."""
@@ -128,7 +128,7 @@ def _hf_engine(path: Path, rollout: RolloutConfig, has_weights: bool) -> HFEngin
 
 
 def build_source(
-    cfg: RPTConfig, train_step: TrainStep, engine_factory: EngineFactory | None = None
+    cfg: RPTConfig, trainer: PolicyTrainer, engine_factory: EngineFactory | None = None
 ) -> tuple[RolloutSource | NTPSource, EngineFleet | None]:
     """The batch source for ``cfg.train.objective`` and the engines it samples from (RPT)."""
     prepared = Path(cfg.data.prepared_dir)
@@ -144,8 +144,8 @@ def build_source(
         context_tokens=cfg.data.context_tokens,
         continuation_tokens=cfg.data.continuation_tokens,
     )
-    tokenizer = AutoTokenizer.from_pretrained(train_step.built.hf_dir)
-    fleet = build_fleet(cfg, train_step, engine_factory)
+    tokenizer = AutoTokenizer.from_pretrained(trainer.built.hf_dir)
+    fleet = build_fleet(cfg, trainer, engine_factory)
     sampler = ContextSampler(len(store), cfg.run.seed)
     source = RolloutSource(
         store, tokenizer, sampler, fleet.generate, rollout=cfg.rollout, prompt=cfg.prompt,
@@ -158,17 +158,17 @@ def build_source(
                 "rollout.offload_trainer='all' cannot be used with train.objective=rlp: RLP "
                 "scores the thoughts with the trainer's model during rollout; use 'optimizer'"
             )
-        return RLPSource.wrap(source, train_step, cfg.rlp), fleet
+        return RLPSource.wrap(source, trainer, cfg.rlp), fleet
     return source, fleet
 
 
 def build_fleet(
-    cfg: RPTConfig, train_step: TrainStep, engine_factory: EngineFactory | None = None
+    cfg: RPTConfig, trainer: PolicyTrainer, engine_factory: EngineFactory | None = None
 ) -> EngineFleet:
     """The run's engines (one per ``rollout.gpus_per_engine`` ranks) and their weight sync."""
     r, rank = cfg.rollout, dist.get_rank()
     placement = fleet_placement(r, cfg.parallel.tensor_model_parallel_size, dist.get_world_size())
-    crowded = _crowded_model_parallel_group(placement, train_step.groups)
+    crowded = _crowded_model_parallel_group(placement, trainer.groups)
     if crowded and r.gpus_per_engine is None:  # the default cannot work here: one engine
         logger.warning(
             "rollout.gpus_per_engine defaults to TP=%d, which puts the lead ranks %s of several "
@@ -187,11 +187,11 @@ def build_fleet(
     slot = placement.slot(rank)
     guard = None
     if slot.is_lead:
-        factory = engine_factory or default_engine_factory(cfg, placement, slot.engine)
+        factory = engine_factory or rollout_engine_factory(cfg, placement, slot.engine)
         guard = EngineGuard(factory, timeout_s=r.timeout_s, name=f"rollout engine {slot.engine}")
     quantization = rollout_quantization(cfg.precision)
     wsync = WeightSync(
-        train_step.built, train_step.groups, guard, cfg.weight_sync, quantization,
+        trainer.built, trainer.groups, guard, cfg.weight_sync, quantization,
         **_engine_ranks(placement, slot, r.engine, quantization is not None),
     )  # fmt: skip
 
@@ -199,7 +199,7 @@ def build_fleet(
         # Every lead rank feeds its own engine from its model-parallel group; a restart feeds
         # only ``engines``. Engines of several GPUs take a payload from every one of their
         # ranks (all engines re-synced: every lead must hold its engine in that collective).
-        train_step.finish_param_sync()
+        trainer.finish_param_sync()
         if engines is None or slot.engine in engines or wsync.ranks is not None:
             return wsync(version=version)
         return sync_weights(
@@ -260,6 +260,6 @@ __all__ = [
     "build_fleet",
     "fleet_placement",
     "build_source",
-    "build_train_step",
-    "default_engine_factory",
+    "build_policy_trainer",
+    "rollout_engine_factory",
 ]
