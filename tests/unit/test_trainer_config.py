@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_rpt.checkpoint import discovery as cio
+from megatron_rpt.checkpoint import discovery
 from megatron_rpt.config import RPTConfig, build_config, validate
 from megatron_rpt.config_utils import apply_overrides, field_docs
 from megatron_rpt.errors import ConfigError
@@ -70,9 +70,9 @@ def test_save_steps_and_names():
 
 
 def _fake_checkpoint(path: Path) -> Path:
-    (path / cio.MODEL_DIR).mkdir(parents=True)
-    meta = cio.CheckpointMetadata("LlamaForCausalLM", "fp32", 250, 256, 1, 1, "test")
-    (path / cio.METADATA_FILE).write_text(__import__("json").dumps(meta.to_json()))
+    (path / discovery.MODEL_DIR).mkdir(parents=True)
+    meta = discovery.CheckpointMetadata("LlamaForCausalLM", "fp32", 250, 256, 1, 1, "test")
+    (path / discovery.METADATA_FILE).write_text(__import__("json").dumps(meta.to_json()))
     return path
 
 
@@ -91,4 +91,4 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     ]
     assert prune_checkpoints(tmp_path, 0) == []
     # find_checkpoint never picks a hidden temporary or an incomplete directory.
-    assert cio.find_checkpoint(tmp_path).root.name == "step_0000020"
+    assert discovery.find_checkpoint(tmp_path).root.name == "step_0000020"
