@@ -191,7 +191,8 @@ def test_entry_point_trains_the_resolved_config_of_build_config(tiny_model, tmp_
     """The entry point, the tools and the tests share ``config.build_config``; the entry point
     resolves its result once and trains (and writes to config.yaml) exactly that."""
     import megatron_rpt.config as config_mod
-    from megatron_rpt.trainer import loop, preflight
+    from megatron_rpt import preflight
+    from megatron_rpt.trainer import loop
 
     built, trained = [], []
     real_build = config_mod.build_config
