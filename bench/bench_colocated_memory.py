@@ -94,8 +94,7 @@ def main() -> None:
     ratio = rows[1]["peak_rss_MiB"] / rows[0]["peak_rss_MiB"]
     print_table(rows)
     print(f"peak RSS of a colocated step, with / without the hand-off: {ratio:.2f}x")
-    path = write_result("colocated_memory", rows, ratio_with_over_without=ratio)
-    print(f"wrote {path}")
+    write_result("colocated_memory", rows, ratio_with_over_without=ratio)
 
 
 if __name__ == "__main__":

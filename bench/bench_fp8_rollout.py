@@ -119,11 +119,10 @@ def main() -> None:
     print_table(rows)
     print()
     print_table([timing])
-    path = write_result(
+    write_result(
         "fp8_rollout_cpu", rows, timing=timing, tokens=tokens.numel(), docs=len(rows_ids),
         model="SmolLM2-135M-Instruct (fp32 reference)",
     )  # fmt: skip
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

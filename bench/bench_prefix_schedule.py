@@ -83,11 +83,10 @@ def main() -> None:
     total = sum(len(r.prompt_ids) for r in reqs) * G
     print(f"{len(reqs)} contexts x G={G}, {total:,} prompt tokens, {RESPONSE_TOKENS} response tokens/sample")
     print_table(rows)
-    path = write_result(
+    write_result(
         "prefix_schedule", rows, contexts=len(reqs), samples_per_context=G,
         prompt_tokens=total, response_tokens=RESPONSE_TOKENS, positions_per_document=POSITIONS,
     )  # fmt: skip
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -57,8 +57,7 @@ def main() -> None:
         n, secs = time_it(lambda t=text: extract_prediction(t), min_seconds=0.5)
         rows.append({"input": label, "rewards_per_s": n / secs, "us_per_reward": 1e6 * secs / n})
     print_table(rows)
-    path = write_result("reward", rows)
-    print(f"wrote {path}")
+    write_result("reward", rows)
 
 
 if __name__ == "__main__":

@@ -149,12 +149,11 @@ def main() -> None:
     keys = ("engine", "status", "seconds", "cpu_seconds", "generated_tokens", "tokens_per_s",
             "tokens_per_cpu_s", "ratio_vs_hf_generate")  # fmt: skip
     print_table([{k: r.get(k) for k in keys} for r in rows])
-    path = write_result(
+    write_result(
         "rollout_" + ("gpu" if cuda else "cpu"), rows, model=f"SmolLM2-135M-Instruct ({dtype})",
         prompts=args.prompts, samples=args.samples, prompt_tokens=args.prompt_tokens,
         max_new_tokens=args.new_tokens, repeats=args.repeats,
     )  # fmt: skip
-    print(f"wrote {path}")
 
 
 def _sglang_row(prompts, params, args) -> dict:  # noqa: ANN001

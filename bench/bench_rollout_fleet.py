@@ -121,10 +121,9 @@ def main() -> None:
     print_table(rows)
     print(f"two engines / one engine: {ratio:.2f}x (median of per-round ratios "
           f"{[round(r, 2) for r in ratios]}); completions identical: {identical}")  # fmt: skip
-    path = write_result(
+    write_result(
         "rollout_fleet", rows, args=vars(args), ratio=ratio, ratios=ratios, identical=identical
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -262,13 +262,12 @@ def main() -> None:
             print_table([{k: r[k] for k in shown} for r in rows[-4:]])
             print({k: v for k, v in rows[-1].items() if k not in shown})
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    path = write_result(
+    write_result(
         f"shared_prefix_{device}",
         rows,
         model={"shape": "SmolLM2-135M", "layers": args.layers, **args.shape},
         args={k: v for k, v in vars(args).items() if k != "shape"},
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -109,8 +109,7 @@ def main() -> None:
     ratio = rows[1]["sync_s"] / rows[0]["sync_s"]
     print_table(rows)
     print(f"sync time, 2 replicas / 1 replica: {ratio:.2f}x")
-    path = write_result("sync_replicas", rows, ratio_2_over_1=ratio)
-    print(f"wrote {path}")
+    write_result("sync_replicas", rows, ratio_2_over_1=ratio)
 
 
 if __name__ == "__main__":

@@ -207,12 +207,11 @@ def main() -> None:
                  for r in rows])  # fmt: skip
     if not cuda:
         print("FP8 rows need Transformer Engine and a CUDA GPU: not measured on this machine.")
-    path = write_result(
+    write_result(
         "train_step_" + ("gpu" if cuda else "cpu"), rows, size=size, model=SIZES[size],
         batch={"sequences": seqs, "prompt": prompt, "response": response}, steps=args.steps,
         reference=ref["precision"],
     )  # fmt: skip
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -294,14 +294,13 @@ def main() -> None:
         print_table([row])
     print()
     print_table(rows)
-    path = write_result(
+    write_result(
         "weight_sync_gpu" if cuda else "weight_sync",
         rows,
         model="SmolLM2-135M-Instruct (fp32)" if args.model == "embedded:smollm2" else args.model,
         engine="HFEngine on rank 0 (" + ("cuda:0" if cuda else "CPU") + ")",
         repeats=REPEATS,
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

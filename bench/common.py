@@ -46,10 +46,11 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
-    """Write ``bench/results/<name>.json`` with the machine description and return its path."""
+    """Write ``bench/results/<name>.json`` with the machine description, say where, return its path."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), "rows": rows, **extra}, indent=2) + "\n")
+    print(f"wrote {path}")
     return path
 
 
