@@ -3,7 +3,7 @@ rollout, come back bit-identical for training.
 
 API (two calls around the rollout; the loop makes them)::
 
-    offload = TrainerOffload.for_step(train_step, cfg.rollout.offload_trainer)
+    offload = TrainerOffload.for_step(trainer, cfg.rollout.offload_trainer)
     ...  # optimizer step, weight sync (it reads the parameters)
     offload.offload()   # before rollout: optimizer state + gradients (+ parameters for 'all')
     ...  # engine resumes weights, KV cache, CUDA graphs; rollout; engine releases all of it
@@ -39,11 +39,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from megatron_rpt.memory import StorageOffload, unique_storages
+
+if TYPE_CHECKING:
+    from megatron_rpt.trainer.step import PolicyTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class TrainerOffload:
 
     @classmethod
     def for_step(
-        cls, trainer: Any, mode: OffloadMode, *, spill_dir: str | Path | None = None
+        cls, trainer: PolicyTrainer, mode: OffloadMode, *, spill_dir: str | Path | None = None
     ) -> TrainerOffload:
         """For a ``PolicyTrainer`` (its DDP chunks and optimizer)."""
         return cls(trainer.chunks, trainer.optimizer, mode, spill_dir=spill_dir)
