@@ -53,9 +53,7 @@ logger = logging.getLogger("megatron_rpt.train")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The entry point's command line."""
-    parser = FlagParser(
-        prog="python -m megatron_rpt.train", description=__doc__.split("\n\n")[0]
-    )
+    parser = FlagParser(prog="python -m megatron_rpt.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", help="recipe function: module:function or file.py:function")
     parser.add_argument("--config", help="YAML file with config values (after the recipe)")
     parser.add_argument(
@@ -80,9 +78,7 @@ def config_from_args(args: argparse.Namespace, *, check: bool = True) -> RPTConf
     """``config.build_config`` over the command line (recipe, --config, --set, --init-from)."""
     from megatron_rpt.config import build_config
 
-    return build_config(
-        args.recipe, args.set, args.config, init_from=args.init_from, check=check
-    )
+    return build_config(args.recipe, args.set, args.config, init_from=args.init_from, check=check)
 
 
 def process_group_timeout(r: RolloutConfig) -> timedelta:
@@ -224,6 +220,12 @@ def _finish(cfg: RPTConfig, checkpoint: Path | None) -> None:
         f"  {name:<10} {path}" for name, path in left if path is not None and Path(path).exists()
     ]
     logger.info("run finished; %s holds:\n%s", run_dir, "\n".join(lines))
+    if cfg.train.objective != "ntp":
+        from megatron_rpt.trainer.run_logger import read_metrics, reward_trend
+
+        trend = reward_trend(read_metrics(run_dir))
+        if trend is not None:
+            logger.info("%s", trend)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ Rank 0 writes; on other ranks ``RunLogger`` does nothing. Per step:
 * a tqdm bar with step, reward, accuracy and tokens/s, plus one log line per
   ``train.log_interval`` steps;
 * ``<run_dir>/plots/reward_accuracy.png`` (matplotlib, Agg), redrawn at every checkpoint and
-  at the end: reward mean and accuracy against step (NTP: ``plots/loss.png``).
+  at the end: reward mean and accuracy against step, with the mean over each quarter of the
+  steps drawn as a level line (NTP: ``plots/loss.png``). ``reward_trend`` gives the first- and
+  last-quarter means that the entry point prints when the run ends.
 """
 
 from __future__ import annotations
@@ -54,6 +56,63 @@ class LogConfig:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``<run_dir>/metrics.jsonl`` (torn or undecodable lines are skipped)."""
     return [r for r in _scan(Path(run_dir) / METRICS_FILE)[0] if r is not None]
+
+
+@dataclass(frozen=True)
+class RewardTrend:
+    """Mean reward over the first and the last quarter of a run's steps."""
+
+    first: float
+    last: float
+    steps_per_quarter: int
+
+    @property
+    def change(self) -> float:
+        """``last - first``: how much the reward rose (negative: fell)."""
+        return self.last - self.first
+
+    def __str__(self) -> str:
+        return (
+            f"reward mean over the first {self.steps_per_quarter} step(s) {self.first:.3f}, "
+            f"over the last {self.steps_per_quarter} {self.last:.3f} ({self.change:+.3f})"
+        )
+
+
+def quarter_bounds(n: int) -> list[int]:
+    """Five indices splitting ``range(n)`` into four consecutive quarters whose lengths differ
+    by at most one; the first and the last quarter are equally long.
+
+    >>> quarter_bounds(8), quarter_bounds(10)
+    ([0, 2, 4, 6, 8], [0, 2, 5, 8, 10])
+    """
+    if n < 4:
+        raise ValueError(f"quarters need at least 4 steps, got {n}")
+    return [round(i * n / 4) for i in range(5)]
+
+
+def quarter_means(values: list[float]) -> list[float]:
+    """Means of ``values`` over the four quarters of ``quarter_bounds(len(values))``.
+
+    >>> quarter_means([0, 0, 1, 1, 2, 2, 3, 3])
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    b = quarter_bounds(len(values))
+    return [math.fsum(values[lo:hi]) / (hi - lo) for lo, hi in zip(b, b[1:], strict=False)]
+
+
+def reward_trend(records: list[dict[str, Any]]) -> RewardTrend | None:
+    """First- vs last-quarter mean of ``rollout/reward_mean`` (None under 4 steps).
+
+    >>> t = reward_trend([{"rollout/reward_mean": v} for v in (0.1, 0.2, 0.2, 0.3, 0.4)])
+    >>> round(t.first, 3), round(t.last, 3), t.steps_per_quarter
+    (0.1, 0.4, 1)
+    """
+    values = [_get(r, "rollout/reward_mean") for r in records]
+    values = [v for v in values if not math.isnan(v)]
+    if len(values) < 4:
+        return None
+    means = quarter_means(values)
+    return RewardTrend(means[0], means[-1], quarter_bounds(len(values))[1])
 
 
 def _scan(path: Path) -> tuple[list[dict[str, Any] | None], bool]:
@@ -266,28 +325,39 @@ def plot_metrics(run_dir: str | Path, objective: str = "rpt") -> Path | None:
     if not records:
         return None
     steps = [r["step"] for r in records]
+    title = f"{Path(run_dir).name}: {objective.upper()} training"
     if objective == "ntp":
-        series = {"train loss (cross-entropy)": ("train/loss", "-")}
-        name, ylabel = "loss.png", "loss"
+        name = "loss.png"
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        _draw_series(ax, steps, records, {"train loss (cross-entropy)": ("train/loss", "-")})
+        ax.set_ylabel("loss")
+        ax.set_xlabel("optimizer step")
     else:
+        name = "reward_accuracy.png"
+        fig, (ax, fmt) = plt.subplots(
+            2, 1, figsize=(6.4, 5.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        )
+        rewards = [_get(r, "rollout/reward_mean") for r in records]
         series = {
             "reward mean": ("rollout/reward_mean", "-"),
             "accuracy (reward = 1)": ("rollout/accuracy", "--"),
-            "format (parsable box)": ("rollout/format_rate", ":"),
         }
-        name, ylabel = "reward_accuracy.png", "fraction of responses"
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, (key, style) in series.items():
-        values = [_get(r, key) for r in records]
-        ax.plot(steps, values, style, marker="o", markersize=3, label=label)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{Path(run_dir).name}: {objective.upper()} training")
-    if objective != "ntp":
-        ax.set_ylim(-0.02, 1.02)
+        _draw_series(ax, steps, records, series)
+        if len(records) >= 4:
+            _draw_quarter_levels(ax, steps, rewards)
+        # The reward's own scale, so a rise of a few points is visible (format sits near 1).
+        top = max([v for v in rewards if not math.isnan(v)] + [0.05])
+        ax.set_ylim(0.0, min(1.02, 1.35 * top))
+        ax.set_ylabel("fraction of responses")
+        _draw_series(fmt, steps, records, {"format (parsable box)": ("rollout/format_rate", ":")})
+        fmt.set_ylim(-0.02, 1.02)
+        fmt.set_xlabel("optimizer step")
+        fmt.grid(alpha=0.3)
+        fmt.legend(loc="lower right")
+    ax.set_title(title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     out = Path(run_dir) / "plots" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{name}.tmp.png")
@@ -298,4 +368,32 @@ def plot_metrics(run_dir: str | Path, objective: str = "rpt") -> Path | None:
     return out
 
 
-__all__ = ["LogConfig", "RunLogger", "jsonable", "plot_metrics", "read_metrics"]
+def _draw_series(
+    ax: Any, steps: list[int], records: list[dict[str, Any]], series: dict[str, tuple[str, str]]
+) -> None:
+    for label, (key, style) in series.items():
+        values = [_get(r, key) for r in records]
+        ax.plot(steps, values, style, marker="o", markersize=3, label=label)
+
+
+def _draw_quarter_levels(ax: Any, steps: list[int], rewards: list[float]) -> None:
+    """A level line per quarter of the steps at that quarter's mean reward: the noise of one
+    step's contexts hides a trend that the quarter means show."""
+    bounds = quarter_bounds(len(steps))
+    for i, level in enumerate(quarter_means(rewards)):
+        lo, hi = steps[bounds[i]], steps[bounds[i + 1] - 1]
+        label = "reward mean per quarter of the steps" if i == 0 else None
+        ax.hlines(level, lo - 0.4, hi + 0.4, colors="k", linewidth=2, label=label)
+
+
+__all__ = [
+    "LogConfig",
+    "RewardTrend",
+    "RunLogger",
+    "jsonable",
+    "plot_metrics",
+    "quarter_bounds",
+    "quarter_means",
+    "read_metrics",
+    "reward_trend",
+]
