@@ -73,8 +73,17 @@ $(STAMP): setup.py $(CONSTRAINTS) requirements/assets-nodeps.txt requirements/sg
 # before/after next-token accuracy table of the base model and the trained export on the
 # held-out split (runs/smollm2_cpu/eval/table.md).
 DEMO_RECIPE := examples/smollm2_cpu/config.py:smollm2_cpu
+# Without a GPU the training runs as 2 data-parallel processes with half the cores each: the
+# step is many small operations, and two single-threaded processes finish it about 1.6x faster
+# than one process with two threads (measured on 2 cores; the results are the same).
 demo: $(STAMP)
-	RPT_PYTHON=$(PY) bash examples/pretrain_rpt.sh $(DEMO_ARGS)
+	@if $(PY) -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  set -x; RPT_PYTHON=$(PY) bash examples/pretrain_rpt.sh $(DEMO_ARGS); \
+	else \
+	  threads=$$(( $$(nproc) / 2 )); [ $$threads -ge 1 ] || threads=1; \
+	  set -x; NPROC_PER_NODE=$${NPROC_PER_NODE:-2} OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$$threads} \
+	    RPT_PYTHON=$(PY) bash examples/pretrain_rpt.sh $(DEMO_ARGS); \
+	fi
 	$(PY) tools/eval_next_token.py --recipe $(DEMO_RECIPE) --model base=embedded:smollm2 \
 	  --model rpt=runs/smollm2_cpu/hf --out runs/smollm2_cpu/eval --overwrite
 

@@ -11,8 +11,8 @@ at temperature 0.7, thoughts of up to 2,048 tokens, constant lr 1e-6, KL 0, cont
 prompt, the thought-length-normalised clipped surrogate, EMA teacher tau = 0.999.
 
 ``smollm2_cpu_rlp``: that recipe scaled down the way ``smollm2_cpu`` scales RPT's: the embedded
-SmolLM2-135M-Instruct on 20 CHAMP documents, 2 contexts x 4 thoughts of at most 32 tokens, 4
-steps, contexts of at most 256 tokens, fp32, HF engine.
+SmolLM2-135M-Instruct on 20 CHAMP documents, 16 contexts x 4 thoughts of at most 32 tokens,
+12 steps, contexts of at most 256 tokens, fp32, HF engine.
 
 ``tiny_rlp``: the synthetic task of ``examples/tiny`` (a 2-layer model that knows which word
 follows which). Changed for it: 20 steps, lr 1e-3 with a 5-step warm-up, tau 0.9 (the teacher
@@ -59,6 +59,10 @@ def smollm2_cpu_rlp() -> RPTConfig:
     cfg.data.prepared_dir = "runs/data/champ-20-rlp"  # one random position per document
     cfg.data.context_tokens = 256
     cfg.rollout.n_samples, cfg.rollout.max_new_tokens = 4, 32
+    # Pinned here, not inherited: the RPT demo's batch and evaluation settings are tuned for
+    # completion-mode RPT and move with it.
+    cfg.train.steps, cfg.train.contexts_per_step = 12, 16
+    cfg.eval.temperature, cfg.eval.context_tokens = 0.8, 64
     return cfg
 
 
