@@ -81,21 +81,6 @@ def _exported_model_answers_the_next_word(run, model_dir=None):
     return right / total
 
 
-def _train_without_sync(rank, world_size, argv):
-    from megatron_rpt.train import main
-    from megatron_rpt.weight_sync import push
-
-    initial = push.WeightSync.__call__
-
-    def first_sync_only(self, *, version):
-        if version == 0:
-            return initial(self, version=version)
-        return push.SyncMetrics(version=version, pushed=False)
-
-    push.WeightSync.__call__ = first_sync_only
-    return main(argv)
-
-
 @pytest.mark.slow
 def test_without_weight_sync_nothing_is_learned(tmp_path):
     run = tmp_path / "run"
@@ -103,7 +88,7 @@ def test_without_weight_sync_nothing_is_learned(tmp_path):
                          "checkpoint.interval=0", "checkpoint.export_hf_at_end=false")  # fmt: skip
     env = {k: th.env()[k] for k in ("MEGATRON_RPT_TINY_ASSETS", "WANDB_MODE")}
     env["OMP_NUM_THREADS"] = "2"
-    run_distributed(_train_without_sync, 1, args=(argv,), timeout=600, env=env)
+    run_distributed(th.train_without_weight_sync, 1, args=(argv,), timeout=600, env=env)
     rewards = [r["rollout/reward_mean"] for r in th.metrics(run)]
     assert len(rewards) == 25
     assert statistics.mean(rewards[-5:]) < statistics.mean(rewards[:5]) + 0.15, rewards

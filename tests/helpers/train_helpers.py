@@ -133,3 +133,21 @@ def reference_run() -> Path:
     run_dir = shared_dir() / "reference"
     run_train(run_dir, *SHORT)
     return run_dir
+
+
+def train_without_weight_sync(rank: int, world_size: int, argv: list[str]) -> int:
+    """The entry point on ``argv`` with every weight sync after the initial push disabled: the
+    engine keeps sampling from the initial weights while the trainer learns (the negative
+    control of the learning tests; run it with ``run_distributed``)."""
+    from megatron_rpt.train import main
+    from megatron_rpt.weight_sync import push
+
+    initial = push.WeightSync.__call__
+
+    def first_sync_only(self, *, version):
+        if version == 0:
+            return initial(self, version=version)
+        return push.SyncMetrics(version=version, pushed=False)
+
+    push.WeightSync.__call__ = first_sync_only
+    return main(argv)
