@@ -349,7 +349,7 @@ def plot_metrics(run_dir: str | Path, objective: str = "rpt") -> Path | None:
         top = max([v for v in rewards if not math.isnan(v)] + [0.05])
         ax.set_ylim(0.0, min(1.02, 1.35 * top))
         ax.set_ylabel("fraction of responses")
-        _draw_series(fmt, steps, records, {"format (parsable box)": ("rollout/format_rate", ":")})
+        _draw_series(fmt, steps, records, {"format (a prediction could be read)": ("rollout/format_rate", ":")})
         fmt.set_ylim(-0.02, 1.02)
         fmt.set_xlabel("optimizer step")
         fmt.grid(alpha=0.3)
