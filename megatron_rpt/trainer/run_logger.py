@@ -107,12 +107,19 @@ def reward_trend(records: list[dict[str, Any]]) -> RewardTrend | None:
     >>> round(t.first, 3), round(t.last, 3), t.steps_per_quarter
     (0.1, 0.4, 1)
     """
-    values = [_get(r, "rollout/reward_mean") for r in records]
-    values = [v for v in values if not math.isnan(v)]
+    values = [v for _, v in _logged_rewards(records)]
     if len(values) < 4:
         return None
     means = quarter_means(values)
     return RewardTrend(means[0], means[-1], quarter_bounds(len(values))[1])
+
+
+def _logged_rewards(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(index, reward mean) of each record that logged one: the values behind both the printed
+    trend and the plot's quarter levels, so the two always agree."""
+    return [
+        (i, v) for i, r in enumerate(records) if not math.isnan(v := _get(r, "rollout/reward_mean"))
+    ]
 
 
 def _scan(path: Path) -> tuple[list[dict[str, Any] | None], bool]:
@@ -337,19 +344,20 @@ def plot_metrics(run_dir: str | Path, objective: str = "rpt") -> Path | None:
         fig, (ax, fmt) = plt.subplots(
             2, 1, figsize=(6.4, 5.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
         )
-        rewards = [_get(r, "rollout/reward_mean") for r in records]
+        logged = _logged_rewards(records)
         series = {
             "reward mean": ("rollout/reward_mean", "-"),
             "accuracy (reward = 1)": ("rollout/accuracy", "--"),
         }
         _draw_series(ax, steps, records, series)
-        if len(records) >= 4:
-            _draw_quarter_levels(ax, steps, rewards)
+        if len(logged) >= 4:
+            _draw_quarter_levels(ax, [steps[i] for i, _ in logged], [v for _, v in logged])
         # The reward's own scale, so a rise of a few points is visible (format sits near 1).
-        top = max([v for v in rewards if not math.isnan(v)] + [0.05])
+        top = max([v for _, v in logged] + [0.05])
         ax.set_ylim(0.0, min(1.02, 1.35 * top))
         ax.set_ylabel("fraction of responses")
-        _draw_series(fmt, steps, records, {"format (a prediction could be read)": ("rollout/format_rate", ":")})
+        fmt_series = {"format (a prediction could be read)": ("rollout/format_rate", ":")}
+        _draw_series(fmt, steps, records, fmt_series)
         fmt.set_ylim(-0.02, 1.02)
         fmt.set_xlabel("optimizer step")
         fmt.grid(alpha=0.3)

@@ -51,3 +51,11 @@ def test_plot_is_written_with_and_without_quarter_levels(tmp_path, steps):
     out = plot_metrics(tmp_path)
     assert out == tmp_path / "plots" / "reward_accuracy.png"
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_levels_skip_steps_without_a_reward(tmp_path):
+    records = [{"step": s, "rollout/reward_mean": s / 10} for s in range(1, 7)]
+    del records[2]["rollout/reward_mean"]  # step 3 logged no reward: 5 steps left for quarters
+    lines = [json.dumps(r) for r in records]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert plot_metrics(tmp_path).read_bytes()[:4] == b"\x89PNG"
